@@ -1,0 +1,74 @@
+"""Builder: settings + catalog -> serve.Application. All `.bind()` wiring lives here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from services.catalog.models import Catalog, PoolConfig
+from services.gateway.ingress import GatewayIngress
+from services.pools.deployment import PoolReplica
+from services.settings import Settings
+
+GATEWAY_DEPLOYMENT = "gateway"
+APP_NAME = "phiserve"
+
+# What every vLLM replica needs on the CPU; see docs/architecture.md. These are set
+# per replica process through its runtime_env so they never leak into the gateway.
+CPU_ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def pool_deployment_name(pool: PoolConfig) -> str:
+    return f"pool-{pool.name}"
+
+
+def _actor_options(pool: PoolConfig, catalog: Catalog) -> dict[str, Any]:
+    options = dict(pool.deployment.ray_actor_options)
+    runtime_env = dict(options.get("runtime_env") or {})
+    env = dict(CPU_ENGINE_ENV) if catalog.platform.value == "cpu" else {}
+    env.update(runtime_env.get("env_vars") or {})
+    env.update(pool.env)
+    runtime_env["env_vars"] = env
+    options["runtime_env"] = runtime_env
+    return options
+
+
+def build_pool(pool: PoolConfig, catalog: Catalog, settings: Settings) -> Application:
+    dep = pool.deployment
+    options: dict[str, Any] = {
+        "name": pool_deployment_name(pool),
+        "max_ongoing_requests": dep.max_ongoing_requests,
+        "health_check_period_s": dep.health_check_period_s,
+        "health_check_timeout_s": dep.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": dep.graceful_shutdown_timeout_s,
+        "ray_actor_options": _actor_options(pool, catalog),
+    }
+    if dep.autoscaling is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": dep.autoscaling.min_replicas,
+            "max_replicas": dep.autoscaling.max_replicas,
+            "target_ongoing_requests": dep.autoscaling.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = dep.num_replicas
+    model_path = pool.resolve_model_path(settings.model_dir.resolve())
+    return serve.deployment(PoolReplica, **options).bind(pool, model_path)
+
+
+def build_app(settings: Settings, catalog: Catalog) -> Application:
+    pools = {pool.name: build_pool(pool, catalog, settings) for pool in catalog.enabled_pools}
+    gateway = serve.deployment(
+        GatewayIngress,
+        name=GATEWAY_DEPLOYMENT,
+        num_replicas=settings.gateway_replicas,
+        max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return gateway.bind(catalog, settings, pools)

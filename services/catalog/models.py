@@ -1,0 +1,213 @@
+"""Typed model catalog: which pools exist, what they serve and how they run.
+
+A catalog is YAML parsed at the edge (`load_catalog`) into these models; everything
+downstream takes a `Catalog`. Unknown keys are refused so a typo fails at start-up
+with the field's path instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TINY_MODEL_SCHEME = "tiny:"
+
+
+class Modality(str, Enum):
+    text = "text"
+    vision = "vision"
+
+
+class Platform(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
+    """vLLM `AsyncEngineArgs` that a pool may set. Names and meanings are vLLM's."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weight and activation dtype."
+    )
+    max_model_len: int = Field(
+        ..., ge=16, description="Context window in tokens (prompt + completion)."
+    )
+    max_num_seqs: int = Field(
+        32, ge=1, description="Most sequences in one continuous batch per replica."
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="Token budget of one scheduler step (chunked prefill)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica for TP.")
+    enable_expert_parallel: bool = Field(
+        False, description="Shard MoE experts across the TP group (GPU only)."
+    )
+    quantization: Literal["fp8"] | None = Field(
+        None, description="Online weight quantization, e.g. fp8 on H100."
+    )
+    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="KV cache dtype.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use (GPU only)."
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1 << 20, description="Explicit KV cache size; required on the CPU."
+    )
+    enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prefixes.")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "priority", description="priority: lower request priority values run first."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Load model-folder code (the vision image processor needs it)."
+    )
+    limit_mm_per_prompt: dict[str, int] | None = Field(
+        None, description='Multi-modal items per prompt, e.g. {"image": 1}.'
+    )
+    mm_processor_kwargs: dict[str, Any] | None = Field(
+        None, description='Image processor options, e.g. {"num_crops": 4}.'
+    )
+
+    def to_engine_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas started under load.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas "
+                f"({self.min_replicas}); raise max_replicas"
+            )
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """Ray Serve options of the pool's deployment."""
+
+    num_replicas: int | None = Field(
+        1, ge=1, description="Fixed replica count; set to null when autoscaling is used."
+    )
+    autoscaling: AutoscalingConfig | None = Field(None, description="Autoscale replicas.")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests a replica takes before Serve queues them."
+    )
+    health_check_period_s: float = Field(5, gt=0, description="Seconds between health checks.")
+    health_check_timeout_s: float = Field(30, gt=0, description="Health check timeout.")
+    graceful_shutdown_timeout_s: float = Field(
+        30, ge=0, description="How long a stopping replica finishes in-flight requests."
+    )
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 0},
+        description="Ray actor options: num_cpus, num_gpus, resources, runtime_env.",
+    )
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> DeploymentConfig:
+        if self.autoscaling is not None and self.num_replicas is not None:
+            raise ValueError(
+                "set either num_replicas or autoscaling, not both "
+                "(write num_replicas: null to autoscale)"
+            )
+        if self.autoscaling is None and self.num_replicas is None:
+            raise ValueError("set num_replicas or autoscaling")
+        return self
+
+
+class PoolConfig(_Strict):
+    """One model pool: one Ray Serve deployment whose replicas embed vLLM."""
+
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9-]{0,30}$", description="Pool id.")
+    modality: Modality = Field(..., description="text, or vision (accepts images).")
+    model: str = Field(
+        ...,
+        description="Hugging Face hub id, a local path, or tiny:<name> for a locally "
+        "built tiny model under the cache folder.",
+    )
+    served_names: list[str] = Field(
+        ..., min_length=1, description="Model names clients use; the first is canonical."
+    )
+    aliases: list[str] = Field(
+        default_factory=list, description="Extra names that route to this pool."
+    )
+    cost_factor: float = Field(
+        1.0, gt=0, description="Relative price of one token (e.g. MoE > mini)."
+    )
+    max_images_per_request: int = Field(
+        0, ge=0, description="Images one request may carry (0 for text pools)."
+    )
+    enabled: bool = Field(True, description="Deploy this pool.")
+    engine: EngineConfig
+    deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig())
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of the replica process."
+    )
+
+    @model_validator(mode="after")
+    def _modality_consistent(self) -> PoolConfig:
+        if self.modality is Modality.text and self.max_images_per_request:
+            raise ValueError(
+                "max_images_per_request must be 0 for a text pool; "
+                "set modality: vision to accept images"
+            )
+        if self.modality is Modality.vision and not self.max_images_per_request:
+            raise ValueError("a vision pool needs max_images_per_request >= 1")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.served_names, *self.aliases]
+
+    def resolve_model_path(self, model_dir: Path) -> str:
+        if self.model.startswith(TINY_MODEL_SCHEME):
+            return str(model_dir / self.model.removeprefix(TINY_MODEL_SCHEME))
+        return self.model
+
+
+class Catalog(_Strict):
+    platform: Platform = Field(..., description="cpu (vLLM's CPU backend) or cuda.")
+    pools: list[PoolConfig] = Field(..., min_length=1, description="The model pools.")
+
+    @field_validator("pools")
+    @classmethod
+    def _unique_names(cls, pools: list[PoolConfig]) -> list[PoolConfig]:
+        seen_pools: set[str] = set()
+        seen_names: dict[str, str] = {}
+        for pool in pools:
+            if pool.name in seen_pools:
+                raise ValueError(f"pool name {pool.name!r} is used twice; rename one")
+            seen_pools.add(pool.name)
+            if not pool.enabled:
+                continue
+            for name in pool.names:
+                if name in seen_names:
+                    raise ValueError(
+                        f"model name {name!r} is served by pools {seen_names[name]!r} "
+                        f"and {pool.name!r}; remove it from one"
+                    )
+                seen_names[name] = pool.name
+        return pools
+
+    @property
+    def enabled_pools(self) -> list[PoolConfig]:
+        return [pool for pool in self.pools if pool.enabled]
+
+    def tiny_models(self) -> list[str]:
+        return [
+            pool.model.removeprefix(TINY_MODEL_SCHEME)
+            for pool in self.enabled_pools
+            if pool.model.startswith(TINY_MODEL_SCHEME)
+        ]

@@ -1,0 +1,162 @@
+"""`phiserve up | down | status | build-tiny-models | check-catalog`.
+
+`up` starts a local Ray head (unless PHISERVE_RAY_ADDRESS names a cluster), builds
+the tiny models the catalog needs, deploys the application, waits until every pool
+answers, and prints the URL and a ready line. `down` undeploys and stops local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from services.catalog.loader import CatalogError, load_catalog
+from services.catalog.models import Catalog
+from services.settings import Settings
+
+READY_TIMEOUT_S = 600.0
+
+# Read by every Ray process at import; must be in the environment of `ray start`.
+RAY_PROCESS_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Direct ingress: the gateway replica serves HTTP itself, without a proxy
+    # actor in between (one fewer process hop; see docs/benchmarks.md).
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+}
+
+
+def _log(message: str) -> None:
+    print(f"phiserve: {message}", flush=True)
+
+
+def ensure_tiny_models(settings: Settings, catalog: Catalog) -> None:
+    if not catalog.tiny_models():
+        return
+    from services.catalog.tiny import build_tiny_models
+
+    build_tiny_models(settings.model_dir, log=_log)
+
+
+def _ray_binary() -> str:
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def start_local_ray(settings: Settings) -> None:
+    cmd = [_ray_binary(), "start", "--head", "--include-dashboard=false", "--disable-usage-stats"]
+    if settings.ray_num_cpus:
+        cmd.append(f"--num-cpus={settings.ray_num_cpus}")
+    env = {**os.environ, **RAY_PROCESS_ENV}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0 and "already running" not in (result.stdout + result.stderr):
+        raise SystemExit(f"phiserve: `ray start` failed:\n{result.stdout}{result.stderr}")
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=10) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = exc.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(1.0)
+    raise SystemExit(f"phiserve: not ready after {timeout_s:.0f} s (last answer: {last})")
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    from services.app import APP_NAME, build_app
+
+    catalog = load_catalog(settings.profile)
+    ensure_tiny_models(settings, catalog)
+    if settings.ray_address is None:
+        start_local_ray(settings)
+    ray.init(address=settings.ray_address or "auto", log_to_driver=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    _log(f"deploying {len(catalog.enabled_pools)} pool(s) from profile {settings.profile!r}")
+    serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{settings.host}:{settings.port}"
+    wait_ready(url, READY_TIMEOUT_S)
+    names = ", ".join(name for pool in catalog.enabled_pools for name in pool.served_names)
+    _log(f"serving {names} at {url}/v1")
+    print(f"phiserve ready: {url}", flush=True)
+    if args.foreground:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            cmd_down(settings, args)
+
+
+def cmd_down(settings: Settings, args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        ray.init(address=settings.ray_address or "auto", log_to_driver=False)
+        serve.shutdown()
+    except ConnectionError:
+        _log("no running cluster found")
+    if settings.ray_address is None:
+        subprocess.run([_ray_binary(), "stop", "--force"], capture_output=True)
+    _log("stopped")
+
+
+def cmd_build_tiny_models(settings: Settings, args: argparse.Namespace) -> None:
+    from services.catalog.tiny import build_tiny_models
+
+    paths = build_tiny_models(settings.model_dir, force=args.force, log=_log)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def cmd_check_catalog(settings: Settings, args: argparse.Namespace) -> None:
+    catalog = load_catalog(settings.profile)
+    for pool in catalog.pools:
+        state = "enabled" if pool.enabled else "disabled"
+        print(f"{pool.name}: {pool.modality.value}, {pool.model}, names {pool.names} ({state})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="phiserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", help="catalog profile (local, h100, h100-fp8) or YAML path")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the cluster and deploy")
+    up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops it")
+    sub.add_parser("down", help="undeploy and stop local Ray")
+    tiny = sub.add_parser("build-tiny-models", help="build the offline tiny models")
+    tiny.add_argument("--force", action="store_true", help="rebuild even if present")
+    sub.add_parser("check-catalog", help="validate the catalog profile and list its pools")
+    args = parser.parse_args(argv)
+
+    overrides = {k: v for k, v in {"profile": args.profile, "port": args.port}.items() if v is not None}
+    settings = Settings(**overrides)
+    handlers = {
+        "up": cmd_up,
+        "down": cmd_down,
+        "build-tiny-models": cmd_build_tiny_models,
+        "check-catalog": cmd_check_catalog,
+    }
+    try:
+        handlers[args.command](settings, args)
+    except CatalogError as exc:
+        raise SystemExit(f"phiserve: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The phiserve exception hierarchy, shared by the gateway and the model pools.
+
+    PhiserveError                       base; carries message, param, code
+     ├── InvalidRequest                 the client's request is wrong (400)
+     │    ├── ContextLengthExceeded     prompt + max_tokens beyond the pool's context
+     │    └── UnsupportedContent        e.g. an image sent to a text-only model
+     ├── ModelNotFound                  no pool serves that model name (404)
+     ├── RequestTooLarge                body over the configured limit (413)
+     ├── ServiceUnavailable             no live replica / engine dead (503, Retry-After)
+     └── GenerationFailed               the engine failed on a valid request (500)
+
+Errors raised in a pool replica cross the Ray handle to the gateway, so each one
+pickles by its constructor arguments (`__reduce__`). Lower-layer errors (vLLM, Ray)
+are translated into these once, at the boundary where they are caught, with
+`raise X(...) from exc`; the HTTP status table lives in `services.gateway.errors`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PhiserveError(Exception):
+    """Base of every error phiserve raises on purpose."""
+
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments do not survive Exception's default pickling, and
+        # these errors cross a Ray handle from pool replica to gateway.
+        return (
+            _rebuild,
+            (type(self), self.message, self.param, self.code, self.retry_after_s),
+        )
+
+
+def _rebuild(
+    cls: type[PhiserveError],
+    message: str,
+    param: str | None,
+    code: str | None,
+    retry_after_s: int | None,
+) -> PhiserveError:
+    return cls(message, param=param, code=code, retry_after_s=retry_after_s)
+
+
+class InvalidRequest(PhiserveError):
+    default_code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class UnsupportedContent(InvalidRequest):
+    default_code = "unsupported_content"
+
+
+class ModelNotFound(PhiserveError):
+    default_code = "model_not_found"
+
+
+class RequestTooLarge(PhiserveError):
+    default_code = "request_too_large"
+
+
+class ServiceUnavailable(PhiserveError):
+    default_code = "service_unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = 5,
+    ) -> None:
+        super().__init__(message, param=param, code=code, retry_after_s=retry_after_s)
+
+
+class GenerationFailed(PhiserveError):
+    default_code = "generation_failed"
+
+
+__all__ = [
+    "ContextLengthExceeded",
+    "GenerationFailed",
+    "InvalidRequest",
+    "ModelNotFound",
+    "PhiserveError",
+    "RequestTooLarge",
+    "ServiceUnavailable",
+    "UnsupportedContent",
+]

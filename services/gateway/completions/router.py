@@ -1,0 +1,22 @@
+"""HTTP only: POST /v1/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from services.gateway.completions.protocol import CompletionRequest
+from services.gateway.deps import RequestId, Services
+from services.gateway.errors import ERROR_RESPONSES
+from services.gateway.sse import sse_response
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", responses=ERROR_RESPONSES, response_model=None)
+async def create_completion(
+    body: CompletionRequest, services: Services, request_id: RequestId
+) -> JSONResponse | StreamingResponse:
+    if body.stream:
+        return sse_response(await services.completions.create_stream(body, request_id))
+    return JSONResponse(await services.completions.create(body, request_id))

@@ -1,0 +1,82 @@
+"""Legacy completions: one prompt, routed to its pool, in OpenAI's text_completion shape."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from services.catalog.models import Platform, PoolConfig
+from services.errors import InvalidRequest
+from services.gateway.completions.protocol import CompletionRequest
+from services.gateway.generation import GenerationRunner, usage
+from services.gateway.pools import PoolRouter
+from services.gateway.sampling import sampling_options
+from services.pools.engine import GenerationRequest, GenerationResult
+
+
+class CompletionShape:
+    def __init__(self, request_id: str, model: str, *, echo_prefix: str = "") -> None:
+        self._id = f"cmpl-{request_id}"
+        self._model = model
+        self._created = int(time.time())
+        self._echo_prefix = echo_prefix
+
+    def _body(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self._id,
+            "object": "text_completion",
+            "created": self._created,
+            "model": self._model,
+            "choices": choices,
+        }
+
+    def response(self, result: GenerationResult) -> dict[str, Any]:
+        body = self._body(
+            [{"index": 0, "text": self._echo_prefix + result.text, "logprobs": None, "finish_reason": result.finish_reason}]
+        )
+        body["usage"] = usage(result.prompt_tokens, result.completion_tokens)
+        return body
+
+    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> dict[str, Any]:
+        if first:
+            text = self._echo_prefix + text
+        return self._body([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+
+    def usage_chunk(self, totals: dict[str, int]) -> dict[str, Any]:
+        body = self._body([])
+        body["usage"] = totals
+        return body
+
+
+class CompletionService:
+    def __init__(self, router: PoolRouter, runner: GenerationRunner, *, platform: Platform) -> None:
+        self._router = router
+        self._runner = runner
+        self._platform = platform
+
+    def prepare(self, body: CompletionRequest, request_id: str) -> tuple[PoolConfig, GenerationRequest, CompletionShape]:
+        pool = self._router.resolve(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise InvalidRequest("only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        request = GenerationRequest(
+            request_id=request_id,
+            model=body.model,
+            sampling=sampling_options(body, pool, self._platform),
+            prompt=prompt,
+        )
+        shape = CompletionShape(request_id, body.model, echo_prefix=prompt if body.echo else "")
+        return pool, request, shape
+
+    async def create(self, body: CompletionRequest, request_id: str) -> dict[str, Any]:
+        pool, request, shape = self.prepare(body, request_id)
+        return await self._runner.complete(pool, request, shape)
+
+    async def create_stream(self, body: CompletionRequest, request_id: str) -> AsyncIterator[str]:
+        pool, request, shape = self.prepare(body, request_id)
+        return await self._runner.open_stream(pool, request, shape, include_usage=body.include_usage())

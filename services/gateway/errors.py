@@ -1,0 +1,137 @@
+"""The gateway's one error table: phiserve errors -> HTTP status, OpenAI body, SSE event.
+
+Every error a client can see is produced here, so REST, streaming (and later gRPC)
+agree on status, `type`, `code` and `param`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotFound,
+    PhiserveError,
+    RequestTooLarge,
+    ServiceUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+# class -> (HTTP status, OpenAI error `type`). Looked up along the MRO, so a
+# subclass (ContextLengthExceeded) inherits its parent's row (InvalidRequest).
+ERROR_TABLE: dict[type[PhiserveError], tuple[int, str]] = {
+    InvalidRequest: (400, "invalid_request_error"),
+    ModelNotFound: (404, "invalid_request_error"),
+    RequestTooLarge: (413, "invalid_request_error"),
+    ServiceUnavailable: (503, "service_unavailable_error"),
+    GenerationFailed: (500, "server_error"),
+    PhiserveError: (500, "server_error"),
+}
+
+
+def status_and_type(exc: PhiserveError) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]  # type: ignore[index]
+    return 500, "server_error"
+
+
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_payload(exc: PhiserveError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    status, type_ = status_and_type(exc)
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return status, error_body(exc.message, type_, param=exc.param, code=exc.code), headers
+
+
+def error_response(exc: PhiserveError) -> JSONResponse:
+    status, body, headers = error_payload(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def sse_error_event(exc: PhiserveError) -> str:
+    """An error after the stream started: the status line is gone, so send the body."""
+    _, body, _ = error_payload(exc)
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    # ('body', 'messages', 0, 'content') -> "messages[0].content"
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before", "union", "tagged-union"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        message = f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+        param = None
+    elif first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        message = "The request body is empty; send a JSON object"
+        param = None
+    else:
+        param = _validation_param(tuple(first.get("loc", ())))
+        message = f"{param or 'request'}: {first['msg']}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem(s))"
+    return JSONResponse(error_body(message, "invalid_request_error", param=param, code="invalid_request"), status_code=400)
+
+
+async def _on_phiserve_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, PhiserveError)
+    return error_response(exc)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+    return JSONResponse(
+        error_body(str(exc.detail), "invalid_request_error", code=code),
+        status_code=exc.status_code,
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The client sees no stack trace; the log has it.
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body("internal server error", "server_error", code="internal_error"), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(PhiserveError, _on_phiserve_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+# Documented in OpenAPI through each route's `responses=`.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Invalid request (OpenAI error body; `param` names the field)"},
+    404: {"description": "Unknown model"},
+    413: {"description": "Request body too large"},
+    503: {"description": "No live replica for the model; retry after `Retry-After` seconds"},
+}

@@ -1,0 +1,73 @@
+"""Turn a `GenerationRequest` into the engine's prompt: chat template and images."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+from services.catalog.models import Modality
+from services.errors import InvalidRequest
+from services.pools.engine import GenerationRequest
+
+# Decoding a small file into a huge bitmap ("decompression bomb") would take the
+# replica's memory; 36 MP is far beyond what the HD transform uses (it resizes).
+MAX_IMAGE_PIXELS = 6000 * 6000
+
+
+class PromptRenderer:
+    """Renders prompts with the model's own chat template (from its tokenizer)."""
+
+    def __init__(self, tokenizer: Any, *, modality: Modality) -> None:
+        self._tokenizer = tokenizer
+        self._modality = modality
+
+    def render(self, request: GenerationRequest) -> str:
+        if request.messages is None:
+            assert request.prompt is not None
+            return request.prompt
+        image_number = 0
+        conversation: list[dict[str, str]] = []
+        for message in request.messages:
+            # Phi-3-vision marks each image's place with <|image_N|>, numbered
+            # across the whole conversation (the model card's prompt format).
+            placeholders = []
+            for _ in range(message.image_count):
+                image_number += 1
+                placeholders.append(f"<|image_{image_number}|>\n")
+            conversation.append({"role": message.role, "content": "".join(placeholders) + message.text})
+        try:
+            rendered = self._tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # a template error is caused by the conversation's shape
+            raise InvalidRequest(f"messages cannot be rendered: {exc}", param="messages") from None
+        return str(rendered)
+
+
+def decode_images(blobs: tuple[bytes, ...]) -> list[Any]:
+    from PIL import Image
+
+    images = []
+    for index, blob in enumerate(blobs):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(blob))
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise InvalidRequest(
+                        f"image {index + 1} is {width}x{height} pixels; the limit is "
+                        f"{MAX_IMAGE_PIXELS} pixels",
+                        param="messages",
+                    )
+                images.append(image.convert("RGB"))
+        except InvalidRequest:
+            raise
+        except Exception as exc:
+            raise InvalidRequest(
+                f"image {index + 1} could not be decoded ({type(exc).__name__}); "
+                "send a PNG, JPEG, GIF or WebP as a base64 data: URL",
+                param="messages",
+            ) from None
+    return images

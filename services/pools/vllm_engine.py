@@ -1,0 +1,151 @@
+"""The `Engine` contract on vLLM's `AsyncLLM` (paged attention, prefix caching, priority)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from services.catalog.models import Modality, PoolConfig
+from services.errors import (
+    ContextLengthExceeded,
+    GenerationFailed,
+    InvalidRequest,
+    PhiserveError,
+    ServiceUnavailable,
+)
+from services.pools.engine import Engine, GenerationChunk, GenerationRequest
+from services.pools.prompts import PromptRenderer, decode_images
+
+logger = logging.getLogger(__name__)
+
+HEALTH_ROUND_TRIP_TIMEOUT_S = 10.0
+
+
+class VLLMEngine(Engine):
+    def __init__(self, pool: PoolConfig, *, model_path: str) -> None:
+        self._pool = pool
+        self._model_path = model_path
+        self._engine: Any = None
+        self._renderer: PromptRenderer | None = None
+
+    async def start(self) -> None:
+        # vLLM is imported here, not at module import, so the gateway process and
+        # the catalog tooling never pay its ~10 s import.
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=self._model_path,
+            served_model_name=self._pool.served_names[0],
+            disable_log_stats=False,
+            **self._pool.engine.to_engine_kwargs(),
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+        tokenizer = self._engine.get_tokenizer()
+        self._renderer = PromptRenderer(tokenizer, modality=self._pool.modality)
+        logger.info(
+            "pool %s: vLLM engine ready (model %s)", self._pool.name, self._model_path
+        )
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        assert self._renderer is not None, "start() was not awaited"
+        prompt_text = self._renderer.render(request)
+        engine_input: dict[str, Any] = {"prompt": prompt_text}
+        if request.images:
+            if self._pool.modality is not Modality.vision:
+                raise InvalidRequest("this model does not accept images", param="messages")
+            engine_input["multi_modal_data"] = {"image": decode_images(request.images)}
+
+        s = request.sampling
+        params = SamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k is not None else 0,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty or 1.0,
+            stop=list(s.stop) or None,
+            seed=s.seed,
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        max_model_len = self._pool.engine.max_model_len
+        prompt_tokens = 0
+        completion_tokens = 0
+        finished = False
+        outputs = self._engine.generate(
+            engine_input, params, request.request_id, priority=request.priority
+        )
+        try:
+            async for out in outputs:
+                if not prompt_tokens:
+                    prompt_tokens = len(out.prompt_token_ids or ())
+                    if s.max_tokens is not None and prompt_tokens + s.max_tokens > max_model_len:
+                        raise ContextLengthExceeded(
+                            f"This model's maximum context length is {max_model_len} tokens. "
+                            f"However, you requested {prompt_tokens + s.max_tokens} tokens "
+                            f"({prompt_tokens} in the prompt, {s.max_tokens} for the "
+                            "completion). Please reduce the prompt or max_tokens.",
+                            param="max_tokens",
+                        )
+                completion = out.outputs[0]
+                completion_tokens += len(completion.token_ids)
+                finished = out.finished
+                yield GenerationChunk(
+                    text=completion.text,
+                    completion_tokens=completion_tokens,
+                    prompt_tokens=prompt_tokens,
+                    finish_reason=completion.finish_reason if finished else None,
+                )
+        except (asyncio.CancelledError, GeneratorExit, PhiserveError):
+            raise
+        except EngineDeadError as exc:
+            # Never let vLLM's own error cross the handle: unpickling it on the
+            # gateway's side is slow and drags vLLM into that process.
+            raise ServiceUnavailable("the model engine is not running; retry shortly") from exc
+        except VLLMClientError as exc:
+            raise _client_error(exc) from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        except Exception as exc:
+            logger.exception("pool %s: generation %s failed", self._pool.name, request.request_id)
+            raise GenerationFailed("the engine failed to generate a response") from exc
+        finally:
+            if not finished:
+                # Caller went away (disconnect, deadline) or validation failed after
+                # admission: free the sequence's KV blocks now.
+                await self._engine.abort(request.request_id)
+
+    async def check_health(self) -> None:
+        if self._engine is None or self._engine.errored:
+            raise ServiceUnavailable("the model engine is not running")
+        # `AsyncLLM.check_health` only reads a local flag; make a real round trip
+        # to the engine core so a wedged or killed core is detected.
+        try:
+            await asyncio.wait_for(self._engine.is_sleeping(), HEALTH_ROUND_TRIP_TIMEOUT_S)
+        except Exception as exc:
+            raise ServiceUnavailable("the model engine does not answer") from exc
+
+    async def num_unfinished(self) -> int:
+        return int(self._engine.get_num_unfinished_requests())
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def _client_error(exc: Exception) -> InvalidRequest:
+    message = str(exc)
+    param = getattr(exc, "parameter", None)
+    if "maximum model length" in message or "maximum context length" in message:
+        return ContextLengthExceeded(message, param=param or "messages")
+    return InvalidRequest(message, param=param)
