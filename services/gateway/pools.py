@@ -74,9 +74,6 @@ class PoolRouter:
             return False
         return True
 
-    async def num_unfinished(self, pool: PoolConfig) -> int:
-        return int(await self._handles[pool.name].num_unfinished.remote())
-
     async def _await_assignment(self, pool: PoolConfig, response: Any) -> None:
         """Fail fast with 503 when no replica of the pool takes the request.
 

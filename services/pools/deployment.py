@@ -75,8 +75,17 @@ class PoolReplica:
         await self._engine.check_health()
         return self._pool.name
 
-    async def num_unfinished(self) -> int:
-        return await self._engine.num_unfinished()
+    async def diagnostics(self) -> dict[str, object]:
+        """For operators and tests: this replica's process, its engine children, load."""
+        import psutil
+
+        me = psutil.Process()
+        return {
+            "pool": self._pool.name,
+            "pid": me.pid,
+            "engine_pids": [child.pid for child in me.children(recursive=True)],
+            "num_unfinished": await self._engine.num_unfinished(),
+        }
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)

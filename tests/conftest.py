@@ -1,0 +1,103 @@
+"""Session fixtures: tiny models built once, one real Ray Serve cluster for the suite."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.catalog.loader import load_catalog
+from services.catalog.models import Catalog
+from services.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE_DIR = REPO / ".cache"
+CLUSTER_READY_TIMEOUT_S = 900.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # keep polling; report the last failure
+            last_exc = exc
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not reached within {timeout_s} s (last error: {last_exc!r})")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    url: str
+    settings: Settings
+    catalog: Catalog
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    from services.catalog.tiny import build_tiny_models
+
+    return build_tiny_models(CACHE_DIR / "models")
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from services.app import APP_NAME, build_app
+
+    port = free_port()
+    settings = Settings(port=port, cache_dir=CACHE_DIR, pool_ready_timeout_s=5.0)
+    catalog = load_catalog("local")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(
+        lambda: httpx.get(f"{url}/ready", timeout=10).status_code == 200,
+        timeout_s=CLUSTER_READY_TIMEOUT_S,
+        interval_s=1.0,
+        what="all pools ready",
+    )
+    try:
+        yield Cluster(url=url, settings=settings, catalog=catalog)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def openai_client(cluster: Cluster):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    client = OpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0, timeout=120)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def http(cluster: Cluster) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=cluster.url, timeout=120) as client:
+        yield client

@@ -1,0 +1,54 @@
+"""A client that goes away mid-stream aborts the engine request (verified on the engine)."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import Cluster, wait_until
+from tests.helpers import pool_diagnostics
+
+
+def test_disconnect_mid_stream_aborts_engine_request(cluster: Cluster) -> None:
+    body = {
+        "model": "phi-3.5-mini",
+        "messages": [{"role": "user", "content": "Write a very long story"}],
+        "max_tokens": 1800,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    assert pool_diagnostics("text")["num_unfinished"] == 0
+    with httpx.stream("POST", f"{cluster.base_url}/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        received = [next(lines) for _ in range(3)]
+        assert all(line.startswith("data: ") or line == "" for line in received)
+        # The request is running in the engine while we hold the stream open.
+        assert pool_diagnostics("text")["num_unfinished"] == 1
+    # Leaving the block closes the connection long before 1800 tokens are done.
+    wait_until(
+        lambda: pool_diagnostics("text")["num_unfinished"] == 0,
+        timeout_s=20,
+        interval_s=0.2,
+        what="engine request aborted after disconnect",
+    )
+
+
+def test_client_timeout_on_unary_request_aborts_engine_request(cluster: Cluster) -> None:
+    body = {
+        "model": "phi-3.5-mini",
+        "prompt": "Once upon a time",
+        "max_tokens": 1800,
+        "ignore_eos": True,
+    }
+    try:
+        httpx.post(f"{cluster.base_url}/completions", json=body, timeout=1.0)
+    except httpx.TimeoutException:
+        pass
+    else:
+        raise AssertionError("1800 tokens finished within 1 s; the test needs a longer generation")
+    wait_until(
+        lambda: pool_diagnostics("text")["num_unfinished"] == 0,
+        timeout_s=20,
+        interval_s=0.2,
+        what="engine request aborted after client timeout",
+    )
