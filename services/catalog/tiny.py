@@ -59,7 +59,8 @@ CHAT_TEMPLATE = (
     "{%- elif message['content'] is none -%}{%- set text = '' -%}"
     "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
     " | map(attribute='text') | join('\n') -%}{%- endif -%}"
-    "{%- if message['role'] == 'system' -%}{%- if text -%}{{ '<|system|>\n' + text + '<|end|>\n' }}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if text -%}{{ '<|system|>\n' + text + '<|end|>\n' }}{%- endif -%}"
     "{%- elif message['role'] in ['user', 'assistant'] -%}"
     "{{ '<|' + message['role'] + '|>\n' + text + '<|end|>\n' }}"
     "{%- endif -%}"
@@ -87,15 +88,10 @@ def special_tokens() -> dict[int, str]:
 
 
 def _training_files() -> list[Path]:
+    """The stdlib's own sources (~11 MB on 3.11), in a fixed order."""
     stdlib = Path(os.__file__).parent
-    files = sorted(stdlib.glob("*.py"))
-    picked, size = [], 0
-    for f in files:
-        if size >= 3_000_000:
-            break
-        picked.append(f)
-        size += f.stat().st_size
-    return picked
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib"}
+    return [f for f in sorted(stdlib.rglob("*.py")) if not skip.intersection(f.parts)]
 
 
 def _training_text() -> Iterator[str]:
@@ -343,6 +339,8 @@ def _build_atomically(target: Path, fill: Callable[[Path], None]) -> None:
         fill(tmp)
         _write_json(tmp / MARKER, {"version": BUILD_VERSION, "name": target.name})
         os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)  # safetensors writes 0600 files
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.{os.getpid()}.old")

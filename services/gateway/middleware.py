@@ -1,7 +1,8 @@
 """Plain ASGI middleware (no BaseHTTPMiddleware: it buffers and breaks streaming).
 
-* `x-request-id`: echoed when the client sends a sane one, generated otherwise, and
-  put in `scope["state"]["request_id"]` for the routes.
+* `x-request-id`: Serve's own request-id middleware echoes or generates the header
+  (in every proxy mode); the id the routes use (`scope["state"]["request_id"]`,
+  response ids, logs) is that header when it is a safe token, a fresh one otherwise.
 * Body limit: a request whose body exceeds the limit gets 413 before it is parsed,
   whether it declares a Content-Length or streams chunks.
 """
@@ -41,12 +42,11 @@ class GatewayMiddleware:
             return
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        header = (b"x-request-id", request_id.encode())
         limit = self._max_body_bytes
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_too_large(send, limit, header)
+            await _send_too_large(send, limit)
             return
 
         received = 0
@@ -61,18 +61,16 @@ class GatewayMiddleware:
                     raise _BodyTooLarge(limit)
             return message
 
-        async def send_with_id(message: Message) -> None:
+        async def tracking_send(message: Message) -> None:
             nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                message["headers"] = [*message.get("headers", []), header]
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self._app(scope, limited_receive, send_with_id)
+            await self._app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await _send_too_large(send, limit, header)
+                await _send_too_large(send, limit)
 
 
 def _request_id(scope: Scope) -> str:
@@ -95,7 +93,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_too_large(send: Any, limit: int, header: tuple[bytes, bytes]) -> None:
+async def _send_too_large(send: Any, limit: int) -> None:
     body = json.dumps(
         error_body(
             f"The request body is larger than the limit of {limit} bytes",
@@ -110,7 +108,6 @@ async def _send_too_large(send: Any, limit: int, header: tuple[bytes, bytes]) ->
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                header,
             ],
         }
     )
