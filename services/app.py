@@ -59,7 +59,7 @@ def build_pool(pool: PoolConfig, catalog: Catalog, settings: Settings) -> Applic
     else:
         options["num_replicas"] = dep.num_replicas
     model_path = pool.resolve_model_path(settings.model_dir.resolve())
-    return serve.deployment(PoolReplica, **options).bind(pool, model_path)
+    return serve.deployment(PoolReplica, **options).bind(pool, model_path)  # type: ignore[attr-defined]
 
 
 def build_app(settings: Settings, catalog: Catalog) -> Application:
@@ -71,4 +71,4 @@ def build_app(settings: Settings, catalog: Catalog) -> Application:
         max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": 0},
     )
-    return gateway.bind(catalog, settings, pools)
+    return gateway.bind(catalog, settings, pools)  # type: ignore[attr-defined]

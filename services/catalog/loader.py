@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -68,7 +69,7 @@ def _field_path(loc: tuple[int | str, ...], raw: object) -> str:
     return ".".join(parts) or "<root>"
 
 
-def _fix_hint(err: dict) -> str:  # type: ignore[type-arg]
+def _fix_hint(err: Any) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return "unknown field; remove it or check its spelling"

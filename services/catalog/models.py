@@ -7,7 +7,7 @@ with the field's path instead of being silently ignored.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,12 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 TINY_MODEL_SCHEME = "tiny:"
 
 
-class Modality(str, Enum):
+class Modality(StrEnum):
     text = "text"
     vision = "vision"
 
 
-class Platform(str, Enum):
+class Platform(StrEnum):
     cpu = "cpu"
     cuda = "cuda"
 
@@ -151,7 +151,7 @@ class PoolConfig(_Strict):
     )
     enabled: bool = Field(True, description="Deploy this pool.")
     engine: EngineConfig
-    deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig())
+    deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig.model_validate({}))
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of the replica process."
     )

@@ -26,8 +26,8 @@ import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 TINY_MODEL_NAMES = ("phi-3.5-mini-tiny", "phi-3.5-moe-tiny", "phi-3.5-vision-tiny")
 TOKENIZER_DIR = "tokenizer"
@@ -142,9 +142,9 @@ def build_tokenizer(dst: Path) -> None:
 # --------------------------------------------------------------------------- configs
 
 
-def _longrope(head_dim: int, *, mscale: bool) -> dict:
+def _longrope(head_dim: int, *, mscale: bool) -> dict[str, object]:
     half = head_dim // 2
-    rope = {
+    rope: dict[str, object] = {
         "long_factor": [round(1.0 + 7.0 * i / (half - 1), 4) for i in range(half)],
         "short_factor": [round(1.0 + 0.05 * i / (half - 1), 4) for i in range(half)],
         "type": "longrope",

@@ -85,7 +85,7 @@ def _validation_param(loc: tuple[Any, ...]) -> str | None:
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         message = f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
         param = None

@@ -86,7 +86,7 @@ class PoolRouter:
                 asyncio.shield(response._fetch_future_result_async()),
                 timeout=self._assign_timeout_s,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             response.cancel()
             raise ServiceUnavailable(
                 f"no replica of pool '{pool.name}' is available; retry shortly",

@@ -30,7 +30,7 @@ def vllm_engine_factory(pool: PoolConfig, model_path: str) -> Engine:
 class PoolReplica:
     """Serves one pool's model. Called by the gateway through a DeploymentHandle."""
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self,
         pool: PoolConfig,
         model_path: str,

@@ -28,7 +28,7 @@ async def ready(services: Services) -> JSONResponse:
     """Readiness: every pool has a replica that answers a health round trip."""
     pools = services.catalog.enabled_pools
     answers = await asyncio.gather(*(services.router.ready(pool) for pool in pools))
-    status = {pool.name: ("ready" if ok else "unavailable") for pool, ok in zip(pools, answers)}
+    status = {pool.name: ("ready" if ok else "unavailable") for pool, ok in zip(pools, answers, strict=False)}
     if all(answers):
         return JSONResponse({"status": "ready", "pools": status})
     return JSONResponse({"status": "unavailable", "pools": status}, status_code=503, headers={"Retry-After": "5"})
