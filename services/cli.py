@@ -16,10 +16,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import SecretStr
 
 from services.catalog.loader import CatalogError, load_catalog
 from services.catalog.models import Catalog
 from services.settings import Settings
+from services.tenancy.local_redis import LocalRedis
+from services.tenancy.store import new_plain_key
 
 READY_TIMEOUT_S = 600.0
 
@@ -75,6 +80,35 @@ def wait_ready(url: str, timeout_s: float) -> None:
     raise SystemExit(f"phiserve: not ready after {timeout_s:.0f} s (last answer: {last})")
 
 
+def local_redis(settings: Settings) -> LocalRedis:
+    return LocalRedis(port=urlparse(settings.redis_url).port or 6379, directory=settings.cache_dir / "redis")
+
+
+def local_secrets(settings: Settings) -> Settings:
+    """Local profile: reuse or generate the admin key and the demo tenant's key.
+
+    They are kept in .cache/local-keys.env (mode 600) so restarts keep working keys;
+    `set -a; . .cache/local-keys.env` exports them for the quick start.
+    """
+    path = settings.cache_dir / "local-keys.env"
+    saved: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition("=")
+            saved[name.strip()] = value.strip()
+    admin = settings.admin_key.get_secret_value() if settings.admin_key else saved.get("PHISERVE_ADMIN_KEY")
+    demo = settings.api_key.get_secret_value() if settings.api_key else saved.get("PHISERVE_API_KEY")
+    admin = admin or new_plain_key()[1].replace("psk-", "padm-")
+    demo = demo or new_plain_key()[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"PHISERVE_API_KEY={demo}\nPHISERVE_ADMIN_KEY={admin}\n")
+    path.chmod(0o600)
+    _log(f"demo tenant key (PHISERVE_API_KEY): {demo}")
+    _log(f"admin key (PHISERVE_ADMIN_KEY): {admin}")
+    _log(f"both saved in {path}; export them with: set -a; . {path}; set +a")
+    return settings.model_copy(update={"admin_key": SecretStr(admin), "api_key": SecretStr(demo)})
+
+
 def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
     import ray
     from ray import serve
@@ -83,6 +117,12 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
 
     catalog = load_catalog(settings.profile)
     ensure_tiny_models(settings, catalog)
+    if settings.is_local:
+        settings = local_secrets(settings)
+        redis = local_redis(settings)
+        if not redis.is_up():
+            redis.start()
+            _log(f"started a private Redis (AOF on) at {redis.url}, data in {redis.directory}")
     if settings.ray_address is None:
         start_local_ray(settings)
     ray.init(address=settings.ray_address or "auto", log_to_driver=False)
@@ -113,6 +153,8 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> None:
         _log("no running cluster found")
     if settings.ray_address is None:
         subprocess.run([_ray_binary(), "stop", "--force"], capture_output=True)
+    if settings.is_local:
+        local_redis(settings).stop()
     _log("stopped")
 
 

@@ -1,12 +1,17 @@
 """The phiserve exception hierarchy, shared by the gateway and the model pools.
 
-    PhiserveError                       base; carries message, param, code
+    PhiserveError                       base; carries message, param, code, headers
      ├── InvalidRequest                 the client's request is wrong (400)
      │    ├── ContextLengthExceeded     prompt + max_tokens beyond the pool's context
      │    └── UnsupportedContent        e.g. an image sent to a text-only model
+     ├── AuthenticationFailed           missing, unknown or revoked API key (401)
+     ├── PermissionDenied               the key may not do this (403)
      ├── ModelNotFound                  no pool serves that model name (404)
+     ├── ResourceNotFound               no such tenant/key/file/batch *for this caller* (404)
      ├── RequestTooLarge                body over the configured limit (413)
-     ├── ServiceUnavailable             no live replica / engine dead (503, Retry-After)
+     ├── RateLimited                    a tenant limit refused the request (429, Retry-After)
+     ├── Overloaded                     waited too long in the fair queue (429, Retry-After)
+     ├── ServiceUnavailable             no live replica / engine dead / Redis down (503)
      └── GenerationFailed               the engine failed on a valid request (500)
 
 Errors raised in a pool replica cross the Ray handle to the gateway, so each one
@@ -32,19 +37,21 @@ class PhiserveError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments do not survive Exception's default pickling, and
         # these errors cross a Ray handle from pool replica to gateway.
         return (
             _rebuild,
-            (type(self), self.message, self.param, self.code, self.retry_after_s),
+            (type(self), self.message, self.param, self.code, self.retry_after_s, self.headers),
         )
 
 
@@ -54,8 +61,9 @@ def _rebuild(
     param: str | None,
     code: str | None,
     retry_after_s: int | None,
+    headers: dict[str, str],
 ) -> PhiserveError:
-    return cls(message, param=param, code=code, retry_after_s=retry_after_s)
+    return cls(message, param=param, code=code, retry_after_s=retry_after_s, headers=headers)
 
 
 class InvalidRequest(PhiserveError):
@@ -70,12 +78,32 @@ class UnsupportedContent(InvalidRequest):
     default_code = "unsupported_content"
 
 
+class AuthenticationFailed(PhiserveError):
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(PhiserveError):
+    default_code = "permission_denied"
+
+
 class ModelNotFound(PhiserveError):
     default_code = "model_not_found"
 
 
+class ResourceNotFound(PhiserveError):
+    default_code = "not_found"
+
+
 class RequestTooLarge(PhiserveError):
     default_code = "request_too_large"
+
+
+class RateLimited(PhiserveError):
+    default_code = "rate_limit_exceeded"
+
+
+class Overloaded(PhiserveError):
+    default_code = "overloaded"
 
 
 class ServiceUnavailable(PhiserveError):
@@ -88,8 +116,9 @@ class ServiceUnavailable(PhiserveError):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: int | None = 5,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message, param=param, code=code, retry_after_s=retry_after_s)
+        super().__init__(message, param=param, code=code, retry_after_s=retry_after_s, headers=headers)
 
 
 class GenerationFailed(PhiserveError):
@@ -97,12 +126,17 @@ class GenerationFailed(PhiserveError):
 
 
 __all__ = [
+    "AuthenticationFailed",
     "ContextLengthExceeded",
     "GenerationFailed",
     "InvalidRequest",
     "ModelNotFound",
+    "Overloaded",
+    "PermissionDenied",
     "PhiserveError",
+    "RateLimited",
     "RequestTooLarge",
+    "ResourceNotFound",
     "ServiceUnavailable",
     "UnsupportedContent",
 ]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path(".cache")
+LOCAL_PROFILE = "local"
+PLACEHOLDER_SECRETS = {"changeme", "change-me", "admin", "secret", "password", "test"}
 
 
 class Settings(BaseSettings):
@@ -54,6 +56,54 @@ class Settings(BaseSettings):
         None, ge=1, description="CPUs for a locally started Ray (default: all)."
     )
 
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis holding tenants, keys, limits and usage."
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="Key for /admin routes. Required outside the local profile, where "
+        "`phiserve up` generates and prints one when unset.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="Local profile only: the demo tenant's API key (generated and printed "
+        "when unset).",
+    )
+    tenants_file: Path | None = Field(
+        None, description="YAML of tenants (and keys) installed idempotently at start-up."
+    )
+    fail_open_limits: bool = Field(
+        False,
+        description="When Redis is down, admit authenticated requests without limits. "
+        "Authentication always fails closed.",
+    )
+    queue_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait in the fair queue before 429 overloaded."
+    )
+    max_waiting_per_pool: int = Field(
+        2000, ge=1, description="Requests that may wait per pool; more get 429 at once."
+    )
+    lease_ttl_s: float = Field(
+        60.0, ge=5, description="Concurrency and queue leases expire after this unless renewed."
+    )
+
+    @model_validator(mode="after")
+    def _secrets_outside_local(self) -> Settings:
+        if self.profile != LOCAL_PROFILE and self.admin_key is None:
+            raise ValueError(
+                "PHISERVE_ADMIN_KEY is required outside the local profile; "
+                "set it to a long random string (e.g. `openssl rand -hex 32`)"
+            )
+        if self.admin_key is not None:
+            value = self.admin_key.get_secret_value()
+            if len(value) < 16 or value.lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("PHISERVE_ADMIN_KEY is a placeholder or shorter than 16 characters")
+        return self
+
     @property
     def model_dir(self) -> Path:
         return self.cache_dir / "models"
+
+    @property
+    def is_local(self) -> bool:
+        return self.profile == LOCAL_PROFILE

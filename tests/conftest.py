@@ -12,13 +12,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pydantic import SecretStr
+
 from services.catalog.loader import load_catalog
 from services.catalog.models import Catalog
 from services.settings import Settings
+from services.tenancy.local_redis import LocalRedis
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO / ".cache"
 CLUSTER_READY_TIMEOUT_S = 900.0
+ADMIN_KEY = "test-admin-key-0123456789abcdef"
+DEMO_KEY = "psk-demo0000-test-demo-key-for-the-suite"
+AUTH = {"Authorization": f"Bearer {DEMO_KEY}"}
 
 
 def free_port() -> int:
@@ -47,6 +53,7 @@ class Cluster:
     url: str
     settings: Settings
     catalog: Catalog
+    redis: LocalRedis
 
     @property
     def base_url(self) -> str:
@@ -61,7 +68,18 @@ def tiny_models() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """A private redis-server on a free port for the whole session (AOF on)."""
+    server = LocalRedis(port=free_port(), directory=tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[Cluster]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
@@ -69,7 +87,17 @@ def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
     from services.app import APP_NAME, build_app
 
     port = free_port()
-    settings = Settings(port=port, cache_dir=CACHE_DIR, pool_ready_timeout_s=5.0)
+    settings = Settings(
+        port=port,
+        cache_dir=CACHE_DIR,
+        pool_ready_timeout_s=5.0,
+        redis_url=redis_server.url,
+        admin_key=SecretStr(ADMIN_KEY),
+        api_key=SecretStr(DEMO_KEY),
+        # Two gateway replicas: limits and fairness must hold across replicas.
+        gateway_replicas=2,
+        lease_ttl_s=10.0,
+    )
     catalog = load_catalog("local")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -82,7 +110,7 @@ def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
         what="all pools ready",
     )
     try:
-        yield Cluster(url=url, settings=settings, catalog=catalog)
+        yield Cluster(url=url, settings=settings, catalog=catalog, redis=redis_server)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -92,12 +120,18 @@ def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
 def openai_client(cluster: Cluster):  # type: ignore[no-untyped-def]
     from openai import OpenAI
 
-    client = OpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0, timeout=120)
+    client = OpenAI(base_url=cluster.base_url, api_key=DEMO_KEY, max_retries=0, timeout=120)
     yield client
     client.close()
 
 
 @pytest.fixture(scope="session")
 def http(cluster: Cluster) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cluster.url, timeout=120) as client:
+    with httpx.Client(base_url=cluster.url, timeout=120, headers={"Authorization": f"Bearer {DEMO_KEY}"}) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def admin(cluster: Cluster) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=cluster.url, timeout=60, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
         yield client

@@ -21,10 +21,11 @@ def test_public_surface_lists_every_error() -> None:
 
 @pytest.mark.parametrize("cls", ALL_ERRORS)
 def test_errors_pickle_with_their_fields(cls: type[PhiserveError]) -> None:
-    exc = cls("boom", param="messages[0]", code="custom", retry_after_s=7)
+    exc = cls("boom", param="messages[0]", code="custom", retry_after_s=7, headers={"x-a": "1"})
     copy = pickle.loads(pickle.dumps(exc))
     assert type(copy) is cls
     assert (copy.message, copy.param, copy.code, copy.retry_after_s) == ("boom", "messages[0]", "custom", 7)
+    assert copy.headers == {"x-a": "1"}
     assert str(copy) == "boom"
 
 

@@ -150,6 +150,12 @@ class PoolConfig(_Strict):
         0, ge=0, description="Images one request may carry (0 for text pools)."
     )
     enabled: bool = Field(True, description="Deploy this pool.")
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Requests the fair queue lets into the pool at once; beyond it they wait "
+        "in tenant-fair order. Default: replicas (max_replicas when autoscaling) x max_num_seqs.",
+    )
     engine: EngineConfig
     deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig.model_validate({}))
     env: dict[str, str] = Field(
@@ -170,6 +176,14 @@ class PoolConfig(_Strict):
     @property
     def names(self) -> list[str]:
         return [*self.served_names, *self.aliases]
+
+    @property
+    def capacity(self) -> int:
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        dep = self.deployment
+        replicas = dep.autoscaling.max_replicas if dep.autoscaling else (dep.num_replicas or 1)
+        return replicas * self.engine.max_num_seqs
 
     def resolve_model_path(self, model_dir: Path) -> str:
         if self.model.startswith(TINY_MODEL_SCHEME):

@@ -2,49 +2,123 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import yaml
 from fastapi import FastAPI
 
 from services.catalog.models import Catalog
+from services.gateway.admin.router import router as admin_router
 from services.gateway.chat.router import router as chat_router
 from services.gateway.chat.service import ChatService
 from services.gateway.completions.router import router as completions_router
 from services.gateway.completions.service import CompletionService
 from services.gateway.deps import GatewayServices
 from services.gateway.errors import install_error_handlers
+from services.gateway.gate import LeaseKeeper, TenantGate
 from services.gateway.generation import GenerationRunner
 from services.gateway.images import ImageLoader
 from services.gateway.middleware import GatewayMiddleware
 from services.gateway.models.router import router as models_router
 from services.gateway.models.service import ModelsService
 from services.gateway.pools import PoolRouter
+from services.gateway.tokens import TokenCounter
+from services.gateway.usage.router import router as usage_router
 from services.settings import Settings
+from services.tenancy.admission import Admission
+from services.tenancy.fair_queue import FairQueue
+from services.tenancy.models import PriorityClass, Tenant, TenantsFile
+from services.tenancy.redis_state import RedisState
+from services.tenancy.store import TenantStore
+from services.tenancy.usage import UsageLedger
+
+logger = logging.getLogger(__name__)
+
+DEMO_TENANT = Tenant(id="demo", name="Local demo tenant", priority_class=PriorityClass.interactive)
 
 
-def build_services(catalog: Catalog, handles: dict[str, Any], settings: Settings) -> GatewayServices:
+class GatewayState:
+    """What the gateway replica owns: the Redis clients and the lease keeper."""
+
+    def __init__(self, redis: RedisState, keeper: LeaseKeeper) -> None:
+        self.redis = redis
+        self.keeper = keeper
+
+
+def build_services(
+    catalog: Catalog, handles: dict[str, Any], settings: Settings
+) -> tuple[GatewayServices, GatewayState]:
+    redis = RedisState(settings.redis_url)
     router = PoolRouter(catalog, handles, assign_timeout_s=settings.pool_ready_timeout_s)
-    runner = GenerationRunner(router)
+    admission = Admission(redis, lease_ttl_s=settings.lease_ttl_s, fail_open=settings.fail_open_limits)
+    fair_queue = FairQueue(
+        redis,
+        {pool.name: pool.capacity for pool in catalog.enabled_pools},
+        max_waiting=settings.max_waiting_per_pool,
+        lease_ttl_s=settings.lease_ttl_s,
+    )
+    usage = UsageLedger(redis)
+    keeper = LeaseKeeper(admission, fair_queue, interval_s=settings.lease_ttl_s / 3)
+    gate = TenantGate(
+        admission,
+        fair_queue,
+        usage,
+        TokenCounter.for_pools(catalog.enabled_pools, settings.model_dir.resolve()),
+        keeper,
+        queue_timeout_s=settings.queue_timeout_s,
+    )
+    runner = GenerationRunner(router, gate)
     images = ImageLoader(
         allow_remote=settings.allow_remote_image_urls,
         max_bytes=settings.max_request_body_bytes,
         timeout_s=settings.remote_image_timeout_s,
     )
-    return GatewayServices(
+    services = GatewayServices(
         catalog=catalog,
         router=router,
         chat=ChatService(router, runner, images, platform=catalog.platform),
         completions=CompletionService(router, runner, platform=catalog.platform),
         models=ModelsService(catalog),
+        tenants=TenantStore(redis),
+        usage=usage,
+        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
     )
+    return services, GatewayState(redis, keeper)
 
 
-def create_app(services: GatewayServices, settings: Settings) -> FastAPI:
-    app = FastAPI(title="phiserve", version="0.1.0", summary="OpenAI-compatible gateway for Phi models")
+async def bootstrap_tenants(store: TenantStore, settings: Settings) -> None:
+    """Idempotent: the tenants file, and in the local profile the demo tenant."""
+    if settings.tenants_file is not None:
+        raw = yaml.safe_load(settings.tenants_file.read_text()) or {}
+        await store.bootstrap(TenantsFile.model_validate(raw))
+    if settings.is_local and settings.api_key is not None:
+        await store.put_tenant(DEMO_TENANT)
+        await store.ensure_key(DEMO_TENANT.id, settings.api_key.get_secret_value(), name="demo")
+
+
+def create_app(services: GatewayServices, state: GatewayState, settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await bootstrap_tenants(services.tenants, settings)
+        except Exception as exc:  # Redis may come later; auth fails closed meanwhile
+            logger.error("tenant bootstrap failed (will serve 503 until Redis answers): %s", exc)
+        yield
+        state.keeper.stop()
+        await state.redis.close()
+
+    app = FastAPI(
+        title="phiserve",
+        version="0.1.0",
+        summary="OpenAI-compatible, multi-tenant gateway for Phi models",
+        lifespan=lifespan,
+    )
     app.state.services = services
     install_error_handlers(app)
-    app.include_router(chat_router)
-    app.include_router(completions_router)
-    app.include_router(models_router)
+    for router in (chat_router, completions_router, models_router, usage_router, admin_router):
+        app.include_router(router)
     app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_request_body_bytes)
     return app

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from services.catalog.models import Catalog
+from services.errors import AuthenticationFailed, PermissionDenied
 from services.gateway.chat.service import ChatService
 from services.gateway.completions.service import CompletionService
+from services.gateway.gate import client_deadline_s
+from services.gateway.generation import Caller
 from services.gateway.models.service import ModelsService
 from services.gateway.pools import PoolRouter
+from services.tenancy.models import Tenant
+from services.tenancy.store import TenantStore
+from services.tenancy.usage import UsageLedger
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,9 @@ class GatewayServices:
     chat: ChatService
     completions: CompletionService
     models: ModelsService
+    tenants: TenantStore
+    usage: UsageLedger
+    admin_key: str | None
 
 
 def _services(request: Request) -> GatewayServices:
@@ -32,5 +42,36 @@ def _request_id(request: Request) -> str:
     return str(request.state.request_id)
 
 
+def presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return request.headers.get("api-key")
+
+
+async def _tenant(request: Request, services: Annotated[GatewayServices, Depends(_services)]) -> Tenant:
+    tenant, _ = await services.tenants.authenticate(presented_key(request))
+    return tenant
+
+
+async def _caller(request: Request, tenant: Annotated[Tenant, Depends(_tenant)]) -> Caller:
+    return Caller(tenant=tenant, deadline_s=client_deadline_s(dict(request.headers)))
+
+
+async def _admin(request: Request, services: Annotated[GatewayServices, Depends(_services)]) -> None:
+    key = presented_key(request)
+    if not key:
+        raise AuthenticationFailed("Missing admin key: send 'Authorization: Bearer <admin key>'")
+    if services.admin_key is None or not hmac.compare_digest(key.encode(), services.admin_key.encode()):
+        # A valid tenant key is still not an admin key: same answer as a wrong one.
+        raise PermissionDenied("This route needs the admin key", code="admin_only")
+
+
 Services = Annotated[GatewayServices, Depends(_services)]
 RequestId = Annotated[str, Depends(_request_id)]
+CurrentTenant = Annotated[Tenant, Depends(_tenant)]
+CurrentCaller = Annotated[Caller, Depends(_caller)]
+AdminOnly = Depends(_admin)

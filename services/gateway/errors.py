@@ -16,11 +16,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import (
+    AuthenticationFailed,
     GenerationFailed,
     InvalidRequest,
     ModelNotFound,
+    Overloaded,
+    PermissionDenied,
     PhiserveError,
+    RateLimited,
     RequestTooLarge,
+    ResourceNotFound,
     ServiceUnavailable,
 )
 
@@ -30,8 +35,13 @@ logger = logging.getLogger(__name__)
 # subclass (ContextLengthExceeded) inherits its parent's row (InvalidRequest).
 ERROR_TABLE: dict[type[PhiserveError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
+    AuthenticationFailed: (401, "authentication_error"),
+    PermissionDenied: (403, "permission_error"),
     ModelNotFound: (404, "invalid_request_error"),
+    ResourceNotFound: (404, "invalid_request_error"),
     RequestTooLarge: (413, "invalid_request_error"),
+    RateLimited: (429, "rate_limit_error"),
+    Overloaded: (429, "rate_limit_error"),
     ServiceUnavailable: (503, "service_unavailable_error"),
     GenerationFailed: (500, "server_error"),
     PhiserveError: (500, "server_error"),
@@ -51,7 +61,7 @@ def error_body(message: str, type_: str, *, param: str | None = None, code: str 
 
 def error_payload(exc: PhiserveError) -> tuple[int, dict[str, Any], dict[str, str]]:
     status, type_ = status_and_type(exc)
-    headers = {}
+    headers = dict(exc.headers)
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(exc.retry_after_s)
     return status, error_body(exc.message, type_, param=exc.param, code=exc.code), headers
@@ -131,7 +141,10 @@ def install_error_handlers(app: FastAPI) -> None:
 # Documented in OpenAPI through each route's `responses=`.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid request (OpenAI error body; `param` names the field)"},
+    401: {"description": "Missing, unknown or revoked API key"},
+    403: {"description": "The key's tenant may not use this model or route"},
     404: {"description": "Unknown model"},
     413: {"description": "Request body too large"},
+    429: {"description": "Tenant limit reached or queue timeout; see Retry-After and x-ratelimit-*"},
     503: {"description": "No live replica for the model; retry after `Retry-After` seconds"},
 }

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from services.catalog.models import PoolConfig
 from services.errors import GenerationFailed, PhiserveError
 from services.gateway.errors import sse_error_event
+from services.gateway.gate import Admitted, TenantGate
 from services.gateway.pools import PoolRouter
 from services.pools.engine import GenerationChunk, GenerationRequest, GenerationResult
+from services.tenancy.models import Tenant
 
 logger = logging.getLogger(__name__)
 
@@ -43,38 +46,63 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-class GenerationRunner:
-    def __init__(self, router: PoolRouter) -> None:
-        self._router = router
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the authenticated tenant, and the client's own deadline if sent."""
 
-    async def complete(self, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape) -> dict[str, Any]:
-        result = await self._router.generate(pool, request)
-        return shape.response(result)
+    tenant: Tenant
+    deadline_s: float | None = None
+
+
+class GenerationRunner:
+    def __init__(self, router: PoolRouter, gate: TenantGate) -> None:
+        self._router = router
+        self._gate = gate
+
+    async def complete(
+        self, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
+        try:
+            result = await self._router.generate(pool, admitted.request)
+        except BaseException:
+            await self._gate.leave(admitted, prompt_tokens=None, completion_tokens=0)
+            raise
+        await self._gate.leave(
+            admitted, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
+        )
+        return shape.response(result), admitted.headers
 
     async def open_stream(
         self,
+        caller: Caller,
         pool: PoolConfig,
         request: GenerationRequest,
         shape: ResponseShape,
         *,
         include_usage: bool,
-    ) -> AsyncIterator[str]:
+    ) -> tuple[AsyncIterator[str], dict[str, str]]:
         """Return the SSE events; raises (as a normal error response) if the first chunk fails."""
-        chunks = self._router.stream(pool, request)
+        admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
+        chunks = self._router.stream(pool, admitted.request)
         try:
             first = await anext(chunks)
-        except StopAsyncIteration:
-            raise GenerationFailed("the engine produced no output") from None
-        return self._events(first, chunks, shape, include_usage=include_usage, request_id=request.request_id)
+        except BaseException as exc:
+            await self._gate.leave(admitted, prompt_tokens=None, completion_tokens=0)
+            if isinstance(exc, StopAsyncIteration):
+                raise GenerationFailed("the engine produced no output") from None
+            raise
+        events = self._events(admitted, first, chunks, shape, include_usage=include_usage)
+        return events, admitted.headers
 
     async def _events(
         self,
+        admitted: Admitted,
         first: GenerationChunk,
         chunks: AsyncIterator[GenerationChunk],
         shape: ResponseShape,
         *,
         include_usage: bool,
-        request_id: str,
     ) -> AsyncIterator[str]:
         last = first
         try:
@@ -85,8 +113,14 @@ class GenerationRunner:
             if include_usage:
                 yield _event(shape.usage_chunk(usage(last.prompt_tokens, last.completion_tokens)))
         except PhiserveError as exc:
-            logger.warning("request %s: stream failed after it started: %s", request_id, exc.message)
+            logger.warning(
+                "request %s: stream failed after it started: %s", admitted.request.request_id, exc.message
+            )
             yield sse_error_event(exc)
         finally:
+            # Also on disconnect: settle what was generated and free the slot.
             await chunks.aclose()  # type: ignore[attr-defined]
+            await self._gate.leave(
+                admitted, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens
+            )
         yield DONE_EVENT

@@ -21,8 +21,8 @@ from services.settings import Settings
 class GatewayIngress:
     def __init__(self, catalog: Catalog, settings: Settings, pool_handles: dict[str, Any]) -> None:
         logging.basicConfig(level=logging.INFO)
-        self._services = build_services(catalog, pool_handles, settings)
+        self._services, self._state = build_services(catalog, pool_handles, settings)
         self._settings = settings
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self._services, self._settings)
+        return create_app(self._services, self._state, self._settings)

@@ -7,12 +7,17 @@ import json
 import pytest
 
 from services.errors import (
+    AuthenticationFailed,
     ContextLengthExceeded,
     GenerationFailed,
     InvalidRequest,
     ModelNotFound,
+    Overloaded,
+    PermissionDenied,
     PhiserveError,
+    RateLimited,
     RequestTooLarge,
+    ResourceNotFound,
     ServiceUnavailable,
     UnsupportedContent,
 )
@@ -26,7 +31,12 @@ from tests.test_errors import ALL_ERRORS
         (InvalidRequest("x"), 400, "invalid_request_error"),
         (ContextLengthExceeded("x"), 400, "invalid_request_error"),
         (UnsupportedContent("x"), 400, "invalid_request_error"),
+        (AuthenticationFailed("x"), 401, "authentication_error"),
+        (PermissionDenied("x"), 403, "permission_error"),
         (ModelNotFound("x"), 404, "invalid_request_error"),
+        (ResourceNotFound("x"), 404, "invalid_request_error"),
+        (RateLimited("x"), 429, "rate_limit_error"),
+        (Overloaded("x"), 429, "rate_limit_error"),
         (RequestTooLarge("x"), 413, "invalid_request_error"),
         (ServiceUnavailable("x"), 503, "service_unavailable_error"),
         (GenerationFailed("x"), 500, "server_error"),
@@ -43,7 +53,10 @@ def test_every_error_has_a_complete_body(cls: type[PhiserveError]) -> None:
     status, body, headers = error_payload(cls("message", param="p"))
     assert 400 <= status < 600
     assert body == {"error": {"message": "message", "type": body["error"]["type"], "param": "p", "code": cls.default_code}}
-    client_errors = (InvalidRequest, ModelNotFound, RequestTooLarge)
+    client_errors = (
+        InvalidRequest, AuthenticationFailed, PermissionDenied, ModelNotFound,
+        ResourceNotFound, RequestTooLarge, RateLimited, Overloaded,
+    )
     assert (status < 500) == issubclass(cls, client_errors)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from openai import OpenAI
 
-from tests.conftest import Cluster
+from tests.conftest import AUTH, Cluster
 from tests.helpers import png_data_url
 
 
@@ -64,7 +64,7 @@ def test_stream_ends_with_done_over_raw_sse(cluster: Cluster) -> None:
         "max_tokens": 8,
         "stream": True,
     }
-    with httpx.stream("POST", f"{cluster.base_url}/chat/completions", json=body, timeout=60) as resp:
+    with httpx.stream("POST", f"{cluster.base_url}/chat/completions", json=body, timeout=60, headers=AUTH) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.iter_lines() if line.startswith("data: ")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import Cluster, wait_until
+from tests.conftest import AUTH, Cluster, wait_until
 from tests.helpers import pool_diagnostics
 
 
@@ -17,7 +17,7 @@ def test_disconnect_mid_stream_aborts_engine_request(cluster: Cluster) -> None:
         "stream": True,
     }
     assert pool_diagnostics("text")["num_unfinished"] == 0
-    with httpx.stream("POST", f"{cluster.base_url}/chat/completions", json=body, timeout=60) as resp:
+    with httpx.stream("POST", f"{cluster.base_url}/chat/completions", json=body, timeout=60, headers=AUTH) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         received = [next(lines) for _ in range(3)]
@@ -41,7 +41,7 @@ def test_client_timeout_on_unary_request_aborts_engine_request(cluster: Cluster)
         "ignore_eos": True,
     }
     try:
-        httpx.post(f"{cluster.base_url}/completions", json=body, timeout=1.0)
+        httpx.post(f"{cluster.base_url}/completions", json=body, timeout=1.0, headers=AUTH)
     except httpx.TimeoutException:
         pass
     else:

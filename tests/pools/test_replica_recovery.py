@@ -10,14 +10,14 @@ import signal
 
 import httpx
 
-from tests.conftest import Cluster, wait_until
+from tests.conftest import AUTH, Cluster, wait_until
 from tests.helpers import pool_diagnostics
 
 
 def test_killed_engine_gives_503_then_replica_is_replaced(cluster: Cluster) -> None:
     body = {"model": "phi-3.5-moe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     url = f"{cluster.base_url}/chat/completions"
-    assert httpx.post(url, json=body, timeout=60).status_code == 200
+    assert httpx.post(url, json=body, timeout=60, headers=AUTH).status_code == 200
 
     before = pool_diagnostics("moe")
     assert before["engine_pids"], "the replica should run its engine core in a child process"
@@ -27,7 +27,7 @@ def test_killed_engine_gives_503_then_replica_is_replaced(cluster: Cluster) -> N
     statuses: list[int] = []
 
     def served_again() -> bool:
-        resp = httpx.post(url, json=body, timeout=60)
+        resp = httpx.post(url, json=body, timeout=60, headers=AUTH)
         statuses.append(resp.status_code)
         if resp.status_code == 503:
             assert resp.headers.get("retry-after"), resp.headers
@@ -43,7 +43,7 @@ def test_killed_engine_gives_503_then_replica_is_replaced(cluster: Cluster) -> N
     assert after["pid"] != before["pid"], "Serve should have started a new replica"
     # The other pools never noticed.
     text = {"model": "phi-3.5-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    assert httpx.post(url, json=text, timeout=60).status_code == 200
+    assert httpx.post(url, json=text, timeout=60, headers=AUTH).status_code == 200
     wait_until(
         lambda: httpx.get(f"{cluster.url}/ready", timeout=10).status_code == 200,
         timeout_s=60,

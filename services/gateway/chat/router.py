@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.gateway.chat.protocol import ChatCompletionRequest
-from services.gateway.deps import RequestId, Services
+from services.gateway.deps import CurrentCaller, RequestId, Services
 from services.gateway.errors import ERROR_RESPONSES
 from services.gateway.sse import sse_response
 
@@ -15,8 +15,10 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", responses=ERROR_RESPONSES, response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, services: Services, request_id: RequestId
+    body: ChatCompletionRequest, services: Services, caller: CurrentCaller, request_id: RequestId
 ) -> JSONResponse | StreamingResponse:
     if body.stream:
-        return sse_response(await services.chat.create_stream(body, request_id))
-    return JSONResponse(await services.chat.create(body, request_id))
+        events, headers = await services.chat.create_stream(caller, body, request_id)
+        return sse_response(events, headers)
+    payload, headers = await services.chat.create(caller, body, request_id)
+    return JSONResponse(payload, headers=headers)

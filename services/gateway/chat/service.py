@@ -9,7 +9,7 @@ from typing import Any
 from services.catalog.models import Modality, Platform, PoolConfig
 from services.errors import InvalidRequest, UnsupportedContent
 from services.gateway.chat.protocol import ChatCompletionRequest, ImagePart, TextPart
-from services.gateway.generation import GenerationRunner, usage
+from services.gateway.generation import Caller, GenerationRunner, usage
 from services.gateway.images import ImageLoader
 from services.gateway.pools import PoolRouter
 from services.gateway.sampling import sampling_options
@@ -80,14 +80,18 @@ class ChatService:
         )
         return pool, request
 
-    async def create(self, body: ChatCompletionRequest, request_id: str) -> dict[str, Any]:
+    async def create(
+        self, caller: Caller, body: ChatCompletionRequest, request_id: str
+    ) -> tuple[dict[str, Any], dict[str, str]]:
         pool, request = await self.prepare(body, request_id)
-        return await self._runner.complete(pool, request, ChatShape(request_id, body.model))
+        return await self._runner.complete(caller, pool, request, ChatShape(request_id, body.model))
 
-    async def create_stream(self, body: ChatCompletionRequest, request_id: str) -> AsyncIterator[str]:
+    async def create_stream(
+        self, caller: Caller, body: ChatCompletionRequest, request_id: str
+    ) -> tuple[AsyncIterator[str], dict[str, str]]:
         pool, request = await self.prepare(body, request_id)
         return await self._runner.open_stream(
-            pool, request, ChatShape(request_id, body.model), include_usage=body.include_usage()
+            caller, pool, request, ChatShape(request_id, body.model), include_usage=body.include_usage()
         )
 
     async def _messages(

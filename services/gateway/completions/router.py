@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.gateway.completions.protocol import CompletionRequest
-from services.gateway.deps import RequestId, Services
+from services.gateway.deps import CurrentCaller, RequestId, Services
 from services.gateway.errors import ERROR_RESPONSES
 from services.gateway.sse import sse_response
 
@@ -15,8 +15,10 @@ router = APIRouter()
 
 @router.post("/v1/completions", responses=ERROR_RESPONSES, response_model=None)
 async def create_completion(
-    body: CompletionRequest, services: Services, request_id: RequestId
+    body: CompletionRequest, services: Services, caller: CurrentCaller, request_id: RequestId
 ) -> JSONResponse | StreamingResponse:
     if body.stream:
-        return sse_response(await services.completions.create_stream(body, request_id))
-    return JSONResponse(await services.completions.create(body, request_id))
+        events, headers = await services.completions.create_stream(caller, body, request_id)
+        return sse_response(events, headers)
+    payload, headers = await services.completions.create(caller, body, request_id)
+    return JSONResponse(payload, headers=headers)

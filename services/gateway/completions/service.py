@@ -9,7 +9,7 @@ from typing import Any
 from services.catalog.models import Platform, PoolConfig
 from services.errors import InvalidRequest
 from services.gateway.completions.protocol import CompletionRequest
-from services.gateway.generation import GenerationRunner, usage
+from services.gateway.generation import Caller, GenerationRunner, usage
 from services.gateway.pools import PoolRouter
 from services.gateway.sampling import sampling_options
 from services.pools.engine import GenerationRequest, GenerationResult
@@ -73,10 +73,14 @@ class CompletionService:
         shape = CompletionShape(request_id, body.model, echo_prefix=prompt if body.echo else "")
         return pool, request, shape
 
-    async def create(self, body: CompletionRequest, request_id: str) -> dict[str, Any]:
+    async def create(
+        self, caller: Caller, body: CompletionRequest, request_id: str
+    ) -> tuple[dict[str, Any], dict[str, str]]:
         pool, request, shape = self.prepare(body, request_id)
-        return await self._runner.complete(pool, request, shape)
+        return await self._runner.complete(caller, pool, request, shape)
 
-    async def create_stream(self, body: CompletionRequest, request_id: str) -> AsyncIterator[str]:
+    async def create_stream(
+        self, caller: Caller, body: CompletionRequest, request_id: str
+    ) -> tuple[AsyncIterator[str], dict[str, str]]:
         pool, request, shape = self.prepare(body, request_id)
-        return await self._runner.open_stream(pool, request, shape, include_usage=body.include_usage())
+        return await self._runner.open_stream(caller, pool, request, shape, include_usage=body.include_usage())

@@ -1,0 +1,187 @@
+"""The tenant gate every generation passes: policy, admission, fair queue, settlement.
+
+`enter()` runs before the pool is called; `leave()` runs exactly once after it, however it
+ended (finished, failed, client gone), so reservations, slots and usage always settle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+from services.catalog.models import PoolConfig
+from services.errors import InvalidRequest, PermissionDenied
+from services.gateway.tokens import TokenCounter
+from services.pools.engine import GenerationRequest
+from services.tenancy.admission import Admission, Reservation
+from services.tenancy.fair_queue import FairQueue, Grant
+from services.tenancy.models import Tenant
+from services.tenancy.usage import UsageLedger
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Admitted:
+    tenant: Tenant
+    pool: PoolConfig
+    request: GenerationRequest
+    reservation: Reservation
+    grant: Grant | None
+    estimated_prompt_tokens: int
+    left: bool = field(default=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.reservation.headers
+
+
+class LeaseKeeper:
+    """Renews the leases of this replica's in-flight requests, so only a crashed
+    gateway's leases expire."""
+
+    def __init__(self, admission: Admission, fair_queue: FairQueue, *, interval_s: float) -> None:
+        self._admission = admission
+        self._fair_queue = fair_queue
+        self._interval_s = interval_s
+        self._active: dict[int, Admitted] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, admitted: Admitted) -> None:
+        self._active[id(admitted)] = admitted
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def discard(self, admitted: Admitted) -> None:
+        self._active.pop(id(admitted), None)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            active = list(self._active.values())
+            if not active:
+                continue
+            try:
+                await self._admission.renew([a.reservation for a in active])
+                await self._fair_queue.renew([a.grant for a in active if a.grant is not None])
+            except Exception as exc:  # Redis down: leases run out; nothing to undo here
+                logger.warning("lease renewal failed: %s", exc)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class TenantGate:
+    def __init__(
+        self,
+        admission: Admission,
+        fair_queue: FairQueue,
+        usage: UsageLedger,
+        counter: TokenCounter,
+        keeper: LeaseKeeper,
+        *,
+        queue_timeout_s: float,
+    ) -> None:
+        self._admission = admission
+        self._fair_queue = fair_queue
+        self._usage = usage
+        self._counter = counter
+        self._keeper = keeper
+        self._queue_timeout_s = queue_timeout_s
+
+    async def enter(
+        self, tenant: Tenant, pool: PoolConfig, request: GenerationRequest, *, deadline_s: float | None
+    ) -> Admitted:
+        request = self._apply_policy(tenant, pool, request)
+        prompt_tokens = self._counter.prompt_tokens(pool, request)
+        max_tokens = request.sampling.max_tokens or max(pool.engine.max_model_len - prompt_tokens, 1)
+        reserve = prompt_tokens + max_tokens
+        reservation = await self._admission.admit(tenant, reserve)
+        admitted = Admitted(tenant, pool, request, reservation, None, prompt_tokens)
+        try:
+            timeout = self._queue_timeout_s if deadline_s is None else min(self._queue_timeout_s, deadline_s)
+            admitted.grant = await self._fair_queue.acquire(
+                pool.name,
+                tenant_id=tenant.id,
+                cost=reserve * pool.cost_factor,
+                weight=tenant.weight,
+                priority=tenant.priority_class.engine_priority,
+                timeout_s=max(timeout, 0.05),
+            )
+        except BaseException:
+            await self._settle(admitted, 0)
+            raise
+        self._keeper.add(admitted)
+        return admitted
+
+    async def leave(self, admitted: Admitted, *, prompt_tokens: int | None, completion_tokens: int) -> None:
+        """Settle once. Shielded: a cancelled stream must still free its slot."""
+        if admitted.left:
+            return
+        admitted.left = True
+        self._keeper.discard(admitted)
+        prompt = admitted.estimated_prompt_tokens if prompt_tokens is None else prompt_tokens
+        await asyncio.shield(self._finish(admitted, prompt, completion_tokens))
+
+    async def _finish(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int) -> None:
+        try:
+            if admitted.grant is not None:
+                await self._fair_queue.release(admitted.grant)
+            await self._settle(admitted, prompt_tokens + completion_tokens)
+            await self._usage.record(
+                day=admitted.reservation.day,
+                tenant_id=admitted.tenant.id,
+                model=admitted.pool.served_names[0],
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                images=len(admitted.request.images),
+            )
+        except Exception as exc:  # Redis down: the leases expire on their own
+            logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
+
+    async def _settle(self, admitted: Admitted, used: int) -> None:
+        await self._admission.settle(admitted.reservation, used)
+
+    def _apply_policy(self, tenant: Tenant, pool: PoolConfig, request: GenerationRequest) -> GenerationRequest:
+        if not tenant.allows(pool.names):
+            raise PermissionDenied(
+                f"tenant '{tenant.id}' may not use model '{request.model}'",
+                param="model",
+                code="model_not_allowed",
+            )
+        if len(request.images) > tenant.images.max_images_per_request:
+            raise InvalidRequest(
+                f"this tenant may send at most {tenant.images.max_images_per_request} image(s) per request",
+                param="messages",
+                code="too_many_images",
+            )
+        cap = tenant.limits.max_tokens
+        sampling = request.sampling
+        if cap is not None:
+            if sampling.max_tokens is not None and sampling.max_tokens > cap:
+                raise InvalidRequest(
+                    f"max_tokens is {sampling.max_tokens}; this tenant's cap is {cap}", param="max_tokens"
+                )
+            if sampling.max_tokens is None:
+                sampling = dataclasses.replace(sampling, max_tokens=cap)
+        return dataclasses.replace(
+            request, sampling=sampling, priority=tenant.priority_class.engine_priority
+        )
+
+
+def client_deadline_s(headers: dict[str, str] | None, started: float | None = None) -> float | None:
+    """The client's own timeout, when it tells us (the OpenAI SDKs send x-stainless-timeout)."""
+    if not headers:
+        return None
+    raw = headers.get("x-stainless-timeout") or headers.get("x-request-timeout")
+    try:
+        value = float(raw) if raw else None
+    except ValueError:
+        return None
+    if value is None or value <= 0:
+        return None
+    return value - (time.monotonic() - started if started else 0.0)

@@ -1,0 +1,152 @@
+"""Admission priced before the call: one atomic Lua step per request, settled after it.
+
+`admit()` checks RPM, reserves TPM and the daily budget for `prompt + max_tokens`, and
+takes a concurrency slot with an expiring lease (a crashed gateway leaks nothing).
+`settle()` moves the reservation to what was actually used and frees the slot; it runs
+for every admitted request, including streams that end early and clients that leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.errors import RateLimited, ServiceUnavailable
+from services.tenancy import keys
+from services.tenancy.models import Tenant
+from services.tenancy.redis_state import RedisState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Reservation:
+    tenant_id: str
+    lease_id: str
+    bucket_s: int
+    reserved_tokens: int
+    day: str
+    headers: dict[str, str] = field(default_factory=dict)
+    # Fail-open admissions (Redis down, limits configured to fail open) have nothing to settle.
+    recorded: bool = True
+
+
+def utc_day(now: float) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(now))
+
+
+def _reset(ms: int) -> str:
+    # OpenAI's reset headers read like "1s" or "6m0s".
+    seconds = max(ms, 0) / 1000
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60)}s"
+
+
+class Admission:
+    def __init__(
+        self,
+        state: RedisState,
+        *,
+        lease_ttl_s: float,
+        fail_open: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._state = state
+        self._lease_ttl_ms = int(lease_ttl_s * 1000)
+        self._fail_open = fail_open
+        self._clock = clock
+
+    async def admit(self, tenant: Tenant, reserve_tokens: int) -> Reservation:
+        now = self._clock()
+        now_ms = int(now * 1000)
+        day = utc_day(now)
+        limits = tenant.limits
+        lease_id = secrets.token_hex(8)
+        try:
+            result = await self._state.script(
+                "admit",
+                keys=[
+                    keys.requests_window(tenant.id),
+                    keys.tokens_window(tenant.id),
+                    keys.concurrency_leases(tenant.id),
+                    keys.daily_tokens(tenant.id, day),
+                ],
+                args=[
+                    now_ms,
+                    limits.rpm or 0,
+                    limits.tpm or 0,
+                    limits.max_concurrent or 0,
+                    limits.daily_token_budget or 0,
+                    reserve_tokens,
+                    lease_id,
+                    now_ms + self._lease_ttl_ms,
+                    2 * 86400,
+                ],
+            )
+        except ServiceUnavailable:
+            if not self._fail_open:
+                raise
+            logger.warning("admission: Redis unavailable, admitting tenant %s without limits", tenant.id)
+            return Reservation(tenant.id, lease_id, now_ms // 1000, reserve_tokens, day, recorded=False)
+        admitted, reason, retry_ms, req_left, req_reset, tok_left, tok_reset = result
+        headers = {}
+        if limits.rpm:
+            headers["x-ratelimit-limit-requests"] = str(limits.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(int(req_left), 0))
+            headers["x-ratelimit-reset-requests"] = _reset(int(req_reset))
+        if limits.tpm:
+            headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(int(tok_left), 0))
+            headers["x-ratelimit-reset-tokens"] = _reset(int(tok_reset))
+        if not admitted:
+            raise RateLimited(
+                _refusal_message(str(reason), tenant, reserve_tokens),
+                code="rate_limit_exceeded",
+                param=str(reason),
+                retry_after_s=max(1, -(-int(retry_ms) // 1000)),
+                headers=headers,
+            )
+        return Reservation(tenant.id, lease_id, now_ms // 1000, reserve_tokens, day, headers)
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        if not reservation.recorded:
+            return
+        await self._state.script(
+            "settle",
+            keys=[
+                keys.tokens_window(reservation.tenant_id),
+                keys.daily_tokens(reservation.tenant_id, reservation.day),
+                keys.concurrency_leases(reservation.tenant_id),
+            ],
+            args=[reservation.bucket_s, used_tokens - reservation.reserved_tokens, reservation.lease_id],
+        )
+
+    async def renew(self, reservations: list[Reservation]) -> None:
+        """Extend the concurrency leases of requests still running (long streams)."""
+        expiry = int(self._clock() * 1000) + self._lease_ttl_ms
+        async with self._state.pipeline() as pipe:
+            for r in reservations:
+                if r.recorded:
+                    pipe.zadd(keys.concurrency_leases(r.tenant_id), {r.lease_id: expiry}, xx=True)
+            await pipe.execute()
+
+
+def _refusal_message(reason: str, tenant: Tenant, reserve: int) -> str:
+    limits = tenant.limits
+    return {
+        "requests_per_minute": f"Rate limit reached: {limits.rpm} requests per minute",
+        "tokens_per_minute": (
+            f"Rate limit reached: {limits.tpm} tokens per minute (this request reserves "
+            f"{reserve} tokens: prompt + max_tokens)"
+        ),
+        "request_exceeds_tpm": (
+            f"This request reserves {reserve} tokens (prompt + max_tokens), more than the "
+            f"tenant's {limits.tpm} tokens per minute; lower max_tokens"
+        ),
+        "concurrency": f"Too many requests in flight: the limit is {limits.max_concurrent}",
+        "daily_token_budget": f"Daily token budget of {limits.daily_token_budget} is used up",
+    }.get(reason, "Rate limit reached")

@@ -1,0 +1,65 @@
+"""Every Redis key phiserve uses, in one place. `{...}` parts are ids, never secrets."""
+
+from __future__ import annotations
+
+PREFIX = "phiserve"
+
+TENANT_IDS = f"{PREFIX}:tenants"  # set of tenant ids
+
+
+def tenant(tenant_id: str) -> str:  # string: the tenant's JSON record
+    return f"{PREFIX}:tenant:{tenant_id}"
+
+
+def tenant_keys(tenant_id: str) -> str:  # set of the tenant's key ids
+    return f"{PREFIX}:tenant:{tenant_id}:keys"
+
+
+def api_key_by_hash(key_hash: str) -> str:  # string: JSON ApiKeyRecord, looked up on auth
+    return f"{PREFIX}:apikey:{key_hash}"
+
+
+def api_key_by_id(key_id: str) -> str:  # string: the key's hash, for revocation by id
+    return f"{PREFIX}:apikeyid:{key_id}"
+
+
+# Admission state, per tenant. The rate windows are hashes of per-second buckets.
+def requests_window(tenant_id: str) -> str:
+    return f"{PREFIX}:rl:{tenant_id}:req"
+
+
+def tokens_window(tenant_id: str) -> str:
+    return f"{PREFIX}:rl:{tenant_id}:tok"
+
+
+def concurrency_leases(tenant_id: str) -> str:  # zset lease id -> expiry (ms)
+    return f"{PREFIX}:conc:{tenant_id}"
+
+
+def daily_tokens(tenant_id: str, day: str) -> str:  # integer: tokens reserved+used that day
+    return f"{PREFIX}:budget:{tenant_id}:{day}"
+
+
+def usage(day: str) -> str:  # hash "<tenant>|<model>|<field>" -> count
+    return f"{PREFIX}:usage:{day}"
+
+
+# Fair queue, per pool.
+def pool_in_flight(pool: str) -> str:  # zset grant id -> lease expiry (ms)
+    return f"{PREFIX}:fq:{pool}:inflight"
+
+
+def pool_waiting(pool: str) -> str:  # zset ticket id -> score (class, virtual start)
+    return f"{PREFIX}:fq:{pool}:waiting"
+
+
+def pool_tickets(pool: str) -> str:  # hash ticket id -> "tenant|cost|weight"
+    return f"{PREFIX}:fq:{pool}:tickets"
+
+
+def pool_virtual_time(pool: str) -> str:  # hash: "vt" -> pool virtual time, tenant -> last finish
+    return f"{PREFIX}:fq:{pool}:vt"
+
+
+def ticket_grant(pool: str, ticket_id: str) -> str:  # list the waiter BLPOPs on
+    return f"{PREFIX}:fq:{pool}:grant:{ticket_id}"

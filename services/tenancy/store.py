@@ -1,0 +1,149 @@
+"""Tenants and API keys in Redis. Keys are stored only as SHA-256 hashes.
+
+A key looks like `psk-<key id>-<secret>`: the id (8 hex) is not secret and names the key in
+listings and revocation; the secret is 32 random bytes. Lookups go by hash, and the stored
+hash is compared with `hmac.compare_digest` so the comparison itself leaks no timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable
+
+from services.errors import AuthenticationFailed, ResourceNotFound
+from services.tenancy import keys
+from services.tenancy.models import ApiKeyRecord, Tenant, TenantsFile
+from services.tenancy.redis_state import RedisState
+
+KEY_PREFIX = "psk-"
+LISTED_PREFIX_LENGTH = len(KEY_PREFIX) + 8
+
+
+def hash_key(plain: str) -> str:
+    return hashlib.sha256(plain.encode()).hexdigest()
+
+
+def new_plain_key() -> tuple[str, str]:
+    key_id = secrets.token_hex(4)
+    return key_id, f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
+
+
+class TenantStore:
+    def __init__(self, state: RedisState, *, clock: Callable[[], float] = time.time) -> None:
+        self._state = state
+        self._clock = clock
+
+    async def put_tenant(self, tenant: Tenant) -> Tenant:
+        async with self._state.pipeline() as pipe:
+            pipe.set(keys.tenant(tenant.id), tenant.model_dump_json())
+            pipe.sadd(keys.TENANT_IDS, tenant.id)
+            await pipe.execute()
+        return tenant
+
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        raw = await self._state.run(self._state.redis.get(keys.tenant(tenant_id)))
+        if raw is None:
+            raise ResourceNotFound(f"no tenant '{tenant_id}'", param="tenant_id")
+        return Tenant.model_validate_json(raw)
+
+    async def list_tenants(self) -> list[Tenant]:
+        ids = sorted(await self._state.run(self._state.redis.smembers(keys.TENANT_IDS)))
+        if not ids:
+            return []
+        raws = await self._state.run(self._state.redis.mget([keys.tenant(i) for i in ids]))
+        return [Tenant.model_validate_json(raw) for raw in raws if raw is not None]
+
+    async def create_key(self, tenant_id: str, *, name: str = "", plain: str | None = None) -> tuple[str, ApiKeyRecord]:
+        """Store a new key for the tenant; return the plain key (shown once) and its record."""
+        await self.get_tenant(tenant_id)
+        if plain is None:
+            key_id, plain = new_plain_key()
+        else:
+            key_id = hash_key(plain)[:8]
+        record = ApiKeyRecord(
+            id=key_id,
+            tenant_id=tenant_id,
+            prefix=plain[:LISTED_PREFIX_LENGTH],
+            created_at=int(self._clock()),
+            name=name,
+        )
+        digest = hash_key(plain)
+        async with self._state.pipeline() as pipe:
+            pipe.set(keys.api_key_by_hash(digest), _stored(record, digest))
+            pipe.set(keys.api_key_by_id(key_id), digest)
+            pipe.sadd(keys.tenant_keys(tenant_id), key_id)
+            await pipe.execute()
+        return plain, record
+
+    async def ensure_key(self, tenant_id: str, plain: str, *, name: str = "") -> ApiKeyRecord:
+        """Install a known key (bootstrap); keep its record if it already exists."""
+        existing = await self._state.run(self._state.redis.get(keys.api_key_by_hash(hash_key(plain))))
+        if existing is not None:
+            return _loaded(existing)[0]
+        return (await self.create_key(tenant_id, name=name, plain=plain))[1]
+
+    async def list_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
+        await self.get_tenant(tenant_id)
+        key_ids = sorted(await self._state.run(self._state.redis.smembers(keys.tenant_keys(tenant_id))))
+        records = []
+        for key_id in key_ids:
+            record = await self._record_by_id(key_id)
+            if record is not None:
+                records.append(record)
+        return records
+
+    async def revoke_key(self, tenant_id: str, key_id: str) -> ApiKeyRecord:
+        record = await self._record_by_id(key_id)
+        # Another tenant's key id gets the same answer as a missing one.
+        if record is None or record.tenant_id != tenant_id:
+            raise ResourceNotFound(f"tenant '{tenant_id}' has no key '{key_id}'", param="key_id")
+        revoked = record.model_copy(update={"revoked_at": int(self._clock())})
+        digest = await self._state.run(self._state.redis.get(keys.api_key_by_id(key_id)))
+        await self._state.run(self._state.redis.set(keys.api_key_by_hash(digest), _stored(revoked, digest)))
+        return revoked
+
+    async def authenticate(self, plain: str | None) -> tuple[Tenant, ApiKeyRecord]:
+        if not plain:
+            raise AuthenticationFailed(
+                "Missing API key: send 'Authorization: Bearer <key>' or an 'api-key' header",
+                code="missing_api_key",
+            )
+        digest = hash_key(plain)
+        raw = await self._state.run(self._state.redis.get(keys.api_key_by_hash(digest)))
+        if raw is None:
+            raise AuthenticationFailed("Incorrect API key provided")
+        record, stored_digest = _loaded(raw)
+        if not hmac.compare_digest(stored_digest, digest) or record.revoked_at is not None:
+            raise AuthenticationFailed("Incorrect API key provided")
+        tenant = await self.get_tenant(record.tenant_id)
+        if tenant.disabled:
+            raise AuthenticationFailed("This API key's tenant is disabled", code="tenant_disabled")
+        return tenant, record
+
+    async def bootstrap(self, tenants_file: TenantsFile) -> None:
+        """Install tenants and keys from a file; running it again changes nothing."""
+        for entry in tenants_file.tenants:
+            tenant = Tenant.model_validate(entry.model_dump(exclude={"api_keys"}))
+            await self.put_tenant(tenant)
+            for plain in entry.api_keys:
+                await self.ensure_key(tenant.id, plain, name="bootstrap")
+
+    async def _record_by_id(self, key_id: str) -> ApiKeyRecord | None:
+        digest = await self._state.run(self._state.redis.get(keys.api_key_by_id(key_id)))
+        if digest is None:
+            return None
+        raw = await self._state.run(self._state.redis.get(keys.api_key_by_hash(digest)))
+        return None if raw is None else _loaded(raw)[0]
+
+
+def _stored(record: ApiKeyRecord, digest: str) -> str:
+    return json.dumps({"record": record.model_dump(), "hash": digest})
+
+
+def _loaded(raw: str) -> tuple[ApiKeyRecord, str]:
+    data = json.loads(raw)
+    return ApiKeyRecord.model_validate(data["record"]), str(data["hash"])
