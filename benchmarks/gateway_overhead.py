@@ -1,44 +1,39 @@
 """What the phiserve gateway adds on top of calling the same vLLM engine directly.
 
-Runs, one after the other in one invocation (never both at once: 2 cores):
-  direct   vLLM's own OpenAI server (subprocess) on the tiny Phi-3.5-mini model;
-  gateway  phiserve (Ray Serve gateway + the local profile's text pool only), same model,
-           same engine settings (profiles/local.yaml; CPU_ENGINE_ENV in services/app.py).
-Workloads, identical for both: POST /v1/chat/completions, a fixed short prompt, max_tokens=16,
-ignore_eos, temperature 0; unary and streaming (stream_options.include_usage), at concurrency
-1 and 16; `--requests` measured requests per mode after a warm-up; aiohttp client on uvloop.
+In one run, one after the other (never both at once: 2 cores): `direct` = vLLM's own OpenAI
+server (subprocess) on the tiny Phi-3.5-mini model; `gateway` = phiserve (Ray Serve gateway +
+the local profile's text pool only) on the same model with the same engine settings. Identical
+workloads: POST /v1/chat/completions, fixed short prompt, max_tokens=16, ignore_eos, temperature
+0; unary and streaming (with usage), at concurrency 1 and 16; `--requests` per mode after a
+warm-up; aiohttp client on uvloop.
 
-Per mode: p50/p99 latency, time to first token (streaming: the first SSE event whose delta
-has content), req/s, and CPU-ms per request (psutil user+system of each process, sampled
-before and after the measured phase, divided by the requests). `gateway_path` is every Serve
-process a request crosses before the pool: the proxy (ray::ProxyActor; in HAProxy mode also
-ray::HAProxyManager and the haproxy binary) and the gateway replica
-(ray::ServeReplica:phiserve:gateway). The pool replica, which holds the engine as the direct
-server does, is reported apart (`pool_frontend`, `engine`), as are the direct server's
-process (`frontend`) and engine core, the client, and the machine's other load.
+Per mode: p50/p99 latency, time to first token (first SSE event whose delta has content),
+req/s, CPU-ms per request (psutil user+system, sampled before and after the measured phase).
+`gateway_path` = the Serve processes a request crosses before the pool: ray::ProxyActor (plus
+ray::HAProxyManager and haproxy in HAProxy mode) and ray::ServeReplica:phiserve:gateway. The
+pool replica, which holds the engine as the direct server does, is shown apart, as are the
+direct server's process, both engine cores, the client and the machine's other load.
 
-The last line is
   RESULT gateway_overhead p50_ratio=X p99_ratio=Y throughput_ratio=Z cpu_ms_per_req=W
-p50_ratio, p99_ratio: gateway / direct latency, unary concurrency 1;
-throughput_ratio: gateway / direct req/s, unary concurrency 16;
-cpu_ms_per_req: gateway_path CPU-ms per request in the unary concurrency-1 phase.
+p50/p99_ratio: gateway / direct latency, unary c=1; throughput_ratio: gateway / direct req/s,
+unary c=16; cpu_ms_per_req: gateway_path CPU-ms per request in the unary c=1 phase.
 
---proxy-mode (flags exported before Ray starts; every Serve process reads them at import):
+--proxy-mode (exported before Ray starts; each Serve process reads it at import):
   default  Serve's Python proxy listens on the HTTP port (serve.start http_options.port).
   direct   RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the gateway replica serves HTTP on its own port
-           (30000-31000), taken from the controller's target groups; the HTTP port only has
-           a fallback Python proxy, so requests are sent to the replica's port.
-  haproxy  RAY_SERVE_ENABLE_HA_PROXY=1 (implies direct ingress): HAProxy listens on the HTTP
-           port and forwards to the replica's port; an idle fallback proxy stays.
---source DIR benchmarks the `services` package under DIR (e.g. a `git archive` export of a
-commit) instead of this checkout. --profile-seconds S runs py-spy on the gateway path's
-Python processes under unary c=1 load after that phase and prints the top costs.
+           (30000-31000, from the controller's target groups), where requests are sent; the
+           HTTP port keeps only a fallback Python proxy.
+  haproxy  RAY_SERVE_ENABLE_HA_PROXY=1 (implies direct ingress): HAProxy on the HTTP port
+           forwards to the replica's port; an idle fallback proxy stays.
+--source DIR: benchmark the `services` package under DIR (e.g. a `git archive` of a commit).
+--profile-seconds S: py-spy the gateway path's Python processes under unary c=1 load.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -54,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import uvloop
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / ".cache" / "models"
@@ -111,7 +107,6 @@ def configure_env(mode: str, source: Path) -> Path | None:
     return hp
 
 
-# ------------------------------------------------------------------ CPU accounting
 def own_tree() -> list[psutil.Process]:
     me = psutil.Process()
     return [me, *me.children(recursive=True)]
@@ -127,11 +122,8 @@ def cmd(p: psutil.Process) -> str:
 def cpu_s(procs: list[psutil.Process]) -> float:
     total = 0.0
     for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
+        with contextlib.suppress(psutil.Error):
+            total += sum(p.cpu_times()[:2])  # user + system
     return total
 
 
@@ -153,19 +145,9 @@ def idle_rate(groups: Groups, seconds: float = 3.0) -> dict[str, float]:
     return {k: (after[k] - before[k]) * 1000.0 / seconds for k in groups}
 
 
-def describe(groups: Groups) -> None:
-    for name, procs in groups.items():
-        for p in procs if "/" not in name else ():
-            print(f"  [{name}] pid {p.pid}: {cmd(p)[:100]}", flush=True)
-
-
-# ------------------------------------------------------------------ load generator
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
+def pct(values: list[float], q: float) -> float | None:  # in ms, linear interpolation
     v, k = sorted(values), (len(values) - 1) * q
-    lo = int(k)
-    return 1e3 * (v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (k - lo))
+    return 1e3 * (v[int(k)] + (v[min(int(k) + 1, len(v) - 1)] - v[int(k)]) * (k - int(k))) if v else None
 
 
 def body_for(stream: bool) -> bytes:
@@ -202,8 +184,7 @@ async def one(session: Any, url: str, body: bytes, stream: bool) -> tuple[float,
     return time.perf_counter() - t0, ttft
 
 
-async def drive(url: str, n: int, conc: int, stream: bool, warmup: int, groups: Groups,
-                after_phase: Any = None) -> dict[str, Any]:
+async def drive(url: str, n: int, conc: int, stream: bool, warmup: int, groups: Groups) -> dict[str, Any]:
     import aiohttp
 
     body, lat, ttft, errors = body_for(stream), [], [], []
@@ -232,8 +213,6 @@ async def drive(url: str, n: int, conc: int, stream: bool, warmup: int, groups: 
         before = snapshot(groups)
         await run(n, record=True)
         after = snapshot(groups)
-        if after_phase is not None:
-            await after_phase(s, url, body)
     wall = after["wall"] - before["wall"]
     foreign = (after["machine_busy"] - before["machine_busy"]) - (after["own_tree"] - before["own_tree"])
     return {"stream": stream, "concurrency": conc, "requests": n, "errors": len(errors),
@@ -244,21 +223,17 @@ async def drive(url: str, n: int, conc: int, stream: bool, warmup: int, groups: 
             "foreign_cpu_pct": 100.0 * foreign / wall}
 
 
-def run_modes(url: str, args: argparse.Namespace, groups: Groups, profile: Any = None) -> list[dict]:
-    import uvloop
-
+def run_modes(url: str, args: argparse.Namespace, groups: Groups) -> list[dict]:
     out = []
     for stream, conc in MODES:
-        hook = profile if not stream and conc == 1 else None
         warmup = max(4 * conc, args.requests // 10)
-        res = uvloop.run(drive(url, args.requests, conc, stream, warmup, groups, hook))
+        res = uvloop.run(drive(url, args.requests, conc, stream, warmup, groups))
         print(f"  {'stream' if stream else 'unary'} c={conc}: p50 {res['p50_ms']:.1f} ms, "
               f"{res['req_s']:.1f} req/s, errors {res['errors']} {res['first_errors'][:1]}", flush=True)
         out.append(res)
     return out
 
 
-# ------------------------------------------------------------------ the two targets
 def bench_direct(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -276,12 +251,11 @@ def bench_direct(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print(f"direct: ready after {time.monotonic() - t0:.1f} s", flush=True)
         server = psutil.Process(proc.pid)
         groups = {"frontend": [server], "engine": server.children(recursive=True)}
-        describe(groups)
         idle = idle_rate(groups)
         modes = run_modes(f"http://127.0.0.1:{port}/v1/chat/completions", args, groups)
         return {"url": f"http://127.0.0.1:{port}", "modes": modes, "idle_cpu_ms_per_s": idle}
     except BaseException:
-        print((tmp / "vllm-server.log").read_text()[-3000:], file=sys.stderr)
+        print((tmp / "vllm-server.log").read_text()[-3000:], file=sys.stderr)  # why it failed
         raise
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -295,14 +269,15 @@ def bench_direct(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def gateway_groups() -> Groups:
     """Searched in our own process tree only, so a parallel Ray cluster is never counted."""
     groups: Groups = {"gateway_path": [], "pool_frontend": [], "engine": []}
-    for p in own_tree():
+    for p in own_tree()[1:]:
         c = cmd(p)
-        short = next((k for k in ("gateway", "ProxyActor", "HAProxyManager") if k in c),
-                     "haproxy" if "bin/haproxy" in c else None)
+        short = next((k for k in ("ray::ServeReplica:phiserve:gateway", "ray::ProxyActor",
+                                  "ray::HAProxyManager") if c.startswith(k)),
+                     "haproxy" if "bin/haproxy " in c else None)
         if short:
             groups["gateway_path"].append(p)
-            groups.setdefault(f"gw/{short}", []).append(p)
-        elif "ServeReplica:phiserve:pool-" in c:
+            groups.setdefault(f"gw/{short.rpartition(':')[2]}", []).append(p)
+        elif c.startswith("ray::ServeReplica:phiserve:pool-"):
             groups["pool_frontend"].append(p)
             groups["engine"].extend(p.children(recursive=True))
     return groups
@@ -348,11 +323,13 @@ def bench_gateway(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print(f"gateway[{args.proxy_mode}]: ready after {time.monotonic() - t0:.1f} s; requests to {base}"
               f" (HTTP port {port})", flush=True)
         groups = gateway_groups()
-        describe(groups)
+        for name, procs in groups.items():
+            print("".join(f"  [{name}] pid {p.pid}: {cmd(p)[:90]}\n" for p in procs), end="")
         idle = idle_rate(groups)
         print("  idle CPU-ms/s: " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items()), flush=True)
-        profile = profiler(args, groups, tmp) if args.profile_seconds else None
-        modes = run_modes(f"{base}/v1/chat/completions", args, groups, profile)
+        modes = run_modes(f"{base}/v1/chat/completions", args, groups)
+        if args.profile_seconds:
+            profile(f"{base}/v1/chat/completions", args, groups, modes[0]["req_s"], tmp)
         return {"url": base, "http_port": port, "modes": modes, "idle_cpu_ms_per_s": idle,
                 "counted": {k: [f"{p.pid} {cmd(p)[:80]}" for p in v] for k, v in groups.items()}}
     finally:
@@ -362,29 +339,23 @@ def bench_gateway(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             ray.shutdown()
 
 
-# ------------------------------------------------------------------ profiling
-def profiler(args: argparse.Namespace, groups: Groups, tmp: Path) -> Any:
-    """py-spy (non-blocking, 200 Hz) on each Python process of the gateway path under unary c=1 load."""
-
-    async def hook(session: Any, url: str, body: bytes) -> None:
-        spies = []
-        for p in (p for p in groups["gateway_path"] if "ray::" in cmd(p)):
-            out = tmp / f"pyspy-{p.pid}.txt"
-            spies.append((p, out, await asyncio.create_subprocess_exec(
-                str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(p.pid),
-                "--duration", str(args.profile_seconds), "--rate", "200", "--nonblocking", "--nolineno",
-                "-f", "raw", "-o", str(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
-        deadline, count = time.monotonic() + args.profile_seconds, 0
-        while time.monotonic() < deadline:
-            await one(session, url, body, False)
-            count += 1
-        for p, out, spy in spies:
-            await spy.wait()
-            print(f"\nprofile of pid {p.pid} {cmd(p)[:50]} ({count} requests, samples at 200 Hz"
-                  " where a thread is not idle):")
-            summarise(out, args.profile_top)
-
-    return hook
+def profile(url: str, args: argparse.Namespace, groups: Groups, rate: float, tmp: Path) -> None:
+    """py-spy on each Python process of the gateway path under unary c=1 load, sampling at 200 Hz
+    the thread that holds the GIL: where the Python CPU goes (C++ core-worker threads are not seen)."""
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    spies = [(p, tmp / f"pyspy-{p.pid}.txt") for p in groups["gateway_path"] if cmd(p).startswith("ray::")]
+    procs = [subprocess.Popen([spy, "record", "--pid", str(p.pid), "--rate", "200", "--nonblocking",
+                               "--nolineno", "--gil", "-f", "raw", "-o", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p, out in spies]
+    time.sleep(1.0)  # py-spy attaches
+    n = max(20, int(rate * args.profile_seconds))
+    uvloop.run(drive(url, n, 1, False, 0, {}))
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+        proc.wait(60)
+    for p, out in spies:
+        print(f"\nprofile of pid {p.pid} {cmd(p)[:50]}, {n} unary requests at c=1:")
+        summarise(out, args.profile_top, n)
 
 
 AREAS = [("services/", "phiserve code"), ("fastapi/", "fastapi"), ("starlette/", "starlette"),
@@ -392,29 +363,27 @@ AREAS = [("services/", "phiserve code"), ("fastapi/", "fastapi"), ("starlette/",
          ("ray/", "ray core"), ("logging/", "logging"), ("asyncio/", "asyncio"), ("json/", "json")]
 
 
-def summarise(path: Path, top: int) -> None:
-    self_n, incl, area, total = Counter(), Counter(), Counter(), 0
+def summarise(path: Path, top: int, requests: int) -> None:
+    self_n, area, total = Counter(), Counter(), 0
     for line in path.read_text().splitlines() if path.exists() else []:
         stack, _, n = line.rpartition(" ")
-        frames = [f for f in stack.split(";")[1:] if f and not f.startswith("thread")]
+        frames = [f for f in stack.split(";") if f]
         if not n.isdigit() or not frames:
             continue
         total += int(n)
         self_n[frames[-1]] += int(n)
-        incl.update({f: int(n) for f in set(frames)})
         area[next((name for f in reversed(frames) for key, name in AREAS if key in f), "other")] += int(n)
     if not total:
         print("  (no samples)")
         return
-    print(f"  {total} samples; by area of the innermost recognised frame: " + ", ".join(
-        f"{name} {100 * n / total:.0f}%" for name, n in area.most_common()))
-    for title, table in (("self", self_n), ("inclusive", incl)):
-        print(f"  top {top} {title}:")
-        for f, n in table.most_common(top):
-            print(f"    {100 * n / total:5.1f}%  {f[:140]}")
+    print(f"  {total} samples = {5.0 * total / requests:.2f} ms holding the GIL per request; by area of"
+          " the innermost recognised frame: "
+          + ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in area.most_common()))
+    print(f"  top {top} functions by own samples:")
+    for f, n in self_n.most_common(top):
+        print(f"    {100 * n / total:5.1f}%  {f[:140]}")
 
 
-# ------------------------------------------------------------------ report
 LAT_KEYS = ("p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "req_s")
 
 
@@ -459,7 +428,7 @@ def main() -> None:
     parser.add_argument("--proxy-mode", choices=["default", "direct", "haproxy"], default="default")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--source", type=Path, default=REPO, help="folder holding the services package")
-    parser.add_argument("--profile-seconds", type=int, default=0, help="py-spy the gateway path this long")
+    parser.add_argument("--profile-seconds", type=int, default=0, help="py-spy the gateway path ~this long")
     parser.add_argument("--profile-top", type=int, default=15)
     args = parser.parse_args()
     args.requests = 150 if args.quick else args.requests

@@ -1,0 +1,85 @@
+"""Tenants and keys: only hashes are stored, revocation works, bootstrap is idempotent."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.errors import AuthenticationFailed, ResourceNotFound
+from services.tenancy.models import Tenant, TenantsFile
+from services.tenancy.redis_state import RedisState
+from services.tenancy.store import TenantStore, hash_key
+
+
+async def _all_redis_text(state: RedisState) -> str:
+    parts = []
+    async for key in state.redis.scan_iter("*"):
+        kind = await state.redis.type(key)
+        if kind == "string":
+            parts.append(await state.redis.get(key))
+        elif kind == "set":
+            parts.extend(await state.redis.smembers(key))
+        elif kind == "hash":
+            parts.extend(f"{k}={v}" for k, v in (await state.redis.hgetall(key)).items())
+        parts.append(key)
+    return "\n".join(parts)
+
+
+async def test_keys_are_stored_only_as_hashes(state: RedisState) -> None:
+    store = TenantStore(state)
+    await store.put_tenant(Tenant(id="acme"))
+    plain, record = await store.create_key("acme", name="ci")
+    assert plain.startswith("psk-") and len(plain) > 40
+    assert record.prefix == plain[: len(record.prefix)] and len(record.prefix) < 16
+    everything = await _all_redis_text(state)
+    assert plain not in everything
+    assert plain[len(record.prefix):] not in everything
+    assert hash_key(plain) in everything
+    tenant, got = await store.authenticate(plain)
+    assert tenant.id == "acme" and got.id == record.id
+
+
+async def test_unknown_missing_and_revoked_keys_fail(state: RedisState) -> None:
+    store = TenantStore(state)
+    await store.put_tenant(Tenant(id="acme"))
+    plain, record = await store.create_key("acme")
+    with pytest.raises(AuthenticationFailed):
+        await store.authenticate(None)
+    with pytest.raises(AuthenticationFailed):
+        await store.authenticate(plain + "x")
+    await store.revoke_key("acme", record.id)
+    with pytest.raises(AuthenticationFailed):
+        await store.authenticate(plain)
+    listed = await store.list_keys("acme")
+    assert listed[0].revoked_at is not None
+
+
+async def test_a_tenant_cannot_revoke_another_tenants_key(state: RedisState) -> None:
+    store = TenantStore(state)
+    await store.put_tenant(Tenant(id="a"))
+    await store.put_tenant(Tenant(id="b"))
+    plain_b, record_b = await store.create_key("b")
+    with pytest.raises(ResourceNotFound):
+        await store.revoke_key("a", record_b.id)
+    assert (await store.authenticate(plain_b))[0].id == "b"
+
+
+async def test_disabled_tenant_is_refused(state: RedisState) -> None:
+    store = TenantStore(state)
+    await store.put_tenant(Tenant(id="acme"))
+    plain, _ = await store.create_key("acme")
+    await store.put_tenant(Tenant(id="acme", disabled=True))
+    with pytest.raises(AuthenticationFailed, match="disabled"):
+        await store.authenticate(plain)
+
+
+async def test_bootstrap_is_idempotent(state: RedisState) -> None:
+    store = TenantStore(state)
+    file = TenantsFile.model_validate(
+        {"tenants": [{"id": "t1", "weight": 2, "api_keys": ["psk-boot0001-secret-one"]}, {"id": "t2"}]}
+    )
+    await store.bootstrap(file)
+    first = await store.list_keys("t1")
+    await store.bootstrap(file)
+    assert await store.list_keys("t1") == first
+    assert [t.id for t in await store.list_tenants()] == ["t1", "t2"]
+    assert (await store.authenticate("psk-boot0001-secret-one"))[0].weight == 2
