@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis holding tenants, keys, limits and usage."
+        "redis://127.0.0.1:6390/0",
+        description="Redis holding tenants, keys, limits and usage. The default is the "
+        "private Redis that `phiserve up` starts in the local profile (not the system one).",
     )
     admin_key: SecretStr | None = Field(
         None,
