@@ -7,6 +7,7 @@ Every variable is `PHISERVE_<FIELD>` in upper case, e.g. `PHISERVE_PORT=9000`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +82,11 @@ class Settings(BaseSettings):
     )
     queue_timeout_s: float = Field(
         30.0, gt=0, description="Longest wait in the fair queue before 429 overloaded."
+    )
+    queue_policy: Literal["fair", "fcfs"] = Field(
+        "fair",
+        description="Order of waiting requests: fair (priority class, then token-weighted "
+        "fair queueing between tenants) or fcfs (arrival order; a baseline for benchmarks).",
     )
     max_waiting_per_pool: int = Field(
         2000, ge=1, description="Requests that may wait per pool; more get 429 at once."

@@ -59,6 +59,7 @@ def build_services(
         {pool.name: pool.capacity for pool in catalog.enabled_pools},
         max_waiting=settings.max_waiting_per_pool,
         lease_ttl_s=settings.lease_ttl_s,
+        policy=settings.queue_policy,
     )
     usage = UsageLedger(redis)
     keeper = LeaseKeeper(admission, fair_queue, interval_s=settings.lease_ttl_s / 3)

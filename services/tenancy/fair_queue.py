@@ -41,9 +41,11 @@ class FairQueue:
         *,
         max_waiting: int,
         lease_ttl_s: float,
+        policy: str = "fair",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._state = state
+        self._policy = policy
         self._capacities = capacities
         self._max_waiting = max_waiting
         self._lease_ms = int(lease_ttl_s * 1000)
@@ -84,6 +86,7 @@ class FairQueue:
                 self._lease_ms,
                 grant_prefix,
                 self._max_waiting,
+                self._policy,
             ],
         )
         if outcome == QUEUE_FULL:

@@ -107,3 +107,22 @@ async def test_crashed_holders_lease_expires(state: RedisState) -> None:
     now[0] += 11
     grant = await fq.acquire("p", tenant_id="a", cost=1, weight=1, priority=1, timeout_s=0.2)
     assert grant.pool == "p"
+
+
+async def test_fcfs_policy_keeps_arrival_order(state: RedisState) -> None:
+    fq = FairQueue(state, {"p": 1}, max_waiting=100, lease_ttl_s=30, policy="fcfs")
+    holder = (await _fill(fq, 1))[0]
+    order: list[str] = []
+
+    async def waiter(name: str, weight: float) -> None:
+        grant = await fq.acquire("p", tenant_id=name, cost=100, weight=weight, priority=1, timeout_s=10)
+        order.append(name)
+        await fq.release(grant)
+
+    tasks = []
+    for name, weight in [("heavy", 1)] * 5 + [("light", 100)] * 2:
+        tasks.append(asyncio.create_task(waiter(name, weight)))
+        await asyncio.sleep(0.01)
+    await fq.release(holder)
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert order == ["heavy"] * 5 + ["light"] * 2

@@ -4,7 +4,8 @@
 -- KEYS: 1 in-flight leases (zset), 2 waiting tickets (zset), 3 ticket info (hash),
 --       4 virtual times (hash: "vt" and one field per tenant)
 -- ARGV: 1 now_ms, 2 capacity, 3 ticket id, 4 tenant, 5 cost, 6 weight, 7 class,
---       8 lease_ms, 9 grant key prefix, 10 max_waiting
+--       8 lease_ms, 9 grant key prefix, 10 max_waiting, 11 policy ("fair" or "fcfs":
+--       plain arrival order, the baseline the fairness benchmark compares against)
 -- Returns 1 granted now, 0 queued (BLPOP the grant key), -1 queue full.
 local now_ms, capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
 local ticket, tenant = ARGV[3], ARGV[4]
@@ -19,7 +20,11 @@ local vt = tonumber(redis.call('HGET', KEYS[4], 'vt') or '0')
 local last_finish = tonumber(redis.call('HGET', KEYS[4], 't:' .. tenant) or '0')
 local start = math.max(vt, last_finish)
 redis.call('HSET', KEYS[4], 't:' .. tenant, start + cost / weight)
-redis.call('ZADD', KEYS[2], class * CLASS_SPAN + start, ticket)
+if ARGV[11] == 'fcfs' then
+  redis.call('ZADD', KEYS[2], now_ms, ticket)
+else
+  redis.call('ZADD', KEYS[2], class * CLASS_SPAN + start, ticket)
+end
 redis.call('HSET', KEYS[3], ticket, start)
 
 local granted_self = 0
