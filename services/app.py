@@ -72,3 +72,16 @@ def build_app(settings: Settings, catalog: Catalog) -> Application:
         ray_actor_options={"num_cpus": 0},
     )
     return gateway.bind(catalog, settings, pools)  # type: ignore[attr-defined]
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for Serve config files (KubeRay `serveConfigV2`, `serve run`):
+    `import_path: services.app:app_builder`, `args: {profile: h100, ...}`.
+
+    `args` override `PHISERVE_*` environment variables field by field; the catalog profile
+    is loaded and validated here, so a bad catalog fails the deployment with its message.
+    """
+    from services.catalog.loader import load_catalog
+
+    settings = Settings(**args)
+    return build_app(settings, load_catalog(settings.profile))

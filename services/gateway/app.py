@@ -21,6 +21,7 @@ from services.gateway.errors import install_error_handlers
 from services.gateway.gate import LeaseKeeper, TenantGate
 from services.gateway.generation import GenerationRunner
 from services.gateway.images import ImageLoader
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import GatewayMiddleware
 from services.gateway.models.router import router as models_router
 from services.gateway.models.service import ModelsService
@@ -43,9 +44,10 @@ DEMO_TENANT = Tenant(id="demo", name="Local demo tenant", priority_class=Priorit
 class GatewayState:
     """What the gateway replica owns: the Redis clients and the lease keeper."""
 
-    def __init__(self, redis: RedisState, keeper: LeaseKeeper) -> None:
+    def __init__(self, redis: RedisState, keeper: LeaseKeeper, metrics: GatewayMetrics) -> None:
         self.redis = redis
         self.keeper = keeper
+        self.metrics = metrics
 
 
 def build_services(
@@ -62,16 +64,24 @@ def build_services(
         policy=settings.queue_policy,
     )
     usage = UsageLedger(redis)
-    keeper = LeaseKeeper(admission, fair_queue, interval_s=settings.lease_ttl_s / 3)
+    metrics = GatewayMetrics()
+    keeper = LeaseKeeper(
+        admission,
+        fair_queue,
+        metrics,
+        pools=[pool.name for pool in catalog.enabled_pools],
+        interval_s=settings.lease_ttl_s / 3,
+    )
     gate = TenantGate(
         admission,
         fair_queue,
         usage,
         TokenCounter.for_pools(catalog.enabled_pools, settings.model_dir.resolve()),
         keeper,
+        metrics,
         queue_timeout_s=settings.queue_timeout_s,
     )
-    runner = GenerationRunner(router, gate)
+    runner = GenerationRunner(router, gate, metrics)
     images = ImageLoader(
         allow_remote=settings.allow_remote_image_urls,
         max_bytes=settings.max_request_body_bytes,
@@ -87,7 +97,7 @@ def build_services(
         usage=usage,
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
     )
-    return services, GatewayState(redis, keeper)
+    return services, GatewayState(redis, keeper, metrics)
 
 
 async def bootstrap_tenants(store: TenantStore, settings: Settings) -> None:
@@ -107,6 +117,7 @@ def create_app(services: GatewayServices, state: GatewayState, settings: Setting
             await bootstrap_tenants(services.tenants, settings)
         except Exception as exc:  # Redis may come later; auth fails closed meanwhile
             logger.error("tenant bootstrap failed (will serve 503 until Redis answers): %s", exc)
+        state.keeper.start()
         yield
         state.keeper.stop()
         await state.redis.close()
@@ -121,5 +132,7 @@ def create_app(services: GatewayServices, state: GatewayState, settings: Setting
     install_error_handlers(app)
     for router in (chat_router, completions_router, models_router, usage_router, admin_router):
         app.include_router(router)
-    app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_request_body_bytes)
+    app.add_middleware(
+        GatewayMiddleware, max_body_bytes=settings.max_request_body_bytes, metrics=state.metrics
+    )
     return app

@@ -14,6 +14,7 @@ from services.gateway.chat.service import ChatService
 from services.gateway.completions.service import CompletionService
 from services.gateway.gate import client_deadline_s
 from services.gateway.generation import Caller
+from services.gateway.metrics import tenant_label
 from services.gateway.models.service import ModelsService
 from services.gateway.pools import PoolRouter
 from services.tenancy.models import Tenant
@@ -58,7 +59,15 @@ async def _tenant(request: Request, services: Annotated[GatewayServices, Depends
 
 
 async def _caller(request: Request, tenant: Annotated[Tenant, Depends(_tenant)]) -> Caller:
-    return Caller(tenant=tenant, deadline_s=client_deadline_s(dict(request.headers)))
+    # The middleware records the response under these labels once it is sent.
+    labels: dict[str, str] = request.state.metric_labels
+    labels["tenant"] = tenant_label(tenant.id, tenant.metrics_label)
+    return Caller(
+        tenant=tenant,
+        deadline_s=client_deadline_s(dict(request.headers)),
+        started=request.state.started,
+        labels=labels,
+    )
 
 
 async def _admin(request: Request, services: Annotated[GatewayServices, Depends(_services)]) -> None:

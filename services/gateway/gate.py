@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 from services.catalog.models import PoolConfig
-from services.errors import InvalidRequest, PermissionDenied
+from services.errors import InvalidRequest, Overloaded, PermissionDenied, RateLimited
+from services.gateway.metrics import GatewayMetrics, tenant_label
 from services.gateway.tokens import TokenCounter
 from services.pools.engine import GenerationRequest
 from services.tenancy.admission import Admission, Reservation
@@ -43,17 +44,29 @@ class LeaseKeeper:
     """Renews the leases of this replica's in-flight requests, so only a crashed
     gateway's leases expire."""
 
-    def __init__(self, admission: Admission, fair_queue: FairQueue, *, interval_s: float) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        fair_queue: FairQueue,
+        metrics: GatewayMetrics,
+        *,
+        pools: list[str],
+        interval_s: float,
+    ) -> None:
         self._admission = admission
         self._fair_queue = fair_queue
+        self._metrics = metrics
+        self._pools = pools
         self._interval_s = interval_s
         self._active: dict[int, Admitted] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, admitted: Admitted) -> None:
-        self._active[id(admitted)] = admitted
+    def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def add(self, admitted: Admitted) -> None:
+        self._active[id(admitted)] = admitted
 
     def discard(self, admitted: Admitted) -> None:
         self._active.pop(id(admitted), None)
@@ -62,11 +75,15 @@ class LeaseKeeper:
         while True:
             await asyncio.sleep(self._interval_s)
             active = list(self._active.values())
-            if not active:
-                continue
             try:
-                await self._admission.renew([a.reservation for a in active])
-                await self._fair_queue.renew([a.grant for a in active if a.grant is not None])
+                if active:
+                    await self._admission.renew([a.reservation for a in active])
+                    await self._fair_queue.renew([a.grant for a in active if a.grant is not None])
+                # The same periodic step publishes the shared queue depths.
+                for pool in self._pools:
+                    in_flight, waiting = await self._fair_queue.depth(pool)
+                    self._metrics.pool_in_flight.set(in_flight, tags={"pool": pool})
+                    self._metrics.pool_waiting.set(waiting, tags={"pool": pool})
             except Exception as exc:  # Redis down: leases run out; nothing to undo here
                 logger.warning("lease renewal failed: %s", exc)
 
@@ -83,9 +100,11 @@ class TenantGate:
         usage: UsageLedger,
         counter: TokenCounter,
         keeper: LeaseKeeper,
+        metrics: GatewayMetrics,
         *,
         queue_timeout_s: float,
     ) -> None:
+        self._metrics = metrics
         self._admission = admission
         self._fair_queue = fair_queue
         self._usage = usage
@@ -100,7 +119,11 @@ class TenantGate:
         prompt_tokens = self._counter.prompt_tokens(pool, request)
         max_tokens = request.sampling.max_tokens or max(pool.engine.max_model_len - prompt_tokens, 1)
         reserve = prompt_tokens + max_tokens
-        reservation = await self._admission.admit(tenant, reserve)
+        try:
+            reservation = await self._admission.admit(tenant, reserve)
+        except RateLimited as exc:
+            self._metrics.rejected.inc(tags={"reason": exc.param or "rate_limit"})
+            raise
         admitted = Admitted(tenant, pool, request, reservation, None, prompt_tokens)
         try:
             timeout = self._queue_timeout_s if deadline_s is None else min(self._queue_timeout_s, deadline_s)
@@ -112,9 +135,12 @@ class TenantGate:
                 priority=tenant.priority_class.engine_priority,
                 timeout_s=max(timeout, 0.05),
             )
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Overloaded):
+                self._metrics.rejected.inc(tags={"reason": exc.param or "queue_timeout"})
             await self._settle(admitted, 0)
             raise
+        self._metrics.queue_wait.observe(admitted.grant.waited_s, tags={"pool": pool.name})
         self._keeper.add(admitted)
         return admitted
 
@@ -128,6 +154,15 @@ class TenantGate:
         await asyncio.shield(self._finish(admitted, prompt, completion_tokens))
 
     async def _finish(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int) -> None:
+        tags = {
+            "model": admitted.pool.served_names[0],
+            "tenant": tenant_label(admitted.tenant.id, admitted.tenant.metrics_label),
+        }
+        # Ray's counters refuse an increment of 0 (a request that failed before any token).
+        if prompt_tokens > 0:
+            self._metrics.prompt_tokens.inc(prompt_tokens, tags=tags)
+        if completion_tokens > 0:
+            self._metrics.completion_tokens.inc(completion_tokens, tags=tags)
         try:
             if admitted.grant is not None:
                 await self._fair_queue.release(admitted.grant)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from services.catalog.models import PoolConfig
 from services.errors import GenerationFailed, PhiserveError
 from services.gateway.errors import sse_error_event
 from services.gateway.gate import Admitted, TenantGate
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.pools import PoolRouter
 from services.pools.engine import GenerationChunk, GenerationRequest, GenerationResult
 from services.tenancy.models import Tenant
@@ -48,20 +50,25 @@ def _event(payload: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking: the authenticated tenant, and the client's own deadline if sent."""
+    """Who is asking: the authenticated tenant, the client's own deadline if sent, when the
+    request arrived, and the metric labels the middleware records the response under."""
 
     tenant: Tenant
     deadline_s: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class GenerationRunner:
-    def __init__(self, router: PoolRouter, gate: TenantGate) -> None:
+    def __init__(self, router: PoolRouter, gate: TenantGate, metrics: GatewayMetrics) -> None:
         self._router = router
         self._gate = gate
+        self._metrics = metrics
 
     async def complete(
         self, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape
     ) -> tuple[dict[str, Any], dict[str, str]]:
+        caller.labels["model"] = pool.served_names[0]
         admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
         try:
             result = await self._router.generate(pool, admitted.request)
@@ -83,6 +90,7 @@ class GenerationRunner:
         include_usage: bool,
     ) -> tuple[AsyncIterator[str], dict[str, str]]:
         """Return the SSE events; raises (as a normal error response) if the first chunk fails."""
+        caller.labels["model"] = pool.served_names[0]
         admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
         chunks = self._router.stream(pool, admitted.request)
         try:
@@ -92,7 +100,9 @@ class GenerationRunner:
             if isinstance(exc, StopAsyncIteration):
                 raise GenerationFailed("the engine produced no output") from None
             raise
-        events = self._events(admitted, first, chunks, shape, include_usage=include_usage)
+        first_at = time.perf_counter()
+        self._metrics.time_to_first_token.observe(first_at - caller.started, tags={"model": caller.labels["model"]})
+        events = self._events(admitted, first, chunks, shape, include_usage=include_usage, first_at=first_at)
         return events, admitted.headers
 
     async def _events(
@@ -103,6 +113,7 @@ class GenerationRunner:
         shape: ResponseShape,
         *,
         include_usage: bool,
+        first_at: float,
     ) -> AsyncIterator[str]:
         last = first
         try:
@@ -112,6 +123,9 @@ class GenerationRunner:
                 yield _event(shape.chunk(chunk.text, chunk.finish_reason, first=False))
             if include_usage:
                 yield _event(shape.usage_chunk(usage(last.prompt_tokens, last.completion_tokens)))
+            if last.completion_tokens > first.completion_tokens:
+                itl = (time.perf_counter() - first_at) / (last.completion_tokens - first.completion_tokens)
+                self._metrics.inter_token_latency.observe(itl, tags={"model": admitted.pool.served_names[0]})
         except PhiserveError as exc:
             logger.warning(
                 "request %s: stream failed after it started: %s", admitted.request.request_id, exc.message

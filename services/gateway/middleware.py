@@ -9,18 +9,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 import uuid
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.errors import error_body
+from services.gateway.metrics import GatewayMetrics
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for a client that went away mid-response
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -31,21 +35,49 @@ class _BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"The request body is larger than the limit of {limit} bytes")
 
 
+# The API paths whose requests are counted (a bounded `endpoint` label); probes and
+# admin calls are not.
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage"}
+
+
 class GatewayMiddleware:
-    def __init__(self, app: Any, *, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, *, max_body_bytes: int, metrics: GatewayMetrics) -> None:
         self._app = app
         self._max_body_bytes = max_body_bytes
+        self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        request_id = _request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["request_id"] = _request_id(scope)
+        state["started"] = started
+        labels = state["metric_labels"] = {"model": "none", "tenant": "none"}
+        status = 500
+        try:
+            await self._handle(scope, receive, send)
+        except asyncio.CancelledError:
+            state["status"] = CLIENT_CLOSED_REQUEST
+            raise
+        finally:
+            path = scope.get("path", "")
+            if path in ENDPOINTS:
+                status = state.get("status", status)
+                self._metrics.requests.inc(tags={**labels, "status": str(status)})
+                self._metrics.request_duration.observe(
+                    time.perf_counter() - started,
+                    tags={"model": labels["model"], "endpoint": path},
+                )
+
+    async def _handle(self, scope: Scope, receive: Any, send: Any) -> None:
+        state = scope["state"]
         limit = self._max_body_bytes
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:
+            state["status"] = 413
             await _send_too_large(send, limit)
             return
 
@@ -63,13 +95,16 @@ class GatewayMiddleware:
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                state["status"] = message["status"]
             await send(message)
 
         try:
             await self._app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
+                state["status"] = 413
                 await _send_too_large(send, limit)
 
 

@@ -92,6 +92,7 @@ class FairQueue:
         if outcome == QUEUE_FULL:
             raise Overloaded(
                 f"pool '{pool}' has {self._max_waiting} requests waiting; retry later",
+                param="queue_full",
                 retry_after_s=5,
             )
         if outcome == QUEUED:
@@ -102,6 +103,7 @@ class FairQueue:
                 await self._state.run(self._state.redis.delete(keys.ticket_grant(pool, ticket)))
                 raise Overloaded(
                     f"waited {timeout_s:.0f} s for capacity in pool '{pool}'; retry later",
+                    param="queue_timeout",
                     retry_after_s=max(1, int(timeout_s / 2)),
                 )
         return Grant(pool, ticket, time.monotonic() - started)

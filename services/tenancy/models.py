@@ -52,6 +52,9 @@ class Tenant(BaseModel):
     priority_class: PriorityClass = Field(PriorityClass.standard, description="Scheduling class.")
     images: ImagePolicy = Field(default_factory=lambda: ImagePolicy.model_validate({}))
     disabled: bool = Field(False, description="A disabled tenant's keys are refused.")
+    metrics_label: bool = Field(
+        False, description="Label this tenant's metrics with its id (others share 'other')."
+    )
 
     def allows(self, model_names: list[str]) -> bool:
         return "*" in self.allowed_models or any(n in self.allowed_models for n in model_names)
