@@ -54,6 +54,7 @@ class Cluster:
     settings: Settings
     catalog: Catalog
     redis: LocalRedis
+    metrics_port: int
 
     @property
     def base_url(self) -> str:
@@ -99,7 +100,14 @@ def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[
         lease_ttl_s=10.0,
     )
     catalog = load_catalog("local")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 2000},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
@@ -110,7 +118,7 @@ def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[
         what="all pools ready",
     )
     try:
-        yield Cluster(url=url, settings=settings, catalog=catalog, redis=redis_server)
+        yield Cluster(url=url, settings=settings, catalog=catalog, redis=redis_server, metrics_port=metrics_port)
     finally:
         serve.shutdown()
         ray.shutdown()

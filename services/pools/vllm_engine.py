@@ -35,6 +35,7 @@ class VLLMEngine(Engine):
         # the catalog tooling never pay its ~10 s import.
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         args = AsyncEngineArgs(
             model=self._model_path,
@@ -42,7 +43,9 @@ class VLLMEngine(Engine):
             disable_log_stats=False,
             **self._pool.engine.to_engine_kwargs(),
         )
-        self._engine = AsyncLLM.from_engine_args(args)
+        # vLLM's engine metrics (vllm:num_requests_running, kv_cache_usage_perc, ...) go
+        # out through Ray's metrics agent like the gateway's: one scrape port per node.
+        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger])
         tokenizer = self._engine.get_tokenizer()
         self._renderer = PromptRenderer(tokenizer, modality=self._pool.modality)
         logger.info(
