@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="phiserve", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="catalog profile (local, h100, h100-fp8) or YAML path")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the cluster and deploy")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops it")
@@ -186,7 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("check-catalog", help="validate the catalog profile and list its pools")
     args = parser.parse_args(argv)
 
-    overrides = {k: v for k, v in {"profile": args.profile, "port": args.port}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"profile": args.profile, "port": args.port, "grpc_port": args.grpc_port}.items()
+        if v is not None
+    }
     settings = Settings(**overrides)
     handlers = {
         "up": cmd_up,

@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address the HTTP gateway binds to.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the gateway.")
+    grpc_port: int | None = Field(
+        9000,
+        ge=1,
+        le=65535,
+        description="gRPC port served by every gateway replica (SO_REUSEPORT, so replicas "
+        "on one node share it); null turns gRPC off.",
+    )
     gateway_replicas: int = Field(1, ge=1, description="Number of gateway ingress replicas.")
     max_request_body_bytes: int = Field(
         16 * 1024 * 1024,

@@ -90,6 +90,7 @@ def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[
     port = free_port()
     settings = Settings(
         port=port,
+        grpc_port=free_port(),
         cache_dir=CACHE_DIR,
         pool_ready_timeout_s=5.0,
         redis_url=redis_server.url,

@@ -90,6 +90,7 @@ def build_services(
     services = GatewayServices(
         catalog=catalog,
         router=router,
+        runner=runner,
         chat=ChatService(router, runner, images, platform=catalog.platform),
         completions=CompletionService(router, runner, platform=catalog.platform),
         models=ModelsService(catalog),

@@ -13,7 +13,7 @@ from services.errors import AuthenticationFailed, PermissionDenied
 from services.gateway.chat.service import ChatService
 from services.gateway.completions.service import CompletionService
 from services.gateway.gate import client_deadline_s
-from services.gateway.generation import Caller
+from services.gateway.generation import Caller, GenerationRunner
 from services.gateway.metrics import tenant_label
 from services.gateway.models.service import ModelsService
 from services.gateway.pools import PoolRouter
@@ -26,6 +26,7 @@ from services.tenancy.usage import UsageLedger
 class GatewayServices:
     catalog: Catalog
     router: PoolRouter
+    runner: GenerationRunner
     chat: ChatService
     completions: CompletionService
     models: ModelsService

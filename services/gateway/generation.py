@@ -1,13 +1,12 @@
-"""Running a generation through a pool, unary or as Server-Sent Events.
+"""Running a generation through the tenant gate and a pool, unary or streamed.
 
-Chat and completions differ only in their JSON shapes, which a `ResponseShape`
-supplies; the plumbing (prefetching the first chunk so errors keep their status,
-usage, `[DONE]`, errors after the stream started) is shared here.
+Chat and completions (and REST and gRPC) differ only in their shapes, which a
+`ResponseShape` supplies; the plumbing (the gate, prefetching the first chunk so errors
+keep their status, usage, settlement however the stream ends) is shared here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +15,6 @@ from typing import Any, Protocol
 
 from services.catalog.models import PoolConfig
 from services.errors import GenerationFailed, PhiserveError
-from services.gateway.errors import sse_error_event
 from services.gateway.gate import Admitted, TenantGate
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pools import PoolRouter
@@ -25,15 +23,15 @@ from services.tenancy.models import Tenant
 
 logger = logging.getLogger(__name__)
 
-DONE_EVENT = "data: [DONE]\n\n"
-
 
 class ResponseShape(Protocol):
-    def response(self, result: GenerationResult) -> dict[str, Any]: ...
+    """Shapes results for one API surface (OpenAI JSON dicts for REST, messages for gRPC)."""
 
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> dict[str, Any]: ...
+    def response(self, result: GenerationResult) -> Any: ...
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]: ...
+    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> Any: ...
+
+    def usage_chunk(self, usage: dict[str, int]) -> Any: ...
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -42,10 +40,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
-
-
-def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 @dataclass(frozen=True)
@@ -67,7 +61,7 @@ class GenerationRunner:
 
     async def complete(
         self, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape
-    ) -> tuple[dict[str, Any], dict[str, str]]:
+    ) -> tuple[Any, dict[str, str]]:
         caller.labels["model"] = pool.served_names[0]
         admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
         try:
@@ -88,8 +82,10 @@ class GenerationRunner:
         shape: ResponseShape,
         *,
         include_usage: bool,
-    ) -> tuple[AsyncIterator[str], dict[str, str]]:
-        """Return the SSE events; raises (as a normal error response) if the first chunk fails."""
+    ) -> tuple[AsyncIterator[Any], dict[str, str]]:
+        """Return the stream of shaped chunks; raises (so the caller still answers with a
+        normal error status) if the first chunk fails. A failure after that is raised from
+        the iterator; the transport (SSE, gRPC) renders it."""
         caller.labels["model"] = pool.served_names[0]
         admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
         chunks = self._router.stream(pool, admitted.request)
@@ -102,10 +98,10 @@ class GenerationRunner:
             raise
         first_at = time.perf_counter()
         self._metrics.time_to_first_token.observe(first_at - caller.started, tags={"model": caller.labels["model"]})
-        events = self._events(admitted, first, chunks, shape, include_usage=include_usage, first_at=first_at)
-        return events, admitted.headers
+        payloads = self._payloads(admitted, first, chunks, shape, include_usage=include_usage, first_at=first_at)
+        return payloads, admitted.headers
 
-    async def _events(
+    async def _payloads(
         self,
         admitted: Admitted,
         first: GenerationChunk,
@@ -114,15 +110,15 @@ class GenerationRunner:
         *,
         include_usage: bool,
         first_at: float,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[Any]:
         last = first
         try:
-            yield _event(shape.chunk(first.text, first.finish_reason, first=True))
+            yield shape.chunk(first.text, first.finish_reason, first=True)
             async for chunk in chunks:
                 last = chunk
-                yield _event(shape.chunk(chunk.text, chunk.finish_reason, first=False))
+                yield shape.chunk(chunk.text, chunk.finish_reason, first=False)
             if include_usage:
-                yield _event(shape.usage_chunk(usage(last.prompt_tokens, last.completion_tokens)))
+                yield shape.usage_chunk(usage(last.prompt_tokens, last.completion_tokens))
             if last.completion_tokens > first.completion_tokens:
                 itl = (time.perf_counter() - first_at) / (last.completion_tokens - first.completion_tokens)
                 self._metrics.inter_token_latency.observe(itl, tags={"model": admitted.pool.served_names[0]})
@@ -130,11 +126,10 @@ class GenerationRunner:
             logger.warning(
                 "request %s: stream failed after it started: %s", admitted.request.request_id, exc.message
             )
-            yield sse_error_event(exc)
+            raise
         finally:
             # Also on disconnect: settle what was generated and free the slot.
             await chunks.aclose()  # type: ignore[attr-defined]
             await self._gate.leave(
                 admitted, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens
             )
-        yield DONE_EVENT

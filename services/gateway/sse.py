@@ -1,13 +1,33 @@
-"""The HTTP response that carries Server-Sent Events through every hop unbuffered."""
+"""Server-Sent Events: the HTTP response that carries a stream through every hop unbuffered."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi.responses import StreamingResponse
 
+from services.errors import PhiserveError
+from services.gateway.errors import sse_error_event
+
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE_EVENT = "data: [DONE]\n\n"
 
 
-def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+async def sse_events(payloads: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    try:
+        async for payload in payloads:
+            yield f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+    except PhiserveError as exc:
+        # The status line is gone: the error travels as an event, then [DONE].
+        yield sse_error_event(exc)
+    finally:
+        await payloads.aclose()  # type: ignore[attr-defined]
+    yield DONE_EVENT
+
+
+def sse_response(payloads: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None) -> StreamingResponse:
+    return StreamingResponse(
+        sse_events(payloads), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
+    )

@@ -88,7 +88,7 @@ class ChatService:
 
     async def create_stream(
         self, caller: Caller, body: ChatCompletionRequest, request_id: str
-    ) -> tuple[AsyncIterator[str], dict[str, str]]:
+    ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, str]]:
         pool, request = await self.prepare(body, request_id)
         return await self._runner.open_stream(
             caller, pool, request, ChatShape(request_id, body.model), include_usage=body.include_usage()

@@ -81,6 +81,6 @@ class CompletionService:
 
     async def create_stream(
         self, caller: Caller, body: CompletionRequest, request_id: str
-    ) -> tuple[AsyncIterator[str], dict[str, str]]:
+    ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, str]]:
         pool, request, shape = self.prepare(body, request_id)
         return await self._runner.open_stream(caller, pool, request, shape, include_usage=body.include_usage())
