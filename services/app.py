@@ -7,12 +7,14 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from services.batch.deployment import BatchWorker
 from services.catalog.models import Catalog, PoolConfig
 from services.gateway.ingress import GatewayIngress
 from services.pools.deployment import PoolReplica
 from services.settings import Settings
 
 GATEWAY_DEPLOYMENT = "gateway"
+BATCH_DEPLOYMENT = "batch-worker"
 APP_NAME = "phiserve"
 
 # What every vLLM replica needs on the CPU; see docs/architecture.md. These are set
@@ -64,6 +66,16 @@ def build_pool(pool: PoolConfig, catalog: Catalog, settings: Settings) -> Applic
 
 def build_app(settings: Settings, catalog: Catalog) -> Application:
     pools = {pool.name: build_pool(pool, catalog, settings) for pool in catalog.enabled_pools}
+    worker = None
+    if settings.batch_workers:
+        worker = serve.deployment(
+            BatchWorker,
+            name=BATCH_DEPLOYMENT,
+            num_replicas=settings.batch_workers,
+            health_check_period_s=5,
+            graceful_shutdown_timeout_s=5,
+            ray_actor_options={"num_cpus": 0},
+        ).bind(catalog, settings, pools)
     gateway = serve.deployment(
         GatewayIngress,
         name=GATEWAY_DEPLOYMENT,
@@ -71,7 +83,7 @@ def build_app(settings: Settings, catalog: Catalog) -> Application:
         max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": 0},
     )
-    return gateway.bind(catalog, settings, pools)  # type: ignore[attr-defined]
+    return gateway.bind(catalog, settings, pools, batch_worker=worker)  # type: ignore[attr-defined]
 
 
 def app_builder(args: dict[str, Any]) -> Application:

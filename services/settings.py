@@ -102,6 +102,26 @@ class Settings(BaseSettings):
         60.0, ge=5, description="Concurrency and queue leases expire after this unless renewed."
     )
 
+    files_dir: Path | None = Field(
+        None, description="Where Batch API files are stored (default: <cache_dir>/files)."
+    )
+    max_batch_file_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest batch input file accepted."
+    )
+    max_batch_lines: int = Field(50_000, ge=1, description="Most requests in one batch file.")
+    batch_workers: int = Field(1, ge=0, description="Batch worker replicas (0: no batch processing).")
+    batch_concurrency: int = Field(
+        32, ge=1, description="Items one worker keeps in flight (waiting for pool capacity)."
+    )
+    batch_visibility_timeout_s: float = Field(
+        60.0, ge=1, description="An item of a worker silent this long is reclaimed by another."
+    )
+    batch_max_attempts: int = Field(3, ge=1, description="Tries of a retryable failure per item.")
+    batch_retry_backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles.")
+    batch_sweep_interval_s: float = Field(
+        2.0, gt=0, description="How often workers reclaim, expire and finalize batches."
+    )
+
     @model_validator(mode="after")
     def _secrets_outside_local(self) -> Settings:
         if self.profile != LOCAL_PROFILE and self.admin_key is None:
@@ -118,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def model_dir(self) -> Path:
         return self.cache_dir / "models"
+
+    @property
+    def batch_files_dir(self) -> Path:
+        return (self.files_dir or self.cache_dir / "files").resolve()
 
     @property
     def is_local(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from pydantic import SecretStr
+
+from services.tenancy.redis_state import RedisState
 
 from services.catalog.loader import load_catalog
 from services.catalog.models import Catalog
@@ -79,6 +81,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedi
         server.stop()
 
 
+UNIT_DB = 3  # unit tests flush their own Redis database, never the cluster's (0)
+
+
+@pytest.fixture
+async def state(redis_server: LocalRedis) -> AsyncIterator[RedisState]:
+    """A clean Redis database on the session's real redis-server, for unit tests."""
+    st = RedisState(f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}")
+    await st.redis.flushdb()
+    try:
+        yield st
+    finally:
+        await st.redis.flushdb()
+        await st.close()
+
+
 @pytest.fixture(scope="session")
 def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[Cluster]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -99,6 +116,11 @@ def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[
         # Two gateway replicas: limits and fairness must hold across replicas.
         gateway_replicas=2,
         lease_ttl_s=10.0,
+        files_dir=CACHE_DIR / "test-files",
+        batch_visibility_timeout_s=5.0,
+        batch_concurrency=8,
+        batch_sweep_interval_s=1.0,
+        batch_retry_backoff_s=0.5,
     )
     catalog = load_catalog("local")
     metrics_port = free_port()

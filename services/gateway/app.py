@@ -10,14 +10,18 @@ from typing import Any
 import yaml
 from fastapi import FastAPI
 
+from services.batch.files import FileService, LocalFileStore
+from services.batch.service import BatchService
 from services.catalog.models import Catalog
 from services.gateway.admin.router import router as admin_router
+from services.gateway.batches.router import router as batches_router
 from services.gateway.chat.router import router as chat_router
 from services.gateway.chat.service import ChatService
 from services.gateway.completions.router import router as completions_router
 from services.gateway.completions.service import CompletionService
 from services.gateway.deps import GatewayServices
 from services.gateway.errors import install_error_handlers
+from services.gateway.files.router import router as files_router
 from services.gateway.gate import LeaseKeeper, TenantGate
 from services.gateway.generation import GenerationRunner
 from services.gateway.images import ImageLoader
@@ -51,7 +55,7 @@ class GatewayState:
 
 
 def build_services(
-    catalog: Catalog, handles: dict[str, Any], settings: Settings
+    catalog: Catalog, handles: dict[str, Any], settings: Settings, *, batch_worker: Any = None
 ) -> tuple[GatewayServices, GatewayState]:
     redis = RedisState(settings.redis_url)
     router = PoolRouter(catalog, handles, assign_timeout_s=settings.pool_ready_timeout_s)
@@ -87,6 +91,12 @@ def build_services(
         max_bytes=settings.max_request_body_bytes,
         timeout_s=settings.remote_image_timeout_s,
     )
+    files = FileService(
+        redis,
+        LocalFileStore(settings.batch_files_dir),
+        max_bytes=settings.max_batch_file_bytes,
+        max_lines=settings.max_batch_lines,
+    )
     services = GatewayServices(
         catalog=catalog,
         router=router,
@@ -96,6 +106,9 @@ def build_services(
         models=ModelsService(catalog),
         tenants=TenantStore(redis),
         usage=usage,
+        files=files,
+        batches=BatchService(redis, files, router),
+        batch_worker=batch_worker,
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
     )
     return services, GatewayState(redis, keeper, metrics)
@@ -131,9 +144,14 @@ def create_app(services: GatewayServices, state: GatewayState, settings: Setting
     )
     app.state.services = services
     install_error_handlers(app)
-    for router in (chat_router, completions_router, models_router, usage_router, admin_router):
+    for router in (
+        chat_router, completions_router, models_router, usage_router, files_router, batches_router, admin_router
+    ):
         app.include_router(router)
     app.add_middleware(
-        GatewayMiddleware, max_body_bytes=settings.max_request_body_bytes, metrics=state.metrics
+        GatewayMiddleware,
+        max_body_bytes=settings.max_request_body_bytes,
+        max_upload_bytes=settings.max_batch_file_bytes,
+        metrics=state.metrics,
     )
     return app

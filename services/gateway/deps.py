@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from services.batch.files import FileService
+from services.batch.service import BatchService
 from services.catalog.models import Catalog
 from services.errors import AuthenticationFailed, PermissionDenied
 from services.gateway.chat.service import ChatService
@@ -32,7 +34,10 @@ class GatewayServices:
     models: ModelsService
     tenants: TenantStore
     usage: UsageLedger
+    files: FileService
+    batches: BatchService
     admin_key: str | None
+    batch_worker: Any = None  # handle to the batch worker deployment, for /ready
 
 
 def _services(request: Request) -> GatewayServices:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -92,22 +93,24 @@ def _validation_param(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
+def invalid_request_from(errors: Sequence[Any]) -> InvalidRequest:
+    """pydantic/FastAPI validation errors -> one InvalidRequest naming the first field."""
     first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         message = f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
-        param = None
-    elif first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
-        message = "The request body is empty; send a JSON object"
-        param = None
-    else:
-        param = _validation_param(tuple(first.get("loc", ())))
-        message = f"{param or 'request'}: {first['msg']}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s))"
-    return JSONResponse(error_body(message, "invalid_request_error", param=param, code="invalid_request"), status_code=400)
+        return InvalidRequest(message)
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return InvalidRequest("The request body is empty; send a JSON object")
+    param = _validation_param(tuple(first.get("loc", ())))
+    message = f"{param or 'request'}: {first['msg']}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return InvalidRequest(message, param=param)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(invalid_request_from(exc.errors()))
 
 
 async def _on_phiserve_error(request: Request, exc: Exception) -> JSONResponse:

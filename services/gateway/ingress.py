@@ -19,9 +19,11 @@ from services.settings import Settings
 
 @serve.ingress()
 class GatewayIngress:
-    def __init__(self, catalog: Catalog, settings: Settings, pool_handles: dict[str, Any]) -> None:
+    def __init__(
+        self, catalog: Catalog, settings: Settings, pool_handles: dict[str, Any], batch_worker: Any = None
+    ) -> None:
         logging.basicConfig(level=logging.INFO)
-        self._services, self._state = build_services(catalog, pool_handles, settings)
+        self._services, self._state = build_services(catalog, pool_handles, settings, batch_worker=batch_worker)
         self._settings = settings
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -37,13 +37,15 @@ class _BodyTooLarge(StarletteHTTPException):
 
 # The API paths whose requests are counted (a bounded `endpoint` label); probes and
 # admin calls are not.
-ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage"}
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/v1/files", "/v1/batches"}
+UPLOAD_PATH = "/v1/files"
 
 
 class GatewayMiddleware:
-    def __init__(self, app: Any, *, max_body_bytes: int, metrics: GatewayMetrics) -> None:
+    def __init__(self, app: Any, *, max_body_bytes: int, max_upload_bytes: int, metrics: GatewayMetrics) -> None:
         self._app = app
         self._max_body_bytes = max_body_bytes
+        self._max_upload_bytes = max_upload_bytes
         self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -73,7 +75,9 @@ class GatewayMiddleware:
 
     async def _handle(self, scope: Scope, receive: Any, send: Any) -> None:
         state = scope["state"]
-        limit = self._max_body_bytes
+        # Batch input files are larger than any single request (the multipart envelope
+        # adds a little to the file limit, which FileService enforces exactly).
+        limit = self._max_upload_bytes + 64 * 1024 if scope.get("path") == UPLOAD_PATH else self._max_body_bytes
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:

@@ -66,10 +66,12 @@ class PoolRouter:
             raise _translate(exc, pool) from None
 
     async def ready(self, pool: PoolConfig) -> bool:
+        return await self.ready_handle(self._handles[pool.name])
+
+    async def ready_handle(self, handle: Any) -> bool:
+        """A replica of the deployment behind `handle` answers its `ready()` in time."""
         try:
-            await asyncio.wait_for(
-                self._handles[pool.name].ready.remote(), timeout=self._assign_timeout_s
-            )
+            await asyncio.wait_for(handle.ready.remote(), timeout=self._assign_timeout_s)
         except Exception:
             return False
         return True

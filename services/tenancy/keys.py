@@ -1,4 +1,7 @@
-"""Every Redis key phiserve uses, in one place. `{...}` parts are ids, never secrets."""
+"""Every Redis key phiserve uses (tenancy, fair queue, batch), in one place.
+
+`{...}` parts are ids, never secrets.
+"""
 
 from __future__ import annotations
 
@@ -63,3 +66,36 @@ def pool_virtual_time(pool: str) -> str:  # hash: "vt" -> pool virtual time, ten
 
 def ticket_grant(pool: str, ticket_id: str) -> str:  # list the waiter BLPOPs on
     return f"{PREFIX}:fq:{pool}:grant:{ticket_id}"
+
+
+# Batch API: files, batches, the per-pool item streams and idempotent results.
+BATCH_GROUP = "batch-workers"  # the consumer group on every pool's item stream
+ACTIVE_BATCHES = f"{PREFIX}:batches:active"  # set of batch ids not yet final
+
+
+def file_record(file_id: str) -> str:  # string: JSON FileObject + owner
+    return f"{PREFIX}:file:{file_id}"
+
+
+def tenant_files(tenant_id: str) -> str:  # zset file id -> created_at
+    return f"{PREFIX}:tenant:{tenant_id}:files"
+
+
+def batch_record(batch_id: str) -> str:  # hash: the batch's fields and live counts
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def tenant_batches(tenant_id: str) -> str:  # zset batch id -> created_at
+    return f"{PREFIX}:tenant:{tenant_id}:batches"
+
+
+def batch_results(batch_id: str) -> str:  # hash line number -> result JSON (HSETNX: once)
+    return f"{PREFIX}:batch:{batch_id}:results"
+
+
+def batch_finalize_lock(batch_id: str) -> str:  # SET NX EX: one finalizer at a time
+    return f"{PREFIX}:batch:{batch_id}:finalizing"
+
+
+def batch_stream(pool: str) -> str:  # stream of items for a pool
+    return f"{PREFIX}:batchq:{pool}"

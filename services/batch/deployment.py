@@ -1,0 +1,61 @@
+"""The batch worker as a Ray Serve deployment: no HTTP, one processing loop per replica."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray import serve
+
+from services.batch.metrics import BatchMetrics
+from services.batch.queue import BatchQueue
+from services.batch.worker import BatchProcessor
+from services.catalog.models import Catalog
+from services.gateway.app import build_services
+from services.settings import Settings
+
+
+class BatchWorker:
+    async def __init__(self, catalog: Catalog, settings: Settings, pool_handles: dict[str, Any]) -> None:
+        logging.basicConfig(level=logging.INFO)
+        services, self._state = build_services(catalog, pool_handles, settings)
+        context = serve.get_replica_context()
+        consumer = f"worker-{context.replica_id.unique_id}"
+        queue = BatchQueue(
+            self._state.redis,
+            [pool.name for pool in catalog.enabled_pools],
+            visibility_timeout_s=settings.batch_visibility_timeout_s,
+        )
+        self._processor = BatchProcessor(
+            services,
+            queue,
+            services.batches,
+            BatchMetrics(),
+            consumer=consumer,
+            concurrency=settings.batch_concurrency,
+            max_attempts=settings.batch_max_attempts,
+            backoff_s=settings.batch_retry_backoff_s,
+            sweep_interval_s=settings.batch_sweep_interval_s,
+        )
+        self._state.keeper.start()
+        self._task = asyncio.get_running_loop().create_task(self._processor.run())
+
+    async def check_health(self) -> None:
+        if self._task.done():
+            raise RuntimeError(f"the batch loop stopped: {self._task.exception()!r}")
+
+    async def diagnostics(self) -> dict[str, object]:
+        """For operators and tests: this worker's process and what it holds."""
+        import os
+
+        return {"pid": os.getpid(), "in_flight": self._processor.in_flight}
+
+    async def ready(self) -> str:
+        await self.check_health()
+        return "batch"
+
+    def __del__(self) -> None:
+        processor = getattr(self, "_processor", None)
+        if processor is not None:
+            processor.stop()

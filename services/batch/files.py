@@ -1,0 +1,191 @@
+"""Files of the Batch API: JSONL validation, a storage interface, tenant-owned metadata.
+
+Bytes go to a `FileStore` (a local directory by default; an object store implements the
+same four methods). Metadata and ownership live in Redis. Another tenant's file id gets
+the same 404 as a missing one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from services.batch.models import BATCH_ENDPOINTS, FileObject
+from services.errors import InvalidRequest, RequestTooLarge, ResourceNotFound
+from services.tenancy import keys
+from services.tenancy.redis_state import RedisState
+
+MAX_CUSTOM_ID_LENGTH = 512
+ERRORS_SHOWN = 5
+UPLOAD_PURPOSES = ("batch",)
+
+
+class FileStore(ABC):
+    @abstractmethod
+    def put(self, owner: str, file_id: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get(self, owner: str, file_id: str) -> bytes: ...
+
+    @abstractmethod
+    def delete(self, owner: str, file_id: str) -> None: ...
+
+
+class LocalFileStore(FileStore):
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    def _path(self, owner: str, file_id: str) -> Path:
+        return self._root / owner / file_id
+
+    def put(self, owner: str, file_id: str, data: bytes) -> None:
+        path = self._path(owner, file_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename: a reader never sees half a file, a crash leaves none.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def get(self, owner: str, file_id: str) -> bytes:
+        try:
+            return self._path(owner, file_id).read_bytes()
+        except FileNotFoundError:
+            raise ResourceNotFound(f"file '{file_id}' has no content", param="file_id") from None
+
+    def delete(self, owner: str, file_id: str) -> None:
+        self._path(owner, file_id).unlink(missing_ok=True)
+
+
+def validate_batch_jsonl(data: bytes, *, max_lines: int) -> list[dict[str, Any]]:
+    """Parse and check every line; refuse the whole file with the first errors if any."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the file is not UTF-8 text", param="file") from None
+    items: list[dict[str, Any]] = []
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    lines = [line for line in text.splitlines()]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise InvalidRequest("the file has no lines; each line is one JSON request", param="file")
+    if len(lines) > max_lines:
+        raise InvalidRequest(f"the file has {len(lines)} lines; the limit is {max_lines}", param="file")
+    for number, line in enumerate(lines, start=1):
+        problem = _check_line(line, number, seen)
+        if isinstance(problem, str):
+            errors.append(f"line {number}: {problem}")
+        else:
+            items.append(problem)
+    if errors:
+        more = f" (and {len(errors) - ERRORS_SHOWN} more)" if len(errors) > ERRORS_SHOWN else ""
+        raise InvalidRequest("invalid batch file: " + "; ".join(errors[:ERRORS_SHOWN]) + more, param="file")
+    return items
+
+
+def _check_line(line: str, number: int, seen: dict[str, int]) -> dict[str, Any] | str:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(item, dict):
+        return "must be a JSON object"
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_LENGTH:
+        return f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID_LENGTH} characters"
+    if custom_id in seen:
+        return f"custom_id '{custom_id}' appears twice (first on line {seen[custom_id]})"
+    seen[custom_id] = number
+    if item.get("method") != "POST":
+        return 'method must be "POST"'
+    if item.get("url") not in BATCH_ENDPOINTS:
+        return f"url must be one of {', '.join(BATCH_ENDPOINTS)}"
+    body = item.get("body")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return "body must be a JSON object with a model"
+    if body.get("stream"):
+        return "streaming is not available in a batch"
+    return {"line": number, "custom_id": custom_id, "url": item["url"], "body": body}
+
+
+class FileService:
+    def __init__(
+        self,
+        state: RedisState,
+        store: FileStore,
+        *,
+        max_bytes: int,
+        max_lines: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._state = state
+        self._store = store
+        self._max_bytes = max_bytes
+        self._max_lines = max_lines
+        self._clock = clock
+
+    async def upload(self, tenant_id: str, *, filename: str, purpose: str, data: bytes) -> FileObject:
+        if purpose not in UPLOAD_PURPOSES:
+            raise InvalidRequest(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", param="purpose")
+        if len(data) > self._max_bytes:
+            raise RequestTooLarge(f"the file is larger than {self._max_bytes} bytes", param="file")
+        validate_batch_jsonl(data, max_lines=self._max_lines)
+        return await self.save(tenant_id, filename=filename, purpose=purpose, data=data)
+
+    async def save(
+        self, tenant_id: str, *, filename: str, purpose: str, data: bytes, file_id: str | None = None
+    ) -> FileObject:
+        file = FileObject(
+            id=file_id or f"file-{secrets.token_hex(12)}",
+            bytes=len(data),
+            created_at=int(self._clock()),
+            filename=filename[:255] or "upload.jsonl",
+            purpose=purpose,
+        )
+        self._store.put(tenant_id, file.id, data)
+        async with self._state.pipeline() as pipe:
+            pipe.set(keys.file_record(file.id), json.dumps({"tenant_id": tenant_id, "file": file.model_dump()}))
+            pipe.zadd(keys.tenant_files(tenant_id), {file.id: file.created_at})
+            await pipe.execute()
+        return file
+
+    async def get(self, tenant_id: str, file_id: str) -> FileObject:
+        raw = await self._state.run(self._state.redis.get(keys.file_record(file_id)))
+        record = json.loads(raw) if raw else None
+        if record is None or record["tenant_id"] != tenant_id:
+            raise ResourceNotFound(f"No such File object: {file_id}", param="file_id")
+        return FileObject.model_validate(record["file"])
+
+    async def content(self, tenant_id: str, file_id: str) -> bytes:
+        await self.get(tenant_id, file_id)
+        return self._store.get(tenant_id, file_id)
+
+    async def delete(self, tenant_id: str, file_id: str) -> FileObject:
+        file = await self.get(tenant_id, file_id)
+        async with self._state.pipeline() as pipe:
+            pipe.delete(keys.file_record(file_id))
+            pipe.zrem(keys.tenant_files(tenant_id), file_id)
+            await pipe.execute()
+        self._store.delete(tenant_id, file_id)
+        return file
+
+    async def list(self, tenant_id: str, *, limit: int) -> list[FileObject]:
+        ids = await self._state.run(self._state.redis.zrevrange(keys.tenant_files(tenant_id), 0, limit - 1))
+        files = []
+        for file_id in ids:
+            try:
+                files.append(await self.get(tenant_id, file_id))
+            except ResourceNotFound:
+                continue
+        return files

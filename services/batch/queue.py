@@ -1,0 +1,145 @@
+"""The batch item queue: one Redis Stream per pool, read by a consumer group.
+
+At-least-once delivery with idempotent results gives exactly-once output:
+* items are added with the batch in one MULTI (all or none);
+* a worker reads with XREADGROUP and acknowledges an entry only in the same Lua step that
+  writes its result (HSETNX per line): a redelivered item is acknowledged, not redone twice
+  in the output;
+* a dead consumer's entries are reclaimed with XAUTOCLAIM after the visibility timeout;
+  a live worker keeps its in-flight entries fresh with XCLAIM (same consumer, resets idle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from services.tenancy import keys
+from services.tenancy.redis_state import RedisState
+
+RECORD_RESULT = (Path(__file__).parent / "lua" / "record_result.lua").read_text()
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    pool: str
+    entry_id: str
+    batch_id: str
+    line: int
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+
+def item_fields(batch_id: str, item: dict[str, Any]) -> dict[str, str]:
+    return {
+        "batch": batch_id,
+        "line": str(item["line"]),
+        "custom_id": item["custom_id"],
+        "url": item["url"],
+        "body": json.dumps(item["body"], separators=(",", ":")),
+    }
+
+
+def _parse(pool: str, entry_id: str, fields: dict[str, str]) -> QueueItem:
+    return QueueItem(
+        pool=pool,
+        entry_id=entry_id,
+        batch_id=fields["batch"],
+        line=int(fields["line"]),
+        custom_id=fields["custom_id"],
+        url=fields["url"],
+        body=json.loads(fields["body"]),
+    )
+
+
+class BatchQueue:
+    def __init__(self, state: RedisState, pools: list[str], *, visibility_timeout_s: float) -> None:
+        self._state = state
+        self._pools = pools
+        self._visibility_ms = int(visibility_timeout_s * 1000)
+        self._record = state.redis.register_script(RECORD_RESULT)
+
+    async def ensure_groups(self) -> None:
+        for pool in self._pools:
+            try:
+                await self._state.run(
+                    self._state.redis.xgroup_create(keys.batch_stream(pool), keys.BATCH_GROUP, id="0", mkstream=True)
+                )
+            except Exception as exc:  # BUSYGROUP: it exists already
+                if "BUSYGROUP" not in str(exc.__cause__ or exc):
+                    raise
+
+    async def read(self, consumer: str, *, count: int, block_ms: int) -> list[QueueItem]:
+        streams = {keys.batch_stream(pool): ">" for pool in self._pools}
+        try:
+            reply = await self._state.run(
+                self._state.blocking.xreadgroup(keys.BATCH_GROUP, consumer, streams, count=count, block=block_ms)
+            )
+        except Exception as exc:
+            if isinstance(exc.__cause__, ResponseError) and "NOGROUP" in str(exc.__cause__):
+                await self.ensure_groups()  # Redis lost the group (restart without AOF)
+                return []
+            raise
+        return [
+            _parse(_pool_of(stream), entry_id, fields)
+            for stream, entries in (reply or [])
+            for entry_id, fields in entries
+        ]
+
+    async def reclaim(self, consumer: str, *, count: int) -> list[QueueItem]:
+        """Take over entries idle longer than the visibility timeout (their worker died)."""
+        items: list[QueueItem] = []
+        for pool in self._pools:
+            reply = await self._state.run(
+                self._state.redis.xautoclaim(
+                    keys.batch_stream(pool), keys.BATCH_GROUP, consumer, self._visibility_ms, "0-0", count=count
+                )
+            )
+            # Redis 6.2 answers [cursor, entries]; 7.x adds a third element (deleted ids).
+            entries = reply[1] if len(reply) >= 2 else []
+            items.extend(_parse(pool, entry_id, fields) for entry_id, fields in entries if fields)
+        return items
+
+    async def touch(self, consumer: str, items: list[QueueItem]) -> None:
+        """Reset the idle time of entries this worker is still working on."""
+        for pool in {item.pool for item in items}:
+            ids = [item.entry_id for item in items if item.pool == pool]
+            await self._state.run(
+                self._state.redis.xclaim(keys.batch_stream(pool), keys.BATCH_GROUP, consumer, 0, ids, justid=True)
+            )
+
+    async def record(self, item: QueueItem, result: dict[str, Any], *, ok: bool) -> tuple[bool, int, int, int]:
+        """Write the result once and ack; returns (new, completed, failed, total)."""
+        new, completed, failed, total = await self._state.run(
+            self._record(
+                keys=[keys.batch_results(item.batch_id), keys.batch_record(item.batch_id), keys.batch_stream(item.pool)],
+                args=[item.line, json.dumps(result), "completed" if ok else "failed", keys.BATCH_GROUP, item.entry_id],
+            )
+        )
+        return bool(new), int(completed), int(failed), int(total)
+
+    async def lag_s(self, pool: str, now_ms: float) -> float:
+        """Age of the oldest entry still in the pool's stream (acknowledged ones are deleted)."""
+        oldest = await self._state.run(self._state.redis.xrange(keys.batch_stream(pool), count=1))
+        if not oldest:
+            return 0.0
+        return max((now_ms - int(oldest[0][0].split("-")[0])) / 1000, 0.0)
+
+    async def depth(self, pool: str) -> tuple[int, int]:
+        """(entries in the stream, entries delivered but not acknowledged)."""
+        stream = keys.batch_stream(pool)
+        length = await self._state.run(self._state.redis.xlen(stream))
+        try:
+            pending = await self._state.run(self._state.redis.xpending(stream, keys.BATCH_GROUP))
+        except Exception:
+            return int(length), 0
+        return int(length), int(pending["pending"])
+
+
+def _pool_of(stream: str) -> str:
+    return stream.rsplit(":", 1)[1]

@@ -1,0 +1,247 @@
+"""Batches: create (validate + enqueue atomically), read, list, cancel, and finalize.
+
+A batch is a Redis hash with live counts; its items go into the per-pool streams in the
+same MULTI that creates it, so an accepted batch never has half its items. Finalizing is
+idempotent (deterministic output file ids, a short lock), so any worker may do it and a
+worker that dies while doing it is simply followed by the next sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from services.batch.files import FileService, validate_batch_jsonl
+from services.batch.models import (
+    BATCH_ENDPOINTS,
+    BatchErrors,
+    BatchObject,
+    BatchStatus,
+    CreateBatchRequest,
+    RequestCounts,
+)
+from services.batch.queue import item_fields
+from services.errors import InvalidRequest, ModelNotFound, ResourceNotFound
+from services.gateway.pools import PoolRouter
+from services.tenancy import keys
+from services.tenancy.redis_state import RedisState
+
+COMPLETION_WINDOW_S = 24 * 3600
+MAX_METADATA_PAIRS = 16
+FINALIZE_LOCK_S = 120
+
+
+def error_line(item_id: str, custom_id: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    error = body.get("error", {})
+    return {
+        "id": item_id,
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": item_id, "body": body},
+        "error": {"code": error.get("code"), "message": error.get("message")},
+    }
+
+
+def output_line(item_id: str, custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": item_id, "body": body},
+        "error": None,
+    }
+
+
+class BatchService:
+    def __init__(
+        self,
+        state: RedisState,
+        files: FileService,
+        router: PoolRouter,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._state = state
+        self._files = files
+        self._router = router
+        self._clock = clock
+
+    async def create(self, tenant_id: str, req: CreateBatchRequest) -> BatchObject:
+        if req.endpoint not in BATCH_ENDPOINTS:
+            raise InvalidRequest(f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}", param="endpoint")
+        if req.metadata and len(req.metadata) > MAX_METADATA_PAIRS:
+            raise InvalidRequest(f"metadata takes at most {MAX_METADATA_PAIRS} pairs", param="metadata")
+        file = await self._files.get(tenant_id, req.input_file_id)
+        if file.purpose != "batch":
+            raise InvalidRequest("input_file_id must name a file uploaded with purpose=batch", param="input_file_id")
+        items = validate_batch_jsonl(await self._files.content(tenant_id, file.id), max_lines=10**9)
+        mismatched = [i["line"] for i in items if i["url"] != req.endpoint]
+        if mismatched:
+            raise InvalidRequest(
+                f"lines {mismatched[:5]} have a url other than the batch endpoint {req.endpoint}", param="endpoint"
+            )
+        now = int(self._clock())
+        batch_id = f"batch_{secrets.token_hex(12)}"
+        record = {
+            "id": batch_id,
+            "tenant_id": tenant_id,
+            "endpoint": req.endpoint,
+            "input_file_id": file.id,
+            "completion_window": req.completion_window,
+            "status": BatchStatus.in_progress.value,
+            "created_at": now,
+            "in_progress_at": now,
+            "expires_at": now + COMPLETION_WINDOW_S,
+            "total": len(items),
+            "completed": 0,
+            "failed": 0,
+            "metadata": json.dumps(req.metadata or {}),
+        }
+        async with self._state.pipeline() as pipe:
+            pipe.hset(keys.batch_record(batch_id), mapping=record)
+            pipe.zadd(keys.tenant_batches(tenant_id), {batch_id: now})
+            pipe.sadd(keys.ACTIVE_BATCHES, batch_id)
+            unroutable = 0
+            for item in items:
+                try:
+                    pool = self._router.resolve(item["body"]["model"])
+                except ModelNotFound as exc:
+                    # Refused item by item, as OpenAI does: the rest of the batch runs.
+                    body = {"error": {"message": exc.message, "type": "invalid_request_error", "param": "model", "code": exc.code}}
+                    line = error_line(f"{batch_id}-{item['line']}", item["custom_id"], 404, body)
+                    pipe.hsetnx(keys.batch_results(batch_id), item["line"], json.dumps({"ok": False, "line": line}))
+                    unroutable += 1
+                    continue
+                pipe.xadd(keys.batch_stream(pool.name), item_fields(batch_id, item))
+            if unroutable:
+                pipe.hset(keys.batch_record(batch_id), "failed", unroutable)
+            await pipe.execute()
+        if unroutable == len(items):
+            await self.finalize(batch_id)
+        return await self.get(tenant_id, batch_id)
+
+    async def record(self, batch_id: str) -> dict[str, str]:
+        return dict(await self._state.run(self._state.redis.hgetall(keys.batch_record(batch_id))))
+
+    async def get(self, tenant_id: str, batch_id: str) -> BatchObject:
+        raw = await self.record(batch_id)
+        if not raw or raw.get("tenant_id") != tenant_id:
+            raise ResourceNotFound(f"No such Batch object: {batch_id}", param="batch_id")
+        return _to_object(raw)
+
+    async def list(self, tenant_id: str, *, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
+        if not 1 <= limit <= 100:
+            raise InvalidRequest("limit must be between 1 and 100", param="limit")
+        ids: list[str] = await self._state.run(self._state.redis.zrevrange(keys.tenant_batches(tenant_id), 0, -1))
+        if after is not None:
+            if after not in ids:
+                raise InvalidRequest(f"after: no batch '{after}'", param="after")
+            ids = ids[ids.index(after) + 1 :]
+        page = ids[: limit + 1]
+        batches = [await self.get(tenant_id, batch_id) for batch_id in page[:limit]]
+        return batches, len(page) > limit
+
+    async def cancel(self, tenant_id: str, batch_id: str) -> BatchObject:
+        batch = await self.get(tenant_id, batch_id)
+        if batch.status.final or batch.status is BatchStatus.finalizing:
+            raise InvalidRequest(f"batch {batch_id} is already {batch.status.value}", param="batch_id")
+        await self._state.run(
+            self._state.redis.hset(
+                keys.batch_record(batch_id),
+                mapping={"status": BatchStatus.cancelling.value, "cancelling_at": int(self._clock())},
+            )
+        )
+        return await self.get(tenant_id, batch_id)
+
+    async def finalize(self, batch_id: str) -> None:
+        """Write the output and error files and close the batch (idempotent)."""
+        raw = await self.record(batch_id)
+        if not raw or BatchStatus(raw["status"]).final:
+            await self._state.run(self._state.redis.srem(keys.ACTIVE_BATCHES, batch_id))
+            return
+        got_lock = await self._state.run(
+            self._state.redis.set(keys.batch_finalize_lock(batch_id), "1", nx=True, ex=FINALIZE_LOCK_S)
+        )
+        if not got_lock:
+            return
+        now = int(self._clock())
+        previous = BatchStatus(raw["status"])
+        await self._state.run(
+            self._state.redis.hset(
+                keys.batch_record(batch_id), mapping={"status": BatchStatus.finalizing.value, "finalizing_at": now}
+            )
+        )
+        results = await self._state.run(self._state.redis.hgetall(keys.batch_results(batch_id)))
+        ordered = [json.loads(results[k]) for k in sorted(results, key=int)]
+        outputs = [json.dumps(r["line"]) for r in ordered if r["ok"]]
+        errors = [json.dumps(r["line"]) for r in ordered if not r["ok"]]
+        tenant_id = raw["tenant_id"]
+        update: dict[str, Any] = {}
+        if outputs:
+            out = await self._files.save(
+                tenant_id, filename=f"{batch_id}_output.jsonl", purpose="batch_output",
+                data=("\n".join(outputs) + "\n").encode(), file_id=f"file-{batch_id}-output",
+            )
+            update["output_file_id"] = out.id
+        if errors:
+            err = await self._files.save(
+                tenant_id, filename=f"{batch_id}_errors.jsonl", purpose="batch_output",
+                data=("\n".join(errors) + "\n").encode(), file_id=f"file-{batch_id}-errors",
+            )
+            update["error_file_id"] = err.id
+        if previous is BatchStatus.cancelling:
+            final = BatchStatus.cancelled
+        elif raw.get("expiring"):
+            final = BatchStatus.expired
+        else:
+            final = BatchStatus.completed
+        update["status"] = final.value
+        update[f"{final.value}_at"] = int(self._clock())
+        async with self._state.pipeline() as pipe:
+            pipe.hset(keys.batch_record(batch_id), mapping=update)
+            pipe.srem(keys.ACTIVE_BATCHES, batch_id)
+            pipe.delete(keys.batch_finalize_lock(batch_id))
+            await pipe.execute()
+
+    async def sweep(self) -> None:
+        """Expire overdue batches and finish any whose items are all resolved."""
+        for batch_id in await self._state.run(self._state.redis.smembers(keys.ACTIVE_BATCHES)):
+            raw = await self.record(batch_id)
+            if not raw:
+                await self._state.run(self._state.redis.srem(keys.ACTIVE_BATCHES, batch_id))
+                continue
+            status = BatchStatus(raw["status"])
+            if status is BatchStatus.in_progress and int(raw["expires_at"]) < self._clock():
+                # Workers now answer its remaining items with batch_expired.
+                await self._state.run(self._state.redis.hset(keys.batch_record(batch_id), "expiring", 1))
+            if int(raw["completed"]) + int(raw["failed"]) >= int(raw["total"]):
+                await self.finalize(batch_id)
+
+
+def _to_object(raw: dict[str, str]) -> BatchObject:
+    def opt(name: str) -> int | None:
+        return int(raw[name]) if raw.get(name) else None
+
+    status = BatchStatus(raw["status"])
+    return BatchObject(
+        id=raw["id"],
+        endpoint=raw["endpoint"],
+        errors=BatchErrors() if status is BatchStatus.failed else None,
+        input_file_id=raw["input_file_id"],
+        completion_window=raw["completion_window"],
+        status=status,
+        output_file_id=raw.get("output_file_id"),
+        error_file_id=raw.get("error_file_id"),
+        created_at=int(raw["created_at"]),
+        in_progress_at=opt("in_progress_at"),
+        expires_at=opt("expires_at"),
+        finalizing_at=opt("finalizing_at"),
+        completed_at=opt("completed_at"),
+        failed_at=opt("failed_at"),
+        expired_at=opt("expired_at"),
+        cancelling_at=opt("cancelling_at"),
+        cancelled_at=opt("cancelled_at"),
+        request_counts=RequestCounts(total=int(raw["total"]), completed=int(raw["completed"]), failed=int(raw["failed"])),
+        metadata=json.loads(raw.get("metadata") or "{}") or None,
+    )

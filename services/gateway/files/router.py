@@ -1,0 +1,46 @@
+"""HTTP only: the Files API (batch input and output files), scoped to the caller's tenant."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import Response
+
+from services.batch.models import FileList, FileObject
+from services.gateway.deps import CurrentTenant, Services
+from services.gateway.errors import ERROR_RESPONSES
+
+router = APIRouter(prefix="/v1/files", responses=ERROR_RESPONSES)
+
+
+@router.post("", status_code=200)
+async def upload_file(
+    tenant: CurrentTenant,
+    services: Services,
+    file: Annotated[UploadFile, File(description="JSONL: one request per line")],
+    purpose: Annotated[str, Form(description="batch")],
+) -> FileObject:
+    data = await file.read()
+    return await services.files.upload(tenant.id, filename=file.filename or "", purpose=purpose, data=data)
+
+
+@router.get("")
+async def list_files(tenant: CurrentTenant, services: Services, limit: int = 100) -> FileList:
+    return FileList(data=await services.files.list(tenant.id, limit=max(1, min(limit, 1000))))
+
+
+@router.get("/{file_id}")
+async def get_file(file_id: str, tenant: CurrentTenant, services: Services) -> FileObject:
+    return await services.files.get(tenant.id, file_id)
+
+
+@router.get("/{file_id}/content")
+async def get_file_content(file_id: str, tenant: CurrentTenant, services: Services) -> Response:
+    return Response(await services.files.content(tenant.id, file_id), media_type="application/jsonl")
+
+
+@router.delete("/{file_id}")
+async def delete_file(file_id: str, tenant: CurrentTenant, services: Services) -> dict[str, object]:
+    file = await services.files.delete(tenant.id, file_id)
+    return {"id": file.id, "object": "file", "deleted": True}
