@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.batch.metrics import BatchMetrics
-from services.batch.queue import BatchQueue, QueueItem
+from services.batch.queue import BatchQueue, QueueItem, ResultWriter
 from services.batch.service import BatchService, error_line, output_line
 from services.errors import GenerationFailed, Overloaded, PhiserveError, RateLimited, ServiceUnavailable
 from services.gateway.chat.protocol import ChatCompletionRequest
@@ -57,6 +57,7 @@ class BatchProcessor:
         self._backoff_s = backoff_s
         self._sweep_interval_s = sweep_interval_s
         self._in_flight: dict[asyncio.Task[None], QueueItem] = {}
+        self._writer = ResultWriter(queue)
         self._pools = [pool.name for pool in services.catalog.enabled_pools]
 
     async def run(self) -> None:
@@ -104,7 +105,7 @@ class BatchProcessor:
     async def _process(self, item: QueueItem) -> None:
         try:
             ok, line = await self._run_item(item)
-            new, completed, failed, total = await self._queue.record(item, {"ok": ok, "line": line}, ok=ok)
+            new, completed, failed, total = await self._writer.write(item, {"ok": ok, "line": line}, ok=ok)
             if new:
                 self._metrics.items.inc(tags={"outcome": "completed" if ok else "failed"})
             if completed + failed >= total:

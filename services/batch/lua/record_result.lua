@@ -1,15 +1,33 @@
--- Record one batch item's result exactly once, and acknowledge its stream entry, atomically.
+-- Record batch items' results exactly once, and acknowledge their stream entries, atomically.
 -- A redelivered item (its worker died after writing) finds its result already there: the
--- count is not bumped again and the entry is just acknowledged.
--- KEYS: 1 results hash, 2 batch hash, 3 item stream
--- ARGV: 1 line number, 2 result JSON, 3 "completed" or "failed", 4 group, 5 entry id
-local new = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-if new == 1 then
-  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+-- count is not bumped again and the entry is just acknowledged. Several items are recorded
+-- per call (the worker coalesces results for a few milliseconds).
+-- KEYS: 1 the pool's item stream
+-- ARGV: 1 consumer group, 2 key prefix, then per item: batch id, line, result JSON,
+--       "completed" or "failed", entry id
+-- Returns per item: new (0/1), completed, failed, total (the batch's counts after this call)
+local news, batches, entries = {}, {}, {}
+for i = 3, #ARGV, 5 do
+  local batch_key = ARGV[2] .. ':batch:' .. ARGV[i]
+  local new = redis.call('HSETNX', batch_key .. ':results', ARGV[i + 1], ARGV[i + 2])
+  if new == 1 then
+    redis.call('HINCRBY', batch_key, ARGV[i + 3], 1)
+  end
+  news[#news + 1] = new
+  batches[#batches + 1] = batch_key
+  entries[#entries + 1] = ARGV[i + 4]
 end
-if ARGV[5] ~= '' then
-  redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
-  redis.call('XDEL', KEYS[3], ARGV[5])
+redis.call('XACK', KEYS[1], ARGV[1], unpack(entries))
+redis.call('XDEL', KEYS[1], unpack(entries))
+local counts, out = {}, {}
+for n, batch_key in ipairs(batches) do
+  if counts[batch_key] == nil then
+    counts[batch_key] = redis.call('HMGET', batch_key, 'completed', 'failed', 'total')
+  end
+  local c = counts[batch_key]
+  out[#out + 1] = news[n]
+  out[#out + 1] = tonumber(c[1] or '0')
+  out[#out + 1] = tonumber(c[2] or '0')
+  out[#out + 1] = tonumber(c[3] or '0')
 end
-local counts = redis.call('HMGET', KEYS[2], 'completed', 'failed', 'total')
-return {new, tonumber(counts[1] or '0'), tonumber(counts[2] or '0'), tonumber(counts[3] or '0')}
+return out
