@@ -32,4 +32,6 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.phiserve-install-*
   touch "$stamp"
 fi
+# helm, kubernetes-validate, check-jsonschema, compose, promtool/prometheus for the deploy checks.
+bash scripts/install_deploy_tools.sh
 echo "phiserve: installed ($(.venv/bin/python -c 'import vllm, ray; print("vllm", vllm.__version__, "ray", ray.__version__)' 2>/dev/null | tail -1))"

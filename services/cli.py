@@ -55,7 +55,14 @@ def _ray_binary() -> str:
 
 
 def start_local_ray(settings: Settings) -> None:
-    cmd = [_ray_binary(), "start", "--head", "--include-dashboard=false", "--disable-usage-stats"]
+    cmd = [
+        _ray_binary(),
+        "start",
+        "--head",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--metrics-export-port={settings.metrics_export_port}",
+    ]
     if settings.ray_num_cpus:
         cmd.append(f"--num-cpus={settings.ray_num_cpus}")
     env = {**os.environ, **RAY_PROCESS_ENV}

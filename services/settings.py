@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         None, description="Ray cluster to join; unset starts a local Ray instance."
     )
+    metrics_export_port: int = Field(
+        8080, ge=1, le=65535, description="Ray's metrics port on a locally started Ray (scrape target)."
+    )
     ray_num_cpus: int | None = Field(
         None, ge=1, description="CPUs for a locally started Ray (default: all)."
     )

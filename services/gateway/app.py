@@ -143,6 +143,7 @@ def create_app(services: GatewayServices, state: GatewayState, settings: Setting
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.metrics = state.metrics
     install_error_handlers(app)
     for router in (
         chat_router, completions_router, models_router, usage_router, files_router, batches_router, admin_router
