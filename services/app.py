@@ -61,7 +61,9 @@ def build_pool(pool: PoolConfig, catalog: Catalog, settings: Settings) -> Applic
     else:
         options["num_replicas"] = dep.num_replicas
     model_path = pool.resolve_model_path(settings.model_dir.resolve())
-    return serve.deployment(PoolReplica, **options).bind(pool, model_path)  # type: ignore[attr-defined]
+    return serve.deployment(PoolReplica, **options).bind(  # type: ignore[attr-defined]
+        pool.for_replica(), model_path
+    )
 
 
 def build_app(settings: Settings, catalog: Catalog) -> Application:

@@ -177,6 +177,14 @@ class PoolConfig(_Strict):
     def names(self) -> list[str]:
         return [*self.served_names, *self.aliases]
 
+    def for_replica(self) -> PoolConfig:
+        """What a replica is built from: everything but the deployment's own options.
+
+        Serve restarts replicas whose constructor arguments change; keeping replica counts
+        and autoscaling out of them makes scaling a pool a lightweight update that drains
+        only the replicas it removes (no restart, no dropped request)."""
+        return self.model_copy(update={"deployment": DeploymentConfig.model_validate({})})
+
     @property
     def capacity(self) -> int:
         if self.max_in_flight is not None:
