@@ -183,4 +183,5 @@ def test_health_and_ready(http: httpx.Client, cluster: Cluster) -> None:
     assert http.get("/health").json() == {"status": "ok"}
     ready = http.get("/ready")
     assert ready.status_code == 200
-    assert set(ready.json()["pools"]) == {p.name for p in cluster.catalog.enabled_pools}
+    assert set(ready.json()["pools"]) == {p.name for p in cluster.catalog.enabled_pools} | {"batch-workers"}
+    assert set(ready.json()["pools"].values()) == {"ready"}
