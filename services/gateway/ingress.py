@@ -3,28 +3,65 @@
 The FastAPI app is built inside the replica (`__serve_build_asgi_app__`), from the
 pool handles Serve injects, so nothing is built at import and nothing is pickled
 but the catalog, the settings and the handles.
+
+The replica also serves the gRPC API (issue 5, docs/grpc.md) on `settings.grpc_port`
+from the same `GatewayServices`: started in the constructor (Serve awaits async
+constructors), stopped before the app's lifespan closes Redis, so calls still running
+can settle.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from ray import serve
 
 from services.catalog.models import Catalog
 from services.gateway.app import build_services, create_app
+from services.grpc.server import GrpcServer, start_grpc_server
 from services.settings import Settings
 
 
 @serve.ingress()
 class GatewayIngress:
-    def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self, catalog: Catalog, settings: Settings, pool_handles: dict[str, Any], batch_worker: Any = None
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self._services, self._state = build_services(catalog, pool_handles, settings, batch_worker=batch_worker)
         self._settings = settings
+        self._grpc: GrpcServer | None = None
+        if settings.grpc_port is not None:
+            self._grpc = await start_grpc_server(self._services, settings, metrics=self._state.metrics)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self._services, self._state, self._settings)
+        app = create_app(self._services, self._state, self._settings)
+        app.router.lifespan_context = _stopping_first(app.router.lifespan_context, self._stop_grpc)
+        return app
+
+    async def _stop_grpc(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop()
+
+    async def __del__(self) -> None:
+        # Serve's graceful shutdown; a no-op when the lifespan already stopped it.
+        await self._stop_grpc()
+
+
+def _stopping_first(
+    lifespan: Callable[[Any], AbstractAsyncContextManager[Any]], stop: Callable[[], Any]
+) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
+    """The app's lifespan, with `stop()` run before its shutdown (which closes Redis)."""
+
+    @asynccontextmanager
+    async def wrapped(app: Any) -> AsyncIterator[Any]:
+        async with lifespan(app) as state:
+            try:
+                yield state
+            finally:
+                await stop()
+
+    return wrapped

@@ -1,0 +1,262 @@
+"""The same requests over gRPC and over REST, through the same phiserve gateway, in one run.
+
+Starts a private Redis, Ray Serve with the local profile's text pool (tiny Phi-3.5-mini on
+vLLM's CPU backend) and one gateway replica serving both REST (Serve's HTTP proxy) and gRPC
+(the replica's own port, issue 5). Workload: chat, fixed short prompt, max_tokens=16,
+ignore_eos, temperature 0; unary and streaming (with usage), at concurrency 1 and 8.
+REST: aiohttp to /v1/chat/completions. gRPC: `services.grpc.client.AsyncClient` (one
+HTTP/2 channel). Both transports run in alternating blocks of `--block` requests per mode,
+so drift on the shared 2 cores hits both alike.
+
+Per mode and transport: p50/p99 latency and, for streams, p50/p99 time to first token (the
+first chunk with text). Ends with
+  RESULT grpc p50_ratio_vs_rest=X ttft_ratio_vs_rest=Y
+X = gRPC / REST p50 latency of unary c=1; Y = gRPC / REST p50 TTFT of streaming c=1.
+
+  .venv/bin/python benchmarks/grpc_vs_rest.py [--requests 200] [--block 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+SERVED, MAX_TOKENS, PROMPT = "phi-3.5-mini", 16, "Write one sentence about the sea."
+MODES = [(False, 1), (True, 1), (False, 8), (True, 8)]  # (stream, concurrency)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                if resp.status == 200:
+                    return
+        except Exception:  # noqa: BLE001 (not up yet)
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
+
+
+def pct(values: list[float], q: float) -> float | None:  # ms, linear interpolation
+    v, k = sorted(values), (len(values) - 1) * q
+    if not v:
+        return None
+    lo = int(k)
+    return 1e3 * (v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (k - lo))
+
+
+class Rest:
+    name = "rest"
+
+    def __init__(self, base: str, key: str) -> None:
+        self._url = f"{base}/v1/chat/completions"
+        self._headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+        self._session: Any = None
+
+    async def open(self, concurrency: int) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=120)
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def one(self, stream: bool) -> tuple[float, float | None]:
+        body: dict[str, Any] = {
+            "model": SERVED, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, "ignore_eos": True, "stream": stream,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        t0, ttft = time.perf_counter(), None
+        async with self._session.post(self._url, data=json.dumps(body), headers=self._headers) as r:
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {(await r.read())[:200]!r}")
+            if not stream:
+                usage = json.loads(await r.read())["usage"]
+            else:
+                last = b""
+                async for line in r.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    data = line[6:].strip()
+                    if data == b"[DONE]":
+                        break
+                    choices = json.loads(data).get("choices") or [{}]
+                    if ttft is None and choices[0].get("delta", {}).get("content"):
+                        ttft = time.perf_counter() - t0
+                    last = data
+                usage = json.loads(last)["usage"]
+        if usage["completion_tokens"] != MAX_TOKENS:
+            raise RuntimeError(f"expected {MAX_TOKENS} tokens, got {usage['completion_tokens']}")
+        return time.perf_counter() - t0, ttft
+
+
+class Grpc:
+    name = "grpc"
+
+    def __init__(self, target: str, key: str) -> None:
+        self._target, self._key = target, key
+        self._client: Any = None
+
+    async def open(self, concurrency: int) -> None:
+        from services.grpc.client import AsyncClient
+
+        self._client = AsyncClient(self._target, api_key=self._key, timeout_s=120)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def one(self, stream: bool) -> tuple[float, float | None]:
+        from services.grpc.client import user
+
+        messages = [user(PROMPT)]
+        t0, ttft = time.perf_counter(), None
+        if not stream:
+            response = await self._client.chat(SERVED, messages, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+            usage = response.usage
+        else:
+            usage = None
+            async for chunk in self._client.chat_stream(
+                SERVED, messages, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, include_usage=True
+            ):
+                if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+                    ttft = time.perf_counter() - t0
+                if chunk.HasField("usage"):
+                    usage = chunk.usage
+        if usage is None or usage.completion_tokens != MAX_TOKENS:
+            raise RuntimeError(f"expected {MAX_TOKENS} tokens, got {usage}")
+        return time.perf_counter() - t0, ttft
+
+
+async def run_block(transport: Any, count: int, concurrency: int, stream: bool, out: dict[str, list[float]]) -> None:
+    left = [count]
+
+    async def worker() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            latency, ttft = await transport.one(stream)
+            out["latency"].append(latency)
+            if ttft is not None:
+                out["ttft"].append(ttft)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def bench(transports: list[Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for stream, concurrency in MODES:
+        samples = {t.name: {"latency": [], "ttft": []} for t in transports}
+        for t in transports:
+            await t.open(concurrency)
+            await run_block(t, args.warmup, concurrency, stream, {"latency": [], "ttft": []})
+        t0 = time.monotonic()
+        for _ in range(max(1, args.requests // args.block)):
+            for t in transports:  # alternate blocks: the same conditions for both
+                await run_block(t, args.block, concurrency, stream, samples[t.name])
+        for t in transports:
+            await t.close()
+        for t in transports:
+            s = samples[t.name]
+            rows.append({
+                "transport": t.name, "stream": stream, "concurrency": concurrency, "n": len(s["latency"]),
+                "p50_ms": pct(s["latency"], 0.5), "p99_ms": pct(s["latency"], 0.99),
+                "ttft_p50_ms": pct(s["ttft"], 0.5), "ttft_p99_ms": pct(s["ttft"], 0.99),
+            })
+        print(f"  mode stream={stream} c={concurrency}: {time.monotonic() - t0:.1f} s", flush=True)
+    return rows
+
+
+def report(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    def fmt(v: float | None) -> str:
+        return f"{v:8.1f}" if v is not None else "       -"
+
+    print("\n| transport | mode | c | n | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mode = "stream" if r["stream"] else "unary"
+        print(f"| {r['transport']} | {mode} | {r['concurrency']} | {r['n']} | {fmt(r['p50_ms'])} | "
+              f"{fmt(r['p99_ms'])} | {fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p99_ms'])} |")
+
+    def get(transport: str, stream: bool, key: str) -> float:
+        row = next(r for r in rows if r["transport"] == transport and r["stream"] == stream and r["concurrency"] == 1)
+        return float(row[key])
+
+    p50_ratio = get("grpc", False, "p50_ms") / get("rest", False, "p50_ms")
+    ttft_ratio = get("grpc", True, "ttft_p50_ms") / get("rest", True, "ttft_p50_ms")
+    return p50_ratio, ttft_ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200, help="measured requests per mode and transport")
+    parser.add_argument("--block", type=int, default=20, help="requests per alternating block")
+    parser.add_argument("--warmup", type=int, default=10, help="warm-up requests per mode and transport")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.chdir(REPO)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    import ray
+    from ray import serve
+
+    from services.app import APP_NAME, build_app
+    from services.catalog.loader import load_catalog
+    from services.catalog.tiny import build_tiny_models
+    from services.settings import Settings
+    from services.tenancy.local_redis import LocalRedis
+    from services.tenancy.store import new_plain_key
+
+    build_tiny_models(REPO / ".cache" / "models")
+    tmp = Path(tempfile.mkdtemp(prefix="grpc-bench-"))
+    redis = LocalRedis(port=free_port(), directory=tmp / "redis")
+    redis.start(appendonly=False)
+    key = new_plain_key()[1]
+    port, grpc_port = free_port(), free_port()
+    catalog = load_catalog("local")
+    catalog = catalog.model_copy(update={"pools": [p for p in catalog.pools if p.name == "text"]})
+    settings = Settings(
+        port=port, grpc_port=grpc_port, cache_dir=REPO / ".cache", redis_url=redis.url, api_key=key, batch_workers=0
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(f"{base}/ready", 600)
+        print(f"phiserve ready: REST {base}, gRPC 127.0.0.1:{grpc_port}; {args.requests} requests per mode "
+              f"and transport, blocks of {args.block}", flush=True)
+        transports = [Rest(base, key), Grpc(f"127.0.0.1:{grpc_port}", key)]
+        rows = asyncio.run(bench(transports, args))
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            redis.stop()
+    p50_ratio, ttft_ratio = report(rows)
+    print(f"\nRESULT grpc p50_ratio_vs_rest={p50_ratio:.3f} ttft_ratio_vs_rest={ttft_ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

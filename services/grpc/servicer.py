@@ -1,0 +1,240 @@
+"""`phiserve.v1.InferenceService`: the REST API's code path behind gRPC methods.
+
+Each method authenticates from metadata, converts the proto request into the REST model
+(`services.grpc.convert`), and calls the same services as the REST routes: the chat and
+completion services' `prepare`, the `GenerationRunner` (tenant gate: admission, fair
+queue, settlement) and the pool router. Errors map through the gateway's one error table
+(`services.gateway.errors.grpc_status`).
+
+Unary calls run on the runner's stream and are assembled here: closing that stream on
+cancellation (deadline passed, client gone) aborts the engine request and settles the
+tenant's tokens, which an awaited unary handle call does not do outside a Serve request
+(see docs/grpc.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from services.catalog.models import PoolConfig
+from services.errors import GenerationFailed, PhiserveError
+from services.gateway.deps import GatewayServices
+from services.gateway.errors import grpc_status, status_and_type
+from services.gateway.generation import Caller, ResponseShape
+from services.gateway.metrics import GatewayMetrics, tenant_label
+from services.grpc import convert
+from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
+from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
+from services.pools.engine import GenerationRequest, GenerationResult
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# The same rule as the REST middleware's x-request-id: a safe token, else a fresh id.
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CLIENT_CLOSED_REQUEST = 499
+T = TypeVar("T")
+
+
+def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+
+
+def presented_key(metadata: dict[str, str]) -> str | None:
+    """`authorization: Bearer <key>`, else `api-key: <key>` (as the REST API)."""
+    auth = metadata.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return metadata.get("api-key")
+
+
+class _Call:
+    """One RPC's request id, labels and metadata."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        self.context = context
+        self.method = method
+        self.metadata = metadata_dict(context)
+        candidate = self.metadata.get("x-request-id", "")
+        self.request_id = candidate if _REQUEST_ID_OK.match(candidate) else uuid.uuid4().hex
+        self.started = time.perf_counter()
+        self.labels = {"model": "none", "tenant": "none"}
+
+    async def send_headers(self, headers: dict[str, str]) -> None:
+        await self.context.send_initial_metadata(
+            (("x-request-id", self.request_id), *((k.lower(), str(v)) for k, v in headers.items()))
+        )
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, services: GatewayServices, *, metrics: GatewayMetrics | None = None) -> None:
+        self._services = services
+        self._metrics = metrics
+
+    # -- RPCs ---------------------------------------------------------------------------
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
+        async def run(call: _Call) -> pb.ChatResponse:
+            caller = await self._caller(call)
+            body = convert.chat_body(request, stream=False)
+            pool, generation = await self._services.chat.prepare(body, call.request_id)
+            response: pb.ChatResponse = await self._unary(
+                call, caller, pool, generation, convert.ChatShape(call.request_id, body.model)
+            )
+            return response
+
+        return await self._run(context, "Chat", run)
+
+    async def ChatStream(self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext) -> None:
+        async def run(call: _Call) -> None:
+            caller = await self._caller(call)
+            body = convert.chat_body(request, stream=True)
+            pool, generation = await self._services.chat.prepare(body, call.request_id)
+            shape = convert.ChatShape(call.request_id, body.model)
+            await self._stream(call, caller, pool, generation, shape, include_usage=body.include_usage())
+
+        await self._run(context, "ChatStream", run)
+
+    async def Complete(self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext) -> pb.CompleteResponse:
+        async def run(call: _Call) -> pb.CompleteResponse:
+            caller = await self._caller(call)
+            body = convert.completion_body(request, stream=False)
+            pool, generation, _ = self._services.completions.prepare(body, call.request_id)
+            shape = convert.CompletionShape(call.request_id, body.model, echo_prefix=request.prompt if body.echo else "")
+            response: pb.CompleteResponse = await self._unary(call, caller, pool, generation, shape)
+            return response
+
+        return await self._run(context, "Complete", run)
+
+    async def CompleteStream(self, request: pb.CompleteStreamRequest, context: grpc.aio.ServicerContext) -> None:
+        async def run(call: _Call) -> None:
+            caller = await self._caller(call)
+            body = convert.completion_body(request, stream=True)
+            pool, generation, _ = self._services.completions.prepare(body, call.request_id)
+            shape = convert.CompletionShape(call.request_id, body.model, echo_prefix=request.prompt if body.echo else "")
+            await self._stream(call, caller, pool, generation, shape, include_usage=body.include_usage())
+
+        await self._run(context, "CompleteStream", run)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        async def run(call: _Call) -> pb.ListModelsResponse:
+            # As GET /v1/models: no key needed.
+            await call.send_headers({})
+            return convert.models_response(self._services.models.list())
+
+        return await self._run(context, "ListModels", run)
+
+    # -- the shared path ----------------------------------------------------------------
+
+    async def _caller(self, call: _Call) -> Caller:
+        tenant, _ = await self._services.tenants.authenticate(presented_key(call.metadata))
+        call.labels["tenant"] = tenant_label(tenant.id, tenant.metrics_label)
+        # The client's deadline bounds the wait in the fair queue, as x-stainless-timeout does.
+        return Caller(tenant=tenant, deadline_s=call.context.time_remaining(), started=call.started, labels=call.labels)
+
+    async def _unary(
+        self, call: _Call, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape
+    ) -> Any:
+        chunks, headers = await self._services.runner.open_stream(
+            caller, pool, request, convert.Collector(), include_usage=True
+        )
+        texts: list[str] = []
+        finish_reason: str | None = None
+        totals: dict[str, int] = {}
+        try:
+            async for item in chunks:
+                if isinstance(item, dict):
+                    totals = item
+                else:
+                    texts.append(item[0])
+                    finish_reason = item[1] or finish_reason
+        finally:
+            # Cancelled (deadline, client gone) or failed: abort the engine request, settle.
+            await chunks.aclose()  # type: ignore[attr-defined]
+        result = GenerationResult(
+            text="".join(texts),
+            prompt_tokens=totals.get("prompt_tokens", 0),
+            completion_tokens=totals.get("completion_tokens", 0),
+            finish_reason=finish_reason or "stop",
+        )
+        await call.send_headers(headers)
+        return shape.response(result)
+
+    async def _stream(
+        self,
+        call: _Call,
+        caller: Caller,
+        pool: PoolConfig,
+        request: GenerationRequest,
+        shape: ResponseShape,
+        *,
+        include_usage: bool,
+    ) -> None:
+        chunks, headers = await self._services.runner.open_stream(
+            caller, pool, request, shape, include_usage=include_usage
+        )
+        try:
+            await call.send_headers(headers)
+            async for message in chunks:
+                await call.context.write(message)
+        finally:
+            # However the RPC ends (done, failed, deadline, cancelled): close the stream so
+            # the engine request is aborted and the tenant settled now, not at GC time.
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def _run(
+        self, context: grpc.aio.ServicerContext, method: str, handler: Callable[[_Call], Awaitable[T]]
+    ) -> T:
+        call = _Call(context, method)
+        status = 500
+        failure: PhiserveError
+        try:
+            result = await handler(call)
+            status = 200
+            return result
+        except PhiserveError as exc:
+            status = status_and_type(exc)[0]
+            failure = exc
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST
+            raise
+        except Exception:
+            logger.exception("request %s: unhandled error in gRPC %s", call.request_id, method)
+            failure = GenerationFailed("internal server error", code="internal_error")
+        finally:
+            self._observe(call, status)
+        code, rich = grpc_status(failure, field=convert.proto_field(failure.param))
+        trailers: list[tuple[str, str | bytes]] = [
+            ("grpc-status-details-bin", rich.SerializeToString()),
+            ("x-request-id", call.request_id),
+            *((k.lower(), str(v)) for k, v in failure.headers.items()),
+        ]
+        if failure.retry_after_s is not None:
+            trailers.append(("retry-after", str(failure.retry_after_s)))
+        logger.info("request %s: gRPC %s -> %s (%s)", call.request_id, method, code.name, failure.code)
+        await context.abort(code, failure.message, trailing_metadata=tuple(trailers))
+        raise AssertionError("unreachable: abort raises")
+
+    def _observe(self, call: _Call, status: int) -> None:
+        if self._metrics is None:
+            return
+        # Same series as REST, the gRPC method path as the endpoint and the error table's
+        # HTTP status as the status, so dashboards and alerts cover both APIs.
+        self._metrics.requests.inc(tags={**call.labels, "status": str(status)})
+        self._metrics.request_duration.observe(
+            time.perf_counter() - call.started,
+            tags={"model": call.labels["model"], "endpoint": f"/{SERVICE_NAME}/{call.method}"},
+        )
