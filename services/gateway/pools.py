@@ -47,6 +47,10 @@ class PoolRouter:
         await self._await_assignment(pool, response)
         try:
             result: GenerationResult = await response
+        except asyncio.CancelledError:
+            # Outside a Serve request context Ray does not cancel the remote call for us.
+            response.cancel()
+            raise
         except BaseException as exc:
             raise _translate(exc, pool) from None
         return result
