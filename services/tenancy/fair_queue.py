@@ -73,18 +73,19 @@ class FairQueue:
         ticket = secrets.token_hex(8)
         grant_prefix = keys.ticket_grant(pool, "")
         outcome = await self._state.script(
-            "fq_acquire",
+            "fair_queue",
             keys=self._keys(pool),
             args=[
+                "acquire",
                 int(self._clock() * 1000),
                 self._capacities[pool],
                 ticket,
+                self._lease_ms,
+                grant_prefix,
                 tenant_id,
                 cost,
                 weight,
                 priority,
-                self._lease_ms,
-                grant_prefix,
                 self._max_waiting,
                 self._policy,
             ],
@@ -110,9 +111,10 @@ class FairQueue:
 
     async def release(self, grant: Grant) -> None:
         await self._state.script(
-            "fq_release",
+            "fair_queue",
             keys=self._keys(grant.pool),
             args=[
+                "release",
                 int(self._clock() * 1000),
                 self._capacities[grant.pool],
                 grant.ticket_id,

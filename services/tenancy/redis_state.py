@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from services.errors import ServiceUnavailable
 
 LUA_DIR = Path(__file__).parent / "lua"
-SCRIPTS = ("admit", "settle", "fq_acquire", "fq_release")
+SCRIPTS = ("admit", "settle", "fair_queue")
 
 T = TypeVar("T")
 
