@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     max_waiting_per_pool: int = Field(
         2000, ge=1, description="Requests that may wait per pool; more get 429 at once."
     )
+    tenant_cache_ttl_s: float = Field(
+        1.0, ge=0, description="How long a gateway replica reuses a tenant record (limits, "
+        "weight) before reading it again; key revocation is always immediate."
+    )
     lease_ttl_s: float = Field(
         60.0, ge=5, description="Concurrency and queue leases expire after this unless renewed."
     )

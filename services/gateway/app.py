@@ -79,7 +79,6 @@ def build_services(
     gate = TenantGate(
         admission,
         fair_queue,
-        usage,
         TokenCounter.for_pools(catalog.enabled_pools, settings.model_dir.resolve()),
         keeper,
         metrics,
@@ -104,7 +103,7 @@ def build_services(
         chat=ChatService(router, runner, images, platform=catalog.platform),
         completions=CompletionService(router, runner, platform=catalog.platform),
         models=ModelsService(catalog),
-        tenants=TenantStore(redis),
+        tenants=TenantStore(redis, tenant_cache_ttl_s=settings.tenant_cache_ttl_s),
         usage=usage,
         files=files,
         batches=BatchService(redis, files, router),

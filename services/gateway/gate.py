@@ -17,10 +17,9 @@ from services.errors import InvalidRequest, Overloaded, PermissionDenied, RateLi
 from services.gateway.metrics import GatewayMetrics, tenant_label
 from services.gateway.tokens import TokenCounter
 from services.pools.engine import GenerationRequest
-from services.tenancy.admission import Admission, Reservation
+from services.tenancy.admission import Admission, Reservation, Usage
 from services.tenancy.fair_queue import FairQueue, Grant
 from services.tenancy.models import Tenant
-from services.tenancy.usage import UsageLedger
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +96,6 @@ class TenantGate:
         self,
         admission: Admission,
         fair_queue: FairQueue,
-        usage: UsageLedger,
         counter: TokenCounter,
         keeper: LeaseKeeper,
         metrics: GatewayMetrics,
@@ -107,7 +105,6 @@ class TenantGate:
         self._metrics = metrics
         self._admission = admission
         self._fair_queue = fair_queue
-        self._usage = usage
         self._counter = counter
         self._keeper = keeper
         self._queue_timeout_s = queue_timeout_s
@@ -154,6 +151,12 @@ class TenantGate:
         await asyncio.shield(self._finish(admitted, prompt, completion_tokens))
 
     async def _finish(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int) -> None:
+        usage = Usage(
+            model=admitted.pool.served_names[0],
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            images=len(admitted.request.images),
+        )
         tags = {
             "model": admitted.pool.served_names[0],
             "tenant": tenant_label(admitted.tenant.id, admitted.tenant.metrics_label),
@@ -163,20 +166,14 @@ class TenantGate:
             self._metrics.prompt_tokens.inc(prompt_tokens, tags=tags)
         if completion_tokens > 0:
             self._metrics.completion_tokens.inc(completion_tokens, tags=tags)
-        try:
-            if admitted.grant is not None:
-                await self._fair_queue.release(admitted.grant)
-            await self._settle(admitted, prompt_tokens + completion_tokens)
-            await self._usage.record(
-                day=admitted.reservation.day,
-                tenant_id=admitted.tenant.id,
-                model=admitted.pool.served_names[0],
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                images=len(admitted.request.images),
-            )
-        except Exception as exc:  # Redis down: the leases expire on their own
-            logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
+        steps = [self._admission.settle(admitted.reservation, prompt_tokens + completion_tokens, usage=usage)]
+        if admitted.grant is not None:
+            steps.append(self._fair_queue.release(admitted.grant))
+        # Independent keys: the slot release and the settlement go out side by side.
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for exc in results:
+            if isinstance(exc, Exception):  # Redis down: the leases expire on their own
+                logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
 
     async def _settle(self, admitted: Admitted, used: int) -> None:
         await self._admission.settle(admitted.reservation, used)

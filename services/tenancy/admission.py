@@ -13,11 +13,23 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.errors import RateLimited, ServiceUnavailable
 from services.tenancy import keys
 from services.tenancy.models import Tenant
 from services.tenancy.redis_state import RedisState
+from services.tenancy.usage import USAGE_TTL_S
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a finished request used, recorded under its canonical model name."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    images: int = 0
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +124,29 @@ class Admission:
             )
         return Reservation(tenant.id, lease_id, now_ms // 1000, reserve_tokens, day, headers)
 
-    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+    async def settle(self, reservation: Reservation, used_tokens: int, *, usage: Usage | None = None) -> None:
+        """Move the reservation to `used_tokens`, free the slot, and (when given) add the
+        request to the tenant's daily usage: one Redis step."""
         if not reservation.recorded:
             return
+        usage_args: list[Any] = ["", 0, 0, 0, ""]
+        if usage is not None:
+            usage_args = [
+                f"{reservation.tenant_id}|{usage.model}|",
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.images,
+                USAGE_TTL_S,
+            ]
         await self._state.script(
             "settle",
             keys=[
                 keys.tokens_window(reservation.tenant_id),
                 keys.daily_tokens(reservation.tenant_id, reservation.day),
                 keys.concurrency_leases(reservation.tenant_id),
+                keys.usage(reservation.day),
             ],
-            args=[reservation.bucket_s, used_tokens - reservation.reserved_tokens, reservation.lease_id],
+            args=[reservation.bucket_s, used_tokens - reservation.reserved_tokens, reservation.lease_id, *usage_args],
         )
 
     async def renew(self, reservations: list[Reservation]) -> None:

@@ -33,9 +33,16 @@ def new_plain_key() -> tuple[str, str]:
 
 
 class TenantStore:
-    def __init__(self, state: RedisState, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, state: RedisState, *, tenant_cache_ttl_s: float = 0.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self._state = state
         self._clock = clock
+        # Tenant records (limits, weight, allowed models) change rarely and are read on
+        # every request: a replica keeps each for a second. Keys are looked up every time,
+        # so a revocation takes effect at once.
+        self._tenant_cache_ttl_s = tenant_cache_ttl_s
+        self._tenant_cache: dict[str, tuple[float, Tenant]] = {}
 
     async def put_tenant(self, tenant: Tenant) -> Tenant:
         async with self._state.pipeline() as pipe:
@@ -119,10 +126,20 @@ class TenantStore:
         record, stored_digest = _loaded(raw)
         if not hmac.compare_digest(stored_digest, digest) or record.revoked_at is not None:
             raise AuthenticationFailed("Incorrect API key provided")
-        tenant = await self.get_tenant(record.tenant_id)
+        tenant = await self._cached_tenant(record.tenant_id)
         if tenant.disabled:
             raise AuthenticationFailed("This API key's tenant is disabled", code="tenant_disabled")
         return tenant, record
+
+    async def _cached_tenant(self, tenant_id: str) -> Tenant:
+        now = time.monotonic()
+        hit = self._tenant_cache.get(tenant_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        tenant = await self.get_tenant(tenant_id)
+        if self._tenant_cache_ttl_s > 0:
+            self._tenant_cache[tenant_id] = (now + self._tenant_cache_ttl_s, tenant)
+        return tenant
 
     async def bootstrap(self, tenants_file: TenantsFile) -> None:
         """Install tenants and keys from a file; running it again changes nothing."""

@@ -23,22 +23,11 @@ class UsageRow:
 
 
 class UsageLedger:
+    """Reads usage. It is written by the settle step of admission (lua/settle.lua), in the
+    same Redis call that settles the request's tokens."""
+
     def __init__(self, state: RedisState) -> None:
         self._state = state
-
-    async def record(
-        self, *, day: str, tenant_id: str, model: str, prompt_tokens: int, completion_tokens: int, images: int
-    ) -> None:
-        key = keys.usage(day)
-        base = f"{tenant_id}|{model}|"
-        async with self._state.pipeline() as pipe:
-            pipe.hincrby(key, base + "requests", 1)
-            pipe.hincrby(key, base + "prompt_tokens", prompt_tokens)
-            pipe.hincrby(key, base + "completion_tokens", completion_tokens)
-            if images:
-                pipe.hincrby(key, base + "images", images)
-            pipe.expire(key, USAGE_TTL_S)
-            await pipe.execute()
 
     async def rows(self, days: list[str], *, tenant_id: str | None = None) -> list[UsageRow]:
         """Usage rows for the given days; only `tenant_id`'s when it is set."""
