@@ -156,7 +156,7 @@ class FileService:
         self._store.put(tenant_id, file.id, data)
         async with self._state.pipeline() as pipe:
             pipe.set(keys.file_record(file.id), json.dumps({"tenant_id": tenant_id, "file": file.model_dump()}))
-            pipe.zadd(keys.tenant_files(tenant_id), {file.id: file.created_at})
+            pipe.zadd(keys.tenant_files(tenant_id), {file.id: int(self._clock() * 1000)})
             await pipe.execute()
         return file
 

@@ -100,7 +100,8 @@ class BatchService:
         }
         async with self._state.pipeline() as pipe:
             pipe.hset(keys.batch_record(batch_id), mapping=record)
-            pipe.zadd(keys.tenant_batches(tenant_id), {batch_id: now})
+            # Millisecond scores: batches created within one second still list in order.
+            pipe.zadd(keys.tenant_batches(tenant_id), {batch_id: int(self._clock() * 1000)})
             pipe.sadd(keys.ACTIVE_BATCHES, batch_id)
             unroutable = 0
             for item in items:

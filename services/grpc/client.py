@@ -11,6 +11,14 @@
         async for chunk in client.chat_stream("phi-3.5-vision", [user("Describe it", image(png))]):
             ...
 
+The Batch API (files and batches of the caller's tenant):
+
+    with Client("127.0.0.1:9000", api_key=key) as client:
+        file = client.upload_file(jsonl_bytes, filename="in.jsonl")
+        batch = client.create_batch(file.id, "/v1/chat/completions", metadata={"job": "nightly"})
+        batch = client.wait_batch(batch.id)          # polls get_batch until final
+        lines = client.file_content(batch.output_file_id).decode().splitlines()
+
 Keyword arguments of the calls are `SamplingParams` fields (max_tokens, temperature, top_p,
 top_k, stop, presence_penalty, frequency_penalty, repetition_penalty, seed, ignore_eos).
 `timeout_s` sets the call's deadline: when it passes the server aborts the generation.
@@ -19,18 +27,21 @@ Failed calls raise `PhiserveRpcError`, which carries the rich status details.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from services.grpc.gen.phiserve.v1 import chat_pb2, common_pb2, models_pb2
+from services.grpc.gen.phiserve.v1 import batch_pb2, chat_pb2, common_pb2, models_pb2
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
 
 __all__ = [
+    "FINAL_BATCH_STATUSES",
     "AsyncClient",
     "Client",
     "PhiserveRpcError",
@@ -48,6 +59,17 @@ _ROLES = {
     "user": chat_pb2.ROLE_USER,
     "assistant": chat_pb2.ROLE_ASSISTANT,
 }
+
+
+# A batch in one of these states changes no more; its files are written.
+FINAL_BATCH_STATUSES = frozenset(
+    {
+        batch_pb2.BATCH_STATUS_COMPLETED,
+        batch_pb2.BATCH_STATUS_FAILED,
+        batch_pb2.BATCH_STATUS_CANCELLED,
+        batch_pb2.BATCH_STATUS_EXPIRED,
+    }
+)
 
 
 # -- building requests -----------------------------------------------------------------
@@ -170,6 +192,21 @@ def _chat(model: str, messages: Iterable[chat_pb2.ChatMessage], user_id: str, **
     return {"model": model, "messages": list(messages), "sampling": sampling(**fields), "user": user_id}
 
 
+def _create_batch(
+    input_file_id: str, endpoint: str, completion_window: str, metadata: Mapping[str, str] | None
+) -> pb.CreateBatchRequest:
+    return pb.CreateBatchRequest(
+        input_file_id=input_file_id,
+        endpoint=endpoint,
+        completion_window=completion_window,
+        metadata=dict(metadata or {}),
+    )
+
+
+def _list_batches(after: str | None, limit: int) -> pb.ListBatchesRequest:
+    return pb.ListBatchesRequest(after=after or "", limit=limit)
+
+
 class _Base:
     def __init__(self, api_key: str | None, timeout_s: float | None) -> None:
         self._api_key = api_key
@@ -270,6 +307,83 @@ class Client(_Base):
         except grpc.RpcError as exc:
             raise PhiserveRpcError.from_call(exc) from None
         return list(response.models)
+
+    # -- Batch API ------------------------------------------------------------------
+
+    def upload_file(
+        self,
+        data: bytes,
+        *,
+        filename: str = "batch.jsonl",
+        purpose: str = "batch",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> batch_pb2.File:
+        """Store a batch input file (JSONL); a bad line is INVALID_ARGUMENT naming it."""
+        request = pb.UploadFileRequest(filename=filename, data=data, purpose=purpose)
+        response: pb.UploadFileResponse = self._call(self._stub.UploadFile, request, timeout_s, request_id)
+        return response.file
+
+    def get_file(self, file_id: str, *, timeout_s: float | None = None) -> batch_pb2.File:
+        response: pb.GetFileResponse = self._call(
+            self._stub.GetFile, pb.GetFileRequest(file_id=file_id), timeout_s, None
+        )
+        return response.file
+
+    def file_content(self, file_id: str, *, timeout_s: float | None = None) -> bytes:
+        """A file's whole content (input, output or error file), from its chunks."""
+        call = self._stub.GetFileContent(pb.GetFileContentRequest(file_id=file_id), **self._options(timeout_s, None))
+        return b"".join(chunk.data for chunk in self._iterate(call))
+
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str = "/v1/chat/completions",
+        *,
+        completion_window: str = "24h",
+        metadata: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> batch_pb2.Batch:
+        request = _create_batch(input_file_id, endpoint, completion_window, metadata)
+        response: pb.CreateBatchResponse = self._call(self._stub.CreateBatch, request, timeout_s, request_id)
+        return response.batch
+
+    def get_batch(self, batch_id: str, *, timeout_s: float | None = None) -> batch_pb2.Batch:
+        response: pb.GetBatchResponse = self._call(
+            self._stub.GetBatch, pb.GetBatchRequest(batch_id=batch_id), timeout_s, None
+        )
+        return response.batch
+
+    def list_batches(
+        self, *, after: str | None = None, limit: int = 20, timeout_s: float | None = None
+    ) -> pb.ListBatchesResponse:
+        """One page, newest first; pass the page's `last_id` as `after` while `has_more`."""
+        response: pb.ListBatchesResponse = self._call(
+            self._stub.ListBatches, _list_batches(after, limit), timeout_s, None
+        )
+        return response
+
+    def cancel_batch(self, batch_id: str, *, timeout_s: float | None = None) -> batch_pb2.Batch:
+        response: pb.CancelBatchResponse = self._call(
+            self._stub.CancelBatch, pb.CancelBatchRequest(batch_id=batch_id), timeout_s, None
+        )
+        return response.batch
+
+    def wait_batch(self, batch_id: str, *, poll_s: float = 1.0, wait_s: float | None = None) -> batch_pb2.Batch:
+        """Poll `get_batch` every `poll_s` until the batch is final; TimeoutError after `wait_s`."""
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while (batch := self.get_batch(batch_id)).status not in FINAL_BATCH_STATUSES:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"batch {batch_id} is still {batch_pb2.BatchStatus.Name(batch.status)}")
+            time.sleep(poll_s)
+        return batch
+
+    def _call(self, rpc: Any, request: Any, timeout_s: float | None, request_id: str | None) -> Any:
+        try:
+            return rpc(request, **self._options(timeout_s, request_id))
+        except grpc.RpcError as exc:
+            raise PhiserveRpcError.from_call(exc) from None
 
     @staticmethod
     def _iterate(call: Any) -> Iterator[Any]:
@@ -375,6 +489,83 @@ class AsyncClient(_Base):
         async with _AsyncRpcErrors():
             response = await self._stub.ListModels(pb.ListModelsRequest(), **self._options(timeout_s, None))
         return list(response.models)
+
+    # -- Batch API ------------------------------------------------------------------
+
+    async def upload_file(
+        self,
+        data: bytes,
+        *,
+        filename: str = "batch.jsonl",
+        purpose: str = "batch",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> batch_pb2.File:
+        """Store a batch input file (JSONL); a bad line is INVALID_ARGUMENT naming it."""
+        request = pb.UploadFileRequest(filename=filename, data=data, purpose=purpose)
+        response: pb.UploadFileResponse = await self._call(self._stub.UploadFile, request, timeout_s, request_id)
+        return response.file
+
+    async def get_file(self, file_id: str, *, timeout_s: float | None = None) -> batch_pb2.File:
+        response: pb.GetFileResponse = await self._call(
+            self._stub.GetFile, pb.GetFileRequest(file_id=file_id), timeout_s, None
+        )
+        return response.file
+
+    async def file_content(self, file_id: str, *, timeout_s: float | None = None) -> bytes:
+        """A file's whole content (input, output or error file), from its chunks."""
+        call = self._stub.GetFileContent(pb.GetFileContentRequest(file_id=file_id), **self._options(timeout_s, None))
+        return b"".join([chunk.data async for chunk in self._iterate(call)])
+
+    async def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str = "/v1/chat/completions",
+        *,
+        completion_window: str = "24h",
+        metadata: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> batch_pb2.Batch:
+        request = _create_batch(input_file_id, endpoint, completion_window, metadata)
+        response: pb.CreateBatchResponse = await self._call(self._stub.CreateBatch, request, timeout_s, request_id)
+        return response.batch
+
+    async def get_batch(self, batch_id: str, *, timeout_s: float | None = None) -> batch_pb2.Batch:
+        response: pb.GetBatchResponse = await self._call(
+            self._stub.GetBatch, pb.GetBatchRequest(batch_id=batch_id), timeout_s, None
+        )
+        return response.batch
+
+    async def list_batches(
+        self, *, after: str | None = None, limit: int = 20, timeout_s: float | None = None
+    ) -> pb.ListBatchesResponse:
+        """One page, newest first; pass the page's `last_id` as `after` while `has_more`."""
+        response: pb.ListBatchesResponse = await self._call(
+            self._stub.ListBatches, _list_batches(after, limit), timeout_s, None
+        )
+        return response
+
+    async def cancel_batch(self, batch_id: str, *, timeout_s: float | None = None) -> batch_pb2.Batch:
+        response: pb.CancelBatchResponse = await self._call(
+            self._stub.CancelBatch, pb.CancelBatchRequest(batch_id=batch_id), timeout_s, None
+        )
+        return response.batch
+
+    async def wait_batch(
+        self, batch_id: str, *, poll_s: float = 1.0, wait_s: float | None = None
+    ) -> batch_pb2.Batch:
+        """Poll `get_batch` every `poll_s` until the batch is final; TimeoutError after `wait_s`."""
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while (batch := await self.get_batch(batch_id)).status not in FINAL_BATCH_STATUSES:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"batch {batch_id} is still {batch_pb2.BatchStatus.Name(batch.status)}")
+            await asyncio.sleep(poll_s)
+        return batch
+
+    async def _call(self, rpc: Any, request: Any, timeout_s: float | None, request_id: str | None) -> Any:
+        async with _AsyncRpcErrors():
+            return await rpc(request, **self._options(timeout_s, request_id))
 
     @staticmethod
     async def _iterate(call: Any) -> AsyncIterator[Any]:

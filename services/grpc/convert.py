@@ -16,11 +16,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from services.batch.models import BatchObject, BatchStatus, FileObject
+from services.batch.models import CreateBatchRequest as CreateBatchBody
 from services.errors import InvalidRequest
 from services.gateway.chat.protocol import ChatCompletionRequest
 from services.gateway.completions.protocol import CompletionRequest
 from services.gateway.errors import invalid_request_from
 from services.grpc.gen.phiserve.v1 import (
+    batch_pb2,
     chat_pb2,
     common_pb2,
     completion_pb2,
@@ -148,14 +151,22 @@ def data_url(image: bytes) -> str:
     return f"data:image/{kind};base64,{base64.b64encode(image).decode()}"
 
 
+# Batch API requests: REST's `param` names that differ from the proto field.
+BATCH_FIELDS = {"file": "data"}
+# Default page size of ListBatches, as GET /v1/batches.
+DEFAULT_BATCH_PAGE = 20
+
 _CONTENT = re.compile(r"^messages\[(\d+)\]\.content(?:\[(\d+)\](\.image_url.*)?)?")
 
 
-def proto_field(param: str | None) -> str | None:
+def proto_field(param: str | None, renames: dict[str, str] | None = None) -> str | None:
     """A REST `param` ("temperature", "messages[0].content[1].image_url.url") as the
-    field path of the gRPC request ("sampling.temperature", "messages[0].parts[1].image")."""
+    field path of the gRPC request ("sampling.temperature", "messages[0].parts[1].image").
+    `renames` maps whole REST params of one RPC to its proto fields ("file" -> "data")."""
     if not param:
         return None
+    if renames and param in renames:
+        return renames[param]
     head = re.split(r"[.\[]", param, maxsplit=1)[0]
     if head in SAMPLING_FIELDS:
         return f"sampling.{param}"
@@ -272,4 +283,95 @@ def models_response(listing: dict[str, Any]) -> pb.ListModelsResponse:
             )
             for entry in listing["data"]
         ]
+    )
+
+
+# -- Batch API ---------------------------------------------------------------------------
+
+BATCH_STATUSES: dict[BatchStatus, batch_pb2.BatchStatus] = {
+    BatchStatus.validating: batch_pb2.BATCH_STATUS_VALIDATING,
+    BatchStatus.in_progress: batch_pb2.BATCH_STATUS_IN_PROGRESS,
+    BatchStatus.finalizing: batch_pb2.BATCH_STATUS_FINALIZING,
+    BatchStatus.completed: batch_pb2.BATCH_STATUS_COMPLETED,
+    BatchStatus.failed: batch_pb2.BATCH_STATUS_FAILED,
+    BatchStatus.cancelling: batch_pb2.BATCH_STATUS_CANCELLING,
+    BatchStatus.cancelled: batch_pb2.BATCH_STATUS_CANCELLED,
+    BatchStatus.expired: batch_pb2.BATCH_STATUS_EXPIRED,
+}
+_BATCH_TIMES = (
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+
+
+def create_batch_body(request: pb.CreateBatchRequest) -> CreateBatchBody:
+    """CreateBatch as REST's body, validated by the same model (unset window: "24h")."""
+    raw: dict[str, Any] = {"input_file_id": request.input_file_id, "endpoint": request.endpoint}
+    if request.completion_window:
+        raw["completion_window"] = request.completion_window
+    if request.metadata:
+        raw["metadata"] = dict(request.metadata)
+    body: CreateBatchBody = _validated(CreateBatchBody, raw)
+    return body
+
+
+def batch_message(batch: BatchObject) -> batch_pb2.Batch:
+    """REST's Batch object as proto: the same fields, null as unset."""
+    message = batch_pb2.Batch(
+        id=batch.id,
+        endpoint=batch.endpoint,
+        input_file_id=batch.input_file_id,
+        completion_window=batch.completion_window,
+        status=BATCH_STATUSES.get(batch.status, batch_pb2.BATCH_STATUS_UNSPECIFIED),
+        created_at=batch.created_at,
+        request_counts=batch_pb2.BatchRequestCounts(
+            total=batch.request_counts.total,
+            completed=batch.request_counts.completed,
+            failed=batch.request_counts.failed,
+        ),
+        metadata=batch.metadata or {},
+    )
+    if batch.output_file_id:
+        message.output_file_id = batch.output_file_id
+    if batch.error_file_id:
+        message.error_file_id = batch.error_file_id
+    for name in _BATCH_TIMES:
+        value = getattr(batch, name)
+        if value is not None:
+            setattr(message, name, value)
+    for entry in batch.errors.data if batch.errors else ():
+        error = batch_pb2.BatchError(
+            code=str(entry.get("code") or ""),
+            message=str(entry.get("message") or ""),
+            param=str(entry.get("param") or ""),
+        )
+        if isinstance(entry.get("line"), int):
+            error.line = entry["line"]
+        message.errors.append(error)
+    return message
+
+
+def file_message(file: FileObject) -> batch_pb2.File:
+    return batch_pb2.File(
+        id=file.id,
+        bytes=file.bytes,
+        created_at=file.created_at,
+        filename=file.filename,
+        purpose=file.purpose,
+        status=file.status,
+    )
+
+
+def list_batches_response(batches: list[BatchObject], has_more: bool) -> pb.ListBatchesResponse:
+    return pb.ListBatchesResponse(
+        batches=[batch_message(batch) for batch in batches],
+        first_id=batches[0].id if batches else "",
+        last_id=batches[-1].id if batches else "",
+        has_more=has_more,
     )

@@ -6,6 +6,9 @@ completion services' `prepare`, the `GenerationRunner` (tenant gate: admission, 
 queue, settlement) and the pool router. Errors map through the gateway's one error table
 (`services.gateway.errors.grpc_status`).
 
+The Batch API's methods (files and batches) call the same `FileService` and `BatchService`
+objects as REST's /v1/files and /v1/batches routes, scoped to the caller's tenant.
+
 Unary calls run on the runner's stream and are assembled here: closing that stream on
 cancellation (deadline passed, client gone) aborts the engine request and settles the
 tenant's tokens, which an awaited unary handle call does not do outside a Serve request
@@ -34,6 +37,7 @@ from services.grpc import convert
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
 from services.pools.engine import GenerationRequest, GenerationResult
+from services.tenancy.models import Tenant
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 # The same rule as the REST middleware's x-request-id: a safe token, else a fresh id.
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CLIENT_CLOSED_REQUEST = 499
+# GetFileContent sends a file in chunks of this many bytes (under any client's default
+# 4 MiB receive limit, whatever the file's size).
+FILE_CHUNK_BYTES = 1024 * 1024
 T = TypeVar("T")
 
 
@@ -137,11 +144,99 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
         return await self._run(context, "ListModels", run)
 
+    # -- Batch API: the services of REST's /v1/files and /v1/batches --------------------
+
+    async def UploadFile(
+        self, request: pb.UploadFileRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UploadFileResponse:
+        async def run(call: _Call) -> pb.UploadFileResponse:
+            tenant = await self._tenant(call)
+            file = await self._services.files.upload(
+                tenant.id, filename=request.filename, purpose=request.purpose or "batch", data=request.data
+            )
+            await call.send_headers({})
+            return pb.UploadFileResponse(file=convert.file_message(file))
+
+        return await self._run(context, "UploadFile", run, renames=convert.BATCH_FIELDS)
+
+    async def GetFile(
+        self, request: pb.GetFileRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetFileResponse:
+        async def run(call: _Call) -> pb.GetFileResponse:
+            tenant = await self._tenant(call)
+            file = await self._services.files.get(tenant.id, request.file_id)
+            await call.send_headers({})
+            return pb.GetFileResponse(file=convert.file_message(file))
+
+        return await self._run(context, "GetFile", run)
+
+    async def GetFileContent(
+        self, request: pb.GetFileContentRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def run(call: _Call) -> None:
+            tenant = await self._tenant(call)
+            data = await self._services.files.content(tenant.id, request.file_id)
+            await call.send_headers({})
+            for start in range(0, len(data), FILE_CHUNK_BYTES):
+                await context.write(pb.GetFileContentResponse(data=data[start : start + FILE_CHUNK_BYTES]))
+
+        await self._run(context, "GetFileContent", run)
+
+    async def CreateBatch(
+        self, request: pb.CreateBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateBatchResponse:
+        async def run(call: _Call) -> pb.CreateBatchResponse:
+            tenant = await self._tenant(call)
+            batch = await self._services.batches.create(tenant.id, convert.create_batch_body(request))
+            await call.send_headers({})
+            return pb.CreateBatchResponse(batch=convert.batch_message(batch))
+
+        return await self._run(context, "CreateBatch", run)
+
+    async def GetBatch(
+        self, request: pb.GetBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBatchResponse:
+        async def run(call: _Call) -> pb.GetBatchResponse:
+            tenant = await self._tenant(call)
+            batch = await self._services.batches.get(tenant.id, request.batch_id)
+            await call.send_headers({})
+            return pb.GetBatchResponse(batch=convert.batch_message(batch))
+
+        return await self._run(context, "GetBatch", run)
+
+    async def ListBatches(
+        self, request: pb.ListBatchesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListBatchesResponse:
+        async def run(call: _Call) -> pb.ListBatchesResponse:
+            tenant = await self._tenant(call)
+            batches, has_more = await self._services.batches.list(
+                tenant.id, after=request.after or None, limit=request.limit or convert.DEFAULT_BATCH_PAGE
+            )
+            await call.send_headers({})
+            return convert.list_batches_response(batches, has_more)
+
+        return await self._run(context, "ListBatches", run)
+
+    async def CancelBatch(
+        self, request: pb.CancelBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelBatchResponse:
+        async def run(call: _Call) -> pb.CancelBatchResponse:
+            tenant = await self._tenant(call)
+            batch = await self._services.batches.cancel(tenant.id, request.batch_id)
+            await call.send_headers({})
+            return pb.CancelBatchResponse(batch=convert.batch_message(batch))
+
+        return await self._run(context, "CancelBatch", run)
+
     # -- the shared path ----------------------------------------------------------------
 
-    async def _caller(self, call: _Call) -> Caller:
+    async def _tenant(self, call: _Call) -> Tenant:
         tenant, _ = await self._services.tenants.authenticate(presented_key(call.metadata))
         call.labels["tenant"] = tenant_label(tenant.id, tenant.metrics_label)
+        return tenant
+
+    async def _caller(self, call: _Call) -> Caller:
+        tenant = await self._tenant(call)
         # The client's deadline bounds the wait in the fair queue, as x-stainless-timeout does.
         return Caller(tenant=tenant, deadline_s=call.context.time_remaining(), started=call.started, labels=call.labels)
 
@@ -196,7 +291,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await chunks.aclose()  # type: ignore[attr-defined]
 
     async def _run(
-        self, context: grpc.aio.ServicerContext, method: str, handler: Callable[[_Call], Awaitable[T]]
+        self,
+        context: grpc.aio.ServicerContext,
+        method: str,
+        handler: Callable[[_Call], Awaitable[T]],
+        *,
+        renames: dict[str, str] | None = None,
     ) -> T:
         call = _Call(context, method)
         status = 500
@@ -216,7 +316,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             failure = GenerationFailed("internal server error", code="internal_error")
         finally:
             self._observe(call, status)
-        code, rich = grpc_status(failure, field=convert.proto_field(failure.param))
+        code, rich = grpc_status(failure, field=convert.proto_field(failure.param, renames))
         trailers: list[tuple[str, str | bytes]] = [
             ("grpc-status-details-bin", rich.SerializeToString()),
             ("x-request-id", call.request_id),

@@ -16,6 +16,7 @@ from services.grpc.gen.phiserve.v1 import chat_pb2, common_pb2, models_pb2
 from services.grpc.servicer import SERVICE_NAME
 from tests.conftest import DEMO_KEY, Cluster
 from tests.grpc.conftest import grpc_target
+from tests.grpc.test_schema import BATCH_METHODS, INFERENCE_METHODS
 from tests.helpers import png_data_url
 
 STOP, LENGTH = common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH
@@ -173,7 +174,9 @@ def test_reflection_lists_and_describes_the_service(grpc_channel: grpc.Channel) 
     assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
     files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in described.file_descriptor_response.file_descriptor_proto]
     service = next(s for f in files if f.name == "phiserve/v1/inference_service.proto" for s in f.service)
-    assert [m.name for m in service.method] == ["Chat", "ChatStream", "Complete", "CompleteStream", "ListModels"]
+    assert [m.name for m in service.method] == [*INFERENCE_METHODS, *BATCH_METHODS]
+    # The batch messages come along as a dependency, so a reflecting client can decode them.
+    assert "phiserve/v1/batch.proto" in {f.name for f in files}
 
 
 def test_readme_grpc_examples_run(cluster: Cluster, grpc_channel: grpc.Channel, monkeypatch: pytest.MonkeyPatch,
@@ -184,13 +187,15 @@ def test_readme_grpc_examples_run(cluster: Cluster, grpc_channel: grpc.Channel, 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("\n## gRPC\n", 1)[1].split("\n## ", 1)[0]
     blocks = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
-    assert len(blocks) == 2
+    assert len(blocks) == 3  # typed client; reflection; the Batch API
     monkeypatch.setenv("PHISERVE_GRPC_TARGET", grpc_target(cluster))
     monkeypatch.setenv("PHISERVE_API_KEY", DEMO_KEY)
     for block in blocks:
         exec(compile(block, "README.md#grpc", "exec"), {})  # noqa: S102
     out = capsys.readouterr().out
     assert "completion_tokens: 16" in out  # the streamed usage
+    assert "BATCH_STATUS_COMPLETED 3 of 3" in out  # the batch ran; its answers were read
+    assert all(f"\nq{i} " in out for i in range(3))
     # Reflection listed the services as the README's comment says.
     listed = next(line for line in section.splitlines() if "get_services()" in line).split("# ", 1)[1]
     assert listed in out

@@ -13,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PROTO = REPO / "proto"
 GEN = REPO / "services" / "grpc" / "gen"
+INFERENCE_METHODS = ["Chat", "ChatStream", "Complete", "CompleteStream", "ListModels"]
+BATCH_METHODS = ["UploadFile", "GetFile", "GetFileContent", "CreateBatch", "GetBatch", "ListBatches", "CancelBatch"]
 
 
 def _buf() -> str:
@@ -80,4 +82,4 @@ def test_generated_code_imports_as_a_package() -> None:
 
     service = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     assert service.full_name == "phiserve.v1.InferenceService"
-    assert [m.name for m in service.methods] == ["Chat", "ChatStream", "Complete", "CompleteStream", "ListModels"]
+    assert [m.name for m in service.methods] == [*INFERENCE_METHODS, *BATCH_METHODS]

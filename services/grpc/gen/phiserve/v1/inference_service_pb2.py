@@ -22,39 +22,72 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from services.grpc.gen.phiserve.v1 import batch_pb2 as phiserve_dot_v1_dot_batch__pb2
 from services.grpc.gen.phiserve.v1 import chat_pb2 as phiserve_dot_v1_dot_chat__pb2
 from services.grpc.gen.phiserve.v1 import common_pb2 as phiserve_dot_v1_dot_common__pb2
 from services.grpc.gen.phiserve.v1 import completion_pb2 as phiserve_dot_v1_dot_completion__pb2
 from services.grpc.gen.phiserve.v1 import models_pb2 as phiserve_dot_v1_dot_models__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#phiserve/v1/inference_service.proto\x12\x0bphiserve.v1\x1a\x16phiserve/v1/chat.proto\x1a\x18phiserve/v1/common.proto\x1a\x1cphiserve/v1/completion.proto\x1a\x18phiserve/v1/models.proto\"\x85\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.phiserve.v1.ChatMessage\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.phiserve.v1.SamplingParams\x12\x0c\n\x04user\x18\x04 \x01(\t\"\x9b\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12(\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x17.phiserve.v1.ChatChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.phiserve.v1.Usage\"\xa2\x01\n\x11\x43hatStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.phiserve.v1.ChatMessage\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.phiserve.v1.SamplingParams\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x15\n\rinclude_usage\x18\x05 \x01(\x08\"\xa7\x01\n\x12\x43hatStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12.\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x1d.phiserve.v1.ChatStreamChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.phiserve.v1.Usage\"{\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.phiserve.v1.SamplingParams\x12\x0c\n\x04\x65\x63ho\x18\x04 \x01(\x08\x12\x0c\n\x04user\x18\x05 \x01(\t\"\xa5\x01\n\x10\x43ompleteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12.\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x1d.phiserve.v1.CompletionChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.phiserve.v1.Usage\"\x98\x01\n\x15\x43ompleteStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.phiserve.v1.SamplingParams\x12\x0c\n\x04\x65\x63ho\x18\x04 \x01(\x08\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x15\n\rinclude_usage\x18\x06 \x01(\x08\"\xab\x01\n\x16\x43ompleteStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12.\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x1d.phiserve.v1.CompletionChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.phiserve.v1.Usage\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.phiserve.v1.Model2\x95\x03\n\x10InferenceService\x12;\n\x04\x43hat\x12\x18.phiserve.v1.ChatRequest\x1a\x19.phiserve.v1.ChatResponse\x12O\n\nChatStream\x12\x1e.phiserve.v1.ChatStreamRequest\x1a\x1f.phiserve.v1.ChatStreamResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.phiserve.v1.CompleteRequest\x1a\x1d.phiserve.v1.CompleteResponse\x12[\n\x0e\x43ompleteStream\x12\".phiserve.v1.CompleteStreamRequest\x1a#.phiserve.v1.CompleteStreamResponse0\x01\x12M\n\nListModels\x12\x1e.phiserve.v1.ListModelsRequest\x1a\x1f.phiserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#phiserve/v1/inference_service.proto\x12\x0bphiserve.v1\x1a\x17phiserve/v1/batch.proto\x1a\x16phiserve/v1/chat.proto\x1a\x18phiserve/v1/common.proto\x1a\x1cphiserve/v1/completion.proto\x1a\x18phiserve/v1/models.proto\"\x85\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.phiserve.v1.ChatMessage\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.phiserve.v1.SamplingParams\x12\x0c\n\x04user\x18\x04 \x01(\t\"\x9b\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12(\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x17.phiserve.v1.ChatChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.phiserve.v1.Usage\"\xa2\x01\n\x11\x43hatStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.phiserve.v1.ChatMessage\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.phiserve.v1.SamplingParams\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x15\n\rinclude_usage\x18\x05 \x01(\x08\"\xa7\x01\n\x12\x43hatStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12.\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x1d.phiserve.v1.ChatStreamChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.phiserve.v1.Usage\"{\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.phiserve.v1.SamplingParams\x12\x0c\n\x04\x65\x63ho\x18\x04 \x01(\x08\x12\x0c\n\x04user\x18\x05 \x01(\t\"\xa5\x01\n\x10\x43ompleteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12.\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x1d.phiserve.v1.CompletionChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.phiserve.v1.Usage\"\x98\x01\n\x15\x43ompleteStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.phiserve.v1.SamplingParams\x12\x0c\n\x04\x65\x63ho\x18\x04 \x01(\x08\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x15\n\rinclude_usage\x18\x06 \x01(\x08\"\xab\x01\n\x16\x43ompleteStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12.\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x1d.phiserve.v1.CompletionChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.phiserve.v1.Usage\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.phiserve.v1.Model\"D\n\x11UploadFileRequest\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07purpose\x18\x03 \x01(\t\"5\n\x12UploadFileResponse\x12\x1f\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x11.phiserve.v1.File\"!\n\x0eGetFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"2\n\x0fGetFileResponse\x12\x1f\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x11.phiserve.v1.File\"(\n\x15GetFileContentRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"&\n\x16GetFileContentResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xca\x01\n\x12\x43reateBatchRequest\x12\x15\n\rinput_file_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x19\n\x11\x63ompletion_window\x18\x03 \x01(\t\x12?\n\x08metadata\x18\x04 \x03(\x0b\x32-.phiserve.v1.CreateBatchRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x13\x43reateBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.phiserve.v1.Batch\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"5\n\x10GetBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.phiserve.v1.Batch\"2\n\x12ListBatchesRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"o\n\x13ListBatchesResponse\x12#\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x12.phiserve.v1.Batch\x12\x10\n\x08\x66irst_id\x18\x02 \x01(\t\x12\x0f\n\x07last_id\x18\x03 \x01(\t\x12\x10\n\x08has_more\x18\x04 \x01(\x08\"&\n\x12\x43\x61ncelBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"8\n\x13\x43\x61ncelBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.phiserve.v1.Batch2\xc6\x07\n\x10InferenceService\x12;\n\x04\x43hat\x12\x18.phiserve.v1.ChatRequest\x1a\x19.phiserve.v1.ChatResponse\x12O\n\nChatStream\x12\x1e.phiserve.v1.ChatStreamRequest\x1a\x1f.phiserve.v1.ChatStreamResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.phiserve.v1.CompleteRequest\x1a\x1d.phiserve.v1.CompleteResponse\x12[\n\x0e\x43ompleteStream\x12\".phiserve.v1.CompleteStreamRequest\x1a#.phiserve.v1.CompleteStreamResponse0\x01\x12M\n\nListModels\x12\x1e.phiserve.v1.ListModelsRequest\x1a\x1f.phiserve.v1.ListModelsResponse\x12M\n\nUploadFile\x12\x1e.phiserve.v1.UploadFileRequest\x1a\x1f.phiserve.v1.UploadFileResponse\x12\x44\n\x07GetFile\x12\x1b.phiserve.v1.GetFileRequest\x1a\x1c.phiserve.v1.GetFileResponse\x12[\n\x0eGetFileContent\x12\".phiserve.v1.GetFileContentRequest\x1a#.phiserve.v1.GetFileContentResponse0\x01\x12P\n\x0b\x43reateBatch\x12\x1f.phiserve.v1.CreateBatchRequest\x1a .phiserve.v1.CreateBatchResponse\x12G\n\x08GetBatch\x12\x1c.phiserve.v1.GetBatchRequest\x1a\x1d.phiserve.v1.GetBatchResponse\x12P\n\x0bListBatches\x12\x1f.phiserve.v1.ListBatchesRequest\x1a .phiserve.v1.ListBatchesResponse\x12P\n\x0b\x43\x61ncelBatch\x12\x1f.phiserve.v1.CancelBatchRequest\x1a .phiserve.v1.CancelBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phiserve.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATREQUEST']._serialized_start=159
-  _globals['_CHATREQUEST']._serialized_end=292
-  _globals['_CHATRESPONSE']._serialized_start=295
-  _globals['_CHATRESPONSE']._serialized_end=450
-  _globals['_CHATSTREAMREQUEST']._serialized_start=453
-  _globals['_CHATSTREAMREQUEST']._serialized_end=615
-  _globals['_CHATSTREAMRESPONSE']._serialized_start=618
-  _globals['_CHATSTREAMRESPONSE']._serialized_end=785
-  _globals['_COMPLETEREQUEST']._serialized_start=787
-  _globals['_COMPLETEREQUEST']._serialized_end=910
-  _globals['_COMPLETERESPONSE']._serialized_start=913
-  _globals['_COMPLETERESPONSE']._serialized_end=1078
-  _globals['_COMPLETESTREAMREQUEST']._serialized_start=1081
-  _globals['_COMPLETESTREAMREQUEST']._serialized_end=1233
-  _globals['_COMPLETESTREAMRESPONSE']._serialized_start=1236
-  _globals['_COMPLETESTREAMRESPONSE']._serialized_end=1407
-  _globals['_LISTMODELSREQUEST']._serialized_start=1409
-  _globals['_LISTMODELSREQUEST']._serialized_end=1428
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1430
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1486
-  _globals['_INFERENCESERVICE']._serialized_start=1489
-  _globals['_INFERENCESERVICE']._serialized_end=1894
+  _globals['_CREATEBATCHREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_CREATEBATCHREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_CHATREQUEST']._serialized_start=184
+  _globals['_CHATREQUEST']._serialized_end=317
+  _globals['_CHATRESPONSE']._serialized_start=320
+  _globals['_CHATRESPONSE']._serialized_end=475
+  _globals['_CHATSTREAMREQUEST']._serialized_start=478
+  _globals['_CHATSTREAMREQUEST']._serialized_end=640
+  _globals['_CHATSTREAMRESPONSE']._serialized_start=643
+  _globals['_CHATSTREAMRESPONSE']._serialized_end=810
+  _globals['_COMPLETEREQUEST']._serialized_start=812
+  _globals['_COMPLETEREQUEST']._serialized_end=935
+  _globals['_COMPLETERESPONSE']._serialized_start=938
+  _globals['_COMPLETERESPONSE']._serialized_end=1103
+  _globals['_COMPLETESTREAMREQUEST']._serialized_start=1106
+  _globals['_COMPLETESTREAMREQUEST']._serialized_end=1258
+  _globals['_COMPLETESTREAMRESPONSE']._serialized_start=1261
+  _globals['_COMPLETESTREAMRESPONSE']._serialized_end=1432
+  _globals['_LISTMODELSREQUEST']._serialized_start=1434
+  _globals['_LISTMODELSREQUEST']._serialized_end=1453
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1455
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1511
+  _globals['_UPLOADFILEREQUEST']._serialized_start=1513
+  _globals['_UPLOADFILEREQUEST']._serialized_end=1581
+  _globals['_UPLOADFILERESPONSE']._serialized_start=1583
+  _globals['_UPLOADFILERESPONSE']._serialized_end=1636
+  _globals['_GETFILEREQUEST']._serialized_start=1638
+  _globals['_GETFILEREQUEST']._serialized_end=1671
+  _globals['_GETFILERESPONSE']._serialized_start=1673
+  _globals['_GETFILERESPONSE']._serialized_end=1723
+  _globals['_GETFILECONTENTREQUEST']._serialized_start=1725
+  _globals['_GETFILECONTENTREQUEST']._serialized_end=1765
+  _globals['_GETFILECONTENTRESPONSE']._serialized_start=1767
+  _globals['_GETFILECONTENTRESPONSE']._serialized_end=1805
+  _globals['_CREATEBATCHREQUEST']._serialized_start=1808
+  _globals['_CREATEBATCHREQUEST']._serialized_end=2010
+  _globals['_CREATEBATCHREQUEST_METADATAENTRY']._serialized_start=1963
+  _globals['_CREATEBATCHREQUEST_METADATAENTRY']._serialized_end=2010
+  _globals['_CREATEBATCHRESPONSE']._serialized_start=2012
+  _globals['_CREATEBATCHRESPONSE']._serialized_end=2068
+  _globals['_GETBATCHREQUEST']._serialized_start=2070
+  _globals['_GETBATCHREQUEST']._serialized_end=2105
+  _globals['_GETBATCHRESPONSE']._serialized_start=2107
+  _globals['_GETBATCHRESPONSE']._serialized_end=2160
+  _globals['_LISTBATCHESREQUEST']._serialized_start=2162
+  _globals['_LISTBATCHESREQUEST']._serialized_end=2212
+  _globals['_LISTBATCHESRESPONSE']._serialized_start=2214
+  _globals['_LISTBATCHESRESPONSE']._serialized_end=2325
+  _globals['_CANCELBATCHREQUEST']._serialized_start=2327
+  _globals['_CANCELBATCHREQUEST']._serialized_end=2365
+  _globals['_CANCELBATCHRESPONSE']._serialized_start=2367
+  _globals['_CANCELBATCHRESPONSE']._serialized_end=2423
+  _globals['_INFERENCESERVICE']._serialized_start=2426
+  _globals['_INFERENCESERVICE']._serialized_end=3392
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class InferenceServiceStub:
     """phiserve's public inference API: the same behaviour as the OpenAI-compatible REST API
-    (/v1/chat/completions, /v1/completions, /v1/models) over gRPC.
+    (/v1/chat/completions, /v1/completions, /v1/models, and the Batch API's /v1/files and
+    /v1/batches) over gRPC.
 
     Authentication: metadata `authorization: Bearer <key>` (or `api-key: <key>`) on every
     call but ListModels. Request id: metadata `x-request-id` (a token of 1 to 128 characters
@@ -72,11 +73,47 @@ class InferenceServiceStub:
                 request_serializer=phiserve_dot_v1_dot_inference__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.UploadFile = channel.unary_unary(
+                '/phiserve.v1.InferenceService/UploadFile',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.UploadFileRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.UploadFileResponse.FromString,
+                _registered_method=True)
+        self.GetFile = channel.unary_unary(
+                '/phiserve.v1.InferenceService/GetFile',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileResponse.FromString,
+                _registered_method=True)
+        self.GetFileContent = channel.unary_stream(
+                '/phiserve.v1.InferenceService/GetFileContent',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileContentRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileContentResponse.FromString,
+                _registered_method=True)
+        self.CreateBatch = channel.unary_unary(
+                '/phiserve.v1.InferenceService/CreateBatch',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.CreateBatchRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.CreateBatchResponse.FromString,
+                _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/phiserve.v1.InferenceService/GetBatch',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetBatchResponse.FromString,
+                _registered_method=True)
+        self.ListBatches = channel.unary_unary(
+                '/phiserve.v1.InferenceService/ListBatches',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.ListBatchesRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.ListBatchesResponse.FromString,
+                _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/phiserve.v1.InferenceService/CancelBatch',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.CancelBatchRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.CancelBatchResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
     """phiserve's public inference API: the same behaviour as the OpenAI-compatible REST API
-    (/v1/chat/completions, /v1/completions, /v1/models) over gRPC.
+    (/v1/chat/completions, /v1/completions, /v1/models, and the Batch API's /v1/files and
+    /v1/batches) over gRPC.
 
     Authentication: metadata `authorization: Bearer <key>` (or `api-key: <key>`) on every
     call but ListModels. Request id: metadata `x-request-id` (a token of 1 to 128 characters
@@ -125,6 +162,60 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadFile(self, request, context):
+        """Batch API (as REST's /v1/files and /v1/batches; files and batches belong to the caller's
+        tenant, and another tenant's ids are NOT_FOUND).
+
+        Stores a batch input file (JSONL, one request per line), validated line by line as
+        POST /v1/files does: a bad line refuses the whole file with INVALID_ARGUMENT naming it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFile(self, request, context):
+        """A file's metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFileContent(self, request, context):
+        """A file's content (an input file, or a batch's output or error file), in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateBatch(self, request, context):
+        """Starts a batch of the requests of an uploaded input file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """A batch, with its status and request counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBatches(self, request, context):
+        """The tenant's batches, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatch(self, request, context):
+        """Cancels a batch that is not final nor finalizing (else INVALID_ARGUMENT): no new request
+        of it starts; it becomes cancelled once running ones finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +244,41 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.ListModelsRequest.FromString,
                     response_serializer=phiserve_dot_v1_dot_inference__service__pb2.ListModelsResponse.SerializeToString,
             ),
+            'UploadFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadFile,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.UploadFileRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.UploadFileResponse.SerializeToString,
+            ),
+            'GetFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFile,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileResponse.SerializeToString,
+            ),
+            'GetFileContent': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetFileContent,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileContentRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileContentResponse.SerializeToString,
+            ),
+            'CreateBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBatch,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.CreateBatchRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.CreateBatchResponse.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetBatchRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetBatchResponse.SerializeToString,
+            ),
+            'ListBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatches,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.ListBatchesRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.ListBatchesResponse.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.CancelBatchRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.CancelBatchResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'phiserve.v1.InferenceService', rpc_method_handlers)
@@ -163,7 +289,8 @@ def add_InferenceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
     """phiserve's public inference API: the same behaviour as the OpenAI-compatible REST API
-    (/v1/chat/completions, /v1/completions, /v1/models) over gRPC.
+    (/v1/chat/completions, /v1/completions, /v1/models, and the Batch API's /v1/files and
+    /v1/batches) over gRPC.
 
     Authentication: metadata `authorization: Bearer <key>` (or `api-key: <key>`) on every
     call but ListModels. Request id: metadata `x-request-id` (a token of 1 to 128 characters
@@ -302,6 +429,195 @@ class InferenceService:
             '/phiserve.v1.InferenceService/ListModels',
             phiserve_dot_v1_dot_inference__service__pb2.ListModelsRequest.SerializeToString,
             phiserve_dot_v1_dot_inference__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/UploadFile',
+            phiserve_dot_v1_dot_inference__service__pb2.UploadFileRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.UploadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/GetFile',
+            phiserve_dot_v1_dot_inference__service__pb2.GetFileRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.GetFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFileContent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/GetFileContent',
+            phiserve_dot_v1_dot_inference__service__pb2.GetFileContentRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.GetFileContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/CreateBatch',
+            phiserve_dot_v1_dot_inference__service__pb2.CreateBatchRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.CreateBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/GetBatch',
+            phiserve_dot_v1_dot_inference__service__pb2.GetBatchRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.GetBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/ListBatches',
+            phiserve_dot_v1_dot_inference__service__pb2.ListBatchesRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.ListBatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/CancelBatch',
+            phiserve_dot_v1_dot_inference__service__pb2.CancelBatchRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.CancelBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
