@@ -12,7 +12,7 @@ def test_disconnect_mid_stream_aborts_engine_request(cluster: Cluster) -> None:
     body = {
         "model": "phi-3.5-mini",
         "messages": [{"role": "user", "content": "Write a very long story"}],
-        "max_tokens": 1800,
+        "max_tokens": 2000,
         "ignore_eos": True,
         "stream": True,
     }
@@ -24,7 +24,7 @@ def test_disconnect_mid_stream_aborts_engine_request(cluster: Cluster) -> None:
         assert all(line.startswith("data: ") or line == "" for line in received)
         # The request is running in the engine while we hold the stream open.
         assert pool_diagnostics("text")["num_unfinished"] == 1
-    # Leaving the block closes the connection long before 1800 tokens are done.
+    # Leaving the block closes the connection long before 2000 tokens are done.
     wait_until(
         lambda: pool_diagnostics("text")["num_unfinished"] == 0,
         timeout_s=20,
@@ -37,7 +37,7 @@ def test_client_timeout_on_unary_request_aborts_engine_request(cluster: Cluster)
     body = {
         "model": "phi-3.5-mini",
         "prompt": "Once upon a time",
-        "max_tokens": 1800,
+        "max_tokens": 2000,
         "ignore_eos": True,
     }
     try:
@@ -45,7 +45,7 @@ def test_client_timeout_on_unary_request_aborts_engine_request(cluster: Cluster)
     except httpx.TimeoutException:
         pass
     else:
-        raise AssertionError("1800 tokens finished within 1 s; the test needs a longer generation")
+        raise AssertionError("2000 tokens finished within 1 s; the test needs a longer generation")
     wait_until(
         lambda: pool_diagnostics("text")["num_unfinished"] == 0,
         timeout_s=20,
