@@ -37,24 +37,21 @@ class QueueItem:
 
 
 def item_fields(batch_id: str, item: dict[str, Any]) -> dict[str, str]:
-    return {
-        "batch": batch_id,
-        "line": str(item["line"]),
-        "custom_id": item["custom_id"],
-        "url": item["url"],
-        "body": json.dumps(item["body"], separators=(",", ":")),
-    }
+    # One field holding the item: one encode per item for redis-py, one decode for workers.
+    payload = {"batch": batch_id, "line": item["line"], "custom_id": item["custom_id"], "url": item["url"], "body": item["body"]}
+    return {"item": json.dumps(payload, separators=(",", ":"))}
 
 
 def _parse(pool: str, entry_id: str, fields: dict[str, str]) -> QueueItem:
+    data = json.loads(fields["item"])
     return QueueItem(
         pool=pool,
         entry_id=entry_id,
-        batch_id=fields["batch"],
-        line=int(fields["line"]),
-        custom_id=fields["custom_id"],
-        url=fields["url"],
-        body=json.loads(fields["body"]),
+        batch_id=data["batch"],
+        line=int(data["line"]),
+        custom_id=data["custom_id"],
+        url=data["url"],
+        body=data["body"],
     )
 
 
@@ -127,7 +124,8 @@ class BatchQueue:
             indexed = [(i, r) for i, r in enumerate(results) if r[0].pool == pool]
             args: list[Any] = [keys.BATCH_GROUP, keys.PREFIX]
             for _, (item, result, ok) in indexed:
-                args += [item.batch_id, item.line, json.dumps(result), "completed" if ok else "failed", item.entry_id]
+                outcome = "completed" if ok else "failed"
+                args += [f"{item.batch_id}|{item.line}|{outcome}|{item.entry_id}", json.dumps(result)]
             flat = await self._state.run(self._record(keys=[keys.batch_stream(pool)], args=args))
             for n, (i, _) in enumerate(indexed):
                 new, completed, failed, total = flat[4 * n : 4 * n + 4]

@@ -3,19 +3,26 @@
 -- count is not bumped again and the entry is just acknowledged. Several items are recorded
 -- per call (the worker coalesces results for a few milliseconds).
 -- KEYS: 1 the pool's item stream
--- ARGV: 1 consumer group, 2 key prefix, then per item: batch id, line, result JSON,
---       "completed" or "failed", entry id
+-- ARGV: 1 consumer group, 2 key prefix, then per item two strings:
+--       "<batch id>|<line>|<completed or failed>|<entry id>" and the result JSON
 -- Returns per item: new (0/1), completed, failed, total (the batch's counts after this call)
-local news, batches, entries = {}, {}, {}
-for i = 3, #ARGV, 5 do
-  local batch_key = ARGV[2] .. ':batch:' .. ARGV[i]
-  local new = redis.call('HSETNX', batch_key .. ':results', ARGV[i + 1], ARGV[i + 2])
+local news, batches, entries, added = {}, {}, {}, {}
+for i = 3, #ARGV, 2 do
+  local batch, line, outcome, entry = string.match(ARGV[i], '^([^|]+)|([^|]+)|([^|]+)|([^|]+)$')
+  local batch_key = ARGV[2] .. ':batch:' .. batch
+  local new = redis.call('HSETNX', batch_key .. ':results', line, ARGV[i + 1])
   if new == 1 then
-    redis.call('HINCRBY', batch_key, ARGV[i + 3], 1)
+    local counter = batch_key .. '\0' .. outcome
+    added[counter] = (added[counter] or 0) + 1
   end
   news[#news + 1] = new
   batches[#batches + 1] = batch_key
-  entries[#entries + 1] = ARGV[i + 4]
+  entries[#entries + 1] = entry
+end
+-- One count update per batch and outcome, not one per item.
+for counter, n in pairs(added) do
+  local batch_key, outcome = string.match(counter, '^(.*)%z(.*)$')
+  redis.call('HINCRBY', batch_key, outcome, n)
 end
 redis.call('XACK', KEYS[1], ARGV[1], unpack(entries))
 redis.call('XDEL', KEYS[1], unpack(entries))
