@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,19 +23,13 @@ from pydantic import SecretStr
 
 from services.catalog.loader import CatalogError, load_catalog
 from services.catalog.models import Catalog
+from services.ray_env import ray_process_env
 from services.settings import Settings
 from services.tenancy.local_redis import LocalRedis
 from services.tenancy.store import new_plain_key
 
 READY_TIMEOUT_S = 600.0
 
-# Read by every Ray process at import; must be in the environment of `ray start`.
-RAY_PROCESS_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    # Direct ingress: the gateway replica serves HTTP itself, without a proxy
-    # actor in between (one fewer process hop; see docs/benchmarks.md).
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-}
 
 
 def _log(message: str) -> None:
@@ -65,7 +60,10 @@ def start_local_ray(settings: Settings) -> None:
     ]
     if settings.ray_num_cpus:
         cmd.append(f"--num-cpus={settings.ray_num_cpus}")
-    env = {**os.environ, **RAY_PROCESS_ENV}
+    # Read by every Ray process at import: it must be in the environment of `ray start`.
+    state_dir = Path(tempfile.gettempdir()) / f"phiserve-hp-{os.getuid()}"
+    state_dir.mkdir(exist_ok=True)
+    env = {**os.environ, **ray_process_env(settings.proxy_mode, state_dir)}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0 and "already running" not in (result.stdout + result.stderr):
         raise SystemExit(f"phiserve: `ray start` failed:\n{result.stdout}{result.stderr}")

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     metrics_export_port: int = Field(
         8080, ge=1, le=65535, description="Ray's metrics port on a locally started Ray (scrape target)."
     )
+    proxy_mode: Literal["haproxy", "default", "direct"] = Field(
+        "haproxy",
+        description="Ray Serve's front door on a locally started Ray: HAProxy in front of "
+        "direct-ingress gateway replicas (least CPU per request), Serve's Python proxy, or "
+        "direct ingress alone. See services/ray_env.py and docs/benchmarks.md.",
+    )
     ray_num_cpus: int | None = Field(
         None, ge=1, description="CPUs for a locally started Ray (default: all)."
     )

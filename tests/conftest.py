@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -18,11 +19,13 @@ from services.tenancy.redis_state import RedisState
 
 from services.catalog.loader import load_catalog
 from services.catalog.models import Catalog
+from services.ray_env import ray_process_env
 from services.settings import Settings
 from services.tenancy.local_redis import LocalRedis
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO / ".cache"
+
 CLUSTER_READY_TIMEOUT_S = 900.0
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 DEMO_KEY = "psk-demo0000-test-demo-key-for-the-suite"
@@ -33,6 +36,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# Serve's proxy mode is read when Ray is imported: set it before any test module imports
+# ray, the same mode `phiserve up` uses (HAProxy in front of direct-ingress replicas).
+_HAPROXY_DIR = Path(tempfile.mkdtemp(prefix="hp", dir="/tmp"))
+os.environ.update(ray_process_env("haproxy", _HAPROXY_DIR, drain_period_s=1.0))
+os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))  # else 8404 on all interfaces
 
 
 def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):  # type: ignore[no-untyped-def]

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, ConnectionError, RedisError, TimeoutError
 
 from services.errors import ServiceUnavailable
 
@@ -34,6 +36,10 @@ class RedisState:
             "socket_connect_timeout": 2.0,
             "max_connections": max_connections,
             "health_check_interval": 10,
+            # A pooled connection to a Redis that restarted fails once, and a Redis
+            # loading its AOF answers LOADING: reconnect and retry briefly before a 503.
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            "retry_on_error": [BusyLoadingError, ConnectionError, TimeoutError],
         }
         self.redis: aioredis.Redis = aioredis.Redis.from_url(url, socket_timeout=socket_timeout_s, **common)
         # BLPOP holds its connection for the whole wait: no socket timeout there.
