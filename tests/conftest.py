@@ -12,16 +12,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from pydantic import SecretStr
-
-from services.tenancy.redis_state import RedisState
 
 from services.catalog.loader import load_catalog
 from services.catalog.models import Catalog
 from services.ray_env import ray_process_env
 from services.settings import Settings
 from services.tenancy.local_redis import LocalRedis
+from services.tenancy.redis_state import RedisState
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO / ".cache"
