@@ -34,10 +34,12 @@ class LocalRedis:
             return False
 
     def start(self, *, appendonly: bool = True) -> None:
+        # redis-server changes into --dir before opening the pid and log files.
+        directory = self.directory.resolve()
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `apt-get install -y redis-server`")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [
                 binary,
@@ -47,9 +49,9 @@ class LocalRedis:
                 "--save", "",
                 "--appendonly", "yes" if appendonly else "no",
                 "--appendfsync", "everysec",
-                "--dir", str(self.directory),
-                "--pidfile", str(self.pidfile),
-                "--logfile", str(self.directory / "redis.log"),
+                "--dir", str(directory),
+                "--pidfile", str(directory / "redis.pid"),
+                "--logfile", str(directory / "redis.log"),
             ],
             check=True,
         )
