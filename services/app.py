@@ -73,7 +73,17 @@ def build_app(settings: Settings, catalog: Catalog) -> Application:
         worker = serve.deployment(
             BatchWorker,
             name=BATCH_DEPLOYMENT,
-            num_replicas=settings.batch_workers,
+            # Scaled by stream lag (services/batch/autoscaling.py), not by handle traffic.
+            autoscaling_config={
+                "min_replicas": settings.batch_workers,
+                "max_replicas": max(settings.batch_workers, settings.batch_max_workers),
+                "upscale_delay_s": 10,
+                "downscale_delay_s": 120,
+                "policy": {
+                    "policy_function": "services.batch.autoscaling:BacklogPolicy",
+                    "policy_kwargs": {"items_per_worker": settings.batch_items_per_worker},
+                },
+            },
             health_check_period_s=5,
             graceful_shutdown_timeout_s=5,
             ray_actor_options={"num_cpus": 0},

@@ -122,7 +122,15 @@ class Settings(BaseSettings):
         64 * 1024 * 1024, ge=1024, description="Largest batch input file accepted."
     )
     max_batch_lines: int = Field(50_000, ge=1, description="Most requests in one batch file.")
-    batch_workers: int = Field(1, ge=0, description="Batch worker replicas (0: no batch processing).")
+    batch_workers: int = Field(
+        1, ge=0, description="Batch worker replicas at least (0: no batch processing)."
+    )
+    batch_max_workers: int = Field(
+        4, ge=1, description="Batch worker replicas at most, when the streams are long."
+    )
+    batch_items_per_worker: int = Field(
+        256, ge=1, description="Waiting batch items per worker replica the autoscaler aims for."
+    )
     batch_concurrency: int = Field(
         32, ge=1, description="Items one worker keeps in flight (waiting for pool capacity)."
     )

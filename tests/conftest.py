@@ -129,6 +129,7 @@ def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[
         batch_concurrency=8,
         batch_sweep_interval_s=1.0,
         batch_retry_backoff_s=0.5,
+        batch_max_workers=1,  # 2 cores: the crash tests need the one worker they kill
     )
     catalog = load_catalog("local")
     metrics_port = free_port()

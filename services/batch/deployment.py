@@ -8,6 +8,7 @@ from typing import Any
 
 from ray import serve
 
+from services.batch.autoscaling import BACKLOG_METRIC
 from services.batch.metrics import BatchMetrics
 from services.batch.queue import BatchQueue
 from services.batch.worker import BatchProcessor
@@ -40,6 +41,10 @@ class BatchWorker:
         )
         self._state.keeper.start()
         self._task = asyncio.get_running_loop().create_task(self._processor.run())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-metrics hook: items waiting in the pool streams (stream lag)."""
+        return {BACKLOG_METRIC: float(await self._processor.backlog())}
 
     async def check_health(self) -> None:
         if self._task.done():

@@ -162,6 +162,13 @@ class BatchProcessor:
         status, body, _ = error_payload(exc)
         return error_line(item_id, item.custom_id, status, body)
 
+    async def backlog(self) -> int:
+        total = 0
+        for pool in self._pools:
+            length, _ = await self._queue.depth(pool)
+            total += length
+        return total
+
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
