@@ -1,32 +1,23 @@
 """What the phiserve gateway adds on top of calling the same vLLM engine directly.
 
-In one run, one after the other (never both at once: 2 cores): `direct` = vLLM's own OpenAI
-server (subprocess) on the tiny Phi-3.5-mini model; `gateway` = phiserve (Ray Serve gateway +
-the local profile's text pool only) on the same model with the same engine settings. Identical
-workloads: POST /v1/chat/completions, fixed short prompt, max_tokens=16, ignore_eos, temperature
-0; unary and streaming (with usage), at concurrency 1 and 16; `--requests` per mode after a
-warm-up; aiohttp client on uvloop.
-
-Per mode: p50/p99 latency, time to first token (first SSE event whose delta has content),
-req/s, CPU-ms per request (psutil user+system, sampled before and after the measured phase).
-`gateway_path` = the Serve processes a request crosses before the pool: ray::ProxyActor (plus
-ray::HAProxyManager and haproxy in HAProxy mode) and ray::ServeReplica:phiserve:gateway. The
-pool replica, which holds the engine as the direct server does, is shown apart, as are the
-direct server's process, both engine cores, the client and the machine's other load.
-
+One after the other (never both at once: 2 cores): `direct` = vLLM's OpenAI server on the tiny
+Phi-3.5-mini model; `gateway` = phiserve (Ray Serve, the local profile's text pool only), same
+model and engine settings. Same workload: POST /v1/chat/completions, fixed prompt, max_tokens=16,
+ignore_eos, temperature 0; unary and streaming, at concurrency 1 and 16, after a warm-up.
+Per mode: p50/p99 latency, TTFT (first SSE event with content), req/s, CPU-ms per request
+(psutil user+system before/after) of `gateway_path` = ray::ProxyActor (+ ray::HAProxyManager,
+haproxy), ray::ServeReplica:phiserve:gateway and, with tenancy, Redis; the pool replica (it holds
+the engine, as the direct server does) is shown apart. Chunks of 250 requests during which other
+jobs used more than --max-other-load cores are redone when the machine is quiet.
   RESULT gateway_overhead p50_ratio=X p99_ratio=Y throughput_ratio=Z cpu_ms_per_req=W
-p50/p99_ratio: gateway / direct latency, unary c=1; throughput_ratio: gateway / direct req/s,
-unary c=16; cpu_ms_per_req: gateway_path CPU-ms per request in the unary c=1 phase.
-
---proxy-mode (exported before Ray starts; each Serve process reads it at import):
-  default  Serve's Python proxy listens on the HTTP port (serve.start http_options.port).
-  direct   RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the gateway replica serves HTTP on its own port
-           (30000-31000, from the controller's target groups), where requests are sent; the
-           HTTP port keeps only a fallback Python proxy.
-  haproxy  RAY_SERVE_ENABLE_HA_PROXY=1 (implies direct ingress): HAProxy on the HTTP port
-           forwards to the replica's port; an idle fallback proxy stays.
---source DIR: benchmark the `services` package under DIR (e.g. a `git archive` of a commit).
---profile-seconds S: py-spy the gateway path's Python processes under unary c=1 load.
+p50/p99_ratio: gateway/direct latency, unary c=1; throughput_ratio: gateway/direct req/s, unary
+c=16; cpu_ms_per_req: gateway_path CPU-ms per request, unary c=1.
+--proxy-mode: default = Serve's Python proxy on the HTTP port (http_options.port); direct =
+RAY_SERVE_ENABLE_DIRECT_INGRESS=1, the gateway replica serves on its own port (30000-31000, from
+the target groups; the HTTP port keeps a fallback proxy); haproxy = RAY_SERVE_ENABLE_HA_PROXY=1,
+HAProxy on the HTTP port forwards to the replica's port. Tenancy (services.tenancy): a private
+Redis and the demo tenant's fresh key, sent to both targets. --source DIR: the `services`
+package to benchmark. --profile-seconds S: py-spy the gateway path under unary c=1 load.
 """
 
 from __future__ import annotations
@@ -54,12 +45,14 @@ import uvloop
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / ".cache" / "models"
 SERVED, MAX_TOKENS, PROMPT = "phi-3.5-mini", 16, "Write one sentence about the sea."
+CHUNK = 250  # requests measured between two CPU snapshots
 MODES = [(False, 1), (False, 16), (True, 1), (True, 16)]  # (stream, concurrency)
 ENGINE_ENV = {  # services.app.CPU_ENGINE_ENV, literal: importing services.app imports ray
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
 }
 Groups = dict[str, list[psutil.Process]]
+HEADERS = {"content-type": "application/json"}  # + the tenant's key when the gateway has tenancy
 
 
 def free_port() -> int:
@@ -108,15 +101,13 @@ def configure_env(mode: str, source: Path) -> Path | None:
 
 
 def own_tree() -> list[psutil.Process]:
-    me = psutil.Process()
-    return [me, *me.children(recursive=True)]
+    return [psutil.Process(), *psutil.Process().children(recursive=True)]
 
 
 def cmd(p: psutil.Process) -> str:
-    try:
+    with contextlib.suppress(psutil.Error):
         return " ".join(p.cmdline()).strip() or p.name()
-    except psutil.Error:
-        return ""
+    return ""
 
 
 def cpu_s(procs: list[psutil.Process]) -> float:
@@ -130,19 +121,16 @@ def cpu_s(procs: list[psutil.Process]) -> float:
 def snapshot(groups: Groups) -> dict[str, float]:
     snap = {name: cpu_s(procs) for name, procs in groups.items()}
     snap["client"] = cpu_s([psutil.Process()])
-    snap["own_tree"] = cpu_s(own_tree())
+    snap["own"] = cpu_s(list(set(own_tree()).union(*groups.values())))  # + the daemonised Redis
     t = psutil.cpu_times()
     snap["machine_busy"] = sum(t) - t.idle - getattr(t, "iowait", 0.0)
     snap["wall"] = time.monotonic()
     return snap
 
 
-def idle_rate(groups: Groups, seconds: float = 3.0) -> dict[str, float]:
-    """CPU-ms per second of each group without traffic (health checks, metrics pushes)."""
-    before = snapshot(groups)
-    time.sleep(seconds)
-    after = snapshot(groups)
-    return {k: (after[k] - before[k]) * 1000.0 / seconds for k in groups}
+def other_load(before: dict[str, float], after: dict[str, float]) -> float:
+    """CPU seconds the rest of the machine (other users' jobs) used between two snapshots."""
+    return (after["machine_busy"] - before["machine_busy"]) - (after["own"] - before["own"])
 
 
 def pct(values: list[float], q: float) -> float | None:  # in ms, linear interpolation
@@ -150,18 +138,9 @@ def pct(values: list[float], q: float) -> float | None:  # in ms, linear interpo
     return 1e3 * (v[int(k)] + (v[min(int(k) + 1, len(v) - 1)] - v[int(k)]) * (k - int(k))) if v else None
 
 
-def body_for(stream: bool) -> bytes:
-    body: dict[str, Any] = {"model": SERVED, "messages": [{"role": "user", "content": PROMPT}],
-                            "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
-                            "stream": stream}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    return json.dumps(body).encode()
-
-
 async def one(session: Any, url: str, body: bytes, stream: bool) -> tuple[float, float | None]:
     t0, ttft = time.perf_counter(), None
-    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+    async with session.post(url, data=body, headers=HEADERS) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {(await r.read())[:200]!r}")
         if not stream:
@@ -169,29 +148,33 @@ async def one(session: Any, url: str, body: bytes, stream: bool) -> tuple[float,
         else:
             last = b""
             async for line in r.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].strip()
+                data = line[6:].strip() if line.startswith(b"data: ") else None
                 if data == b"[DONE]":
                     break
-                if ttft is None and ((json.loads(data).get("choices") or [{}])[0]
-                                     .get("delta", {}).get("content")):
+                if data and ttft is None and (json.loads(data).get("choices") or [{}])[0].get(
+                        "delta", {}).get("content"):
                     ttft = time.perf_counter() - t0
-                last = data
+                last = data or last
             usage = json.loads(last)["usage"]
     if usage["completion_tokens"] != MAX_TOKENS:
         raise RuntimeError(f"expected {MAX_TOKENS} tokens, got {usage['completion_tokens']}")
     return time.perf_counter() - t0, ttft
 
 
-async def drive(url: str, n: int, conc: int, stream: bool, warmup: int, groups: Groups) -> dict[str, Any]:
+async def drive(url: str, n: int, conc: int, stream: bool, warmup: int, groups: Groups,
+                max_other: float = float("inf")) -> dict[str, Any]:
+    """`n` requests at concurrency `conc` in chunks; a chunk during which other jobs used more
+    than `max_other` cores is thrown away and redone once it is quiet (at most ~3x a chunk)."""
     import aiohttp
 
-    body, lat, ttft, errors = body_for(stream), [], [], []
+    request: dict[str, Any] = {"model": SERVED, "messages": [{"role": "user", "content": PROMPT}],
+                               "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+                               "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+    body, errors = json.dumps(request).encode(), []
     connector = aiohttp.TCPConnector(limit=conc)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as s:
 
-        async def run(count: int, record: bool) -> None:
+        async def run(count: int, lat: list[float], ttft: list[float]) -> None:
             left = [count]
 
             async def worker() -> None:
@@ -202,35 +185,53 @@ async def drive(url: str, n: int, conc: int, stream: bool, warmup: int, groups: 
                     except Exception as exc:  # noqa: BLE001 (counted and reported)
                         errors.append(repr(exc)[:200])
                         continue
-                    if record:
-                        lat.append(latency)
-                        ttft.extend([first] if first is not None else [])
+                    lat.append(latency)
+                    ttft.extend([first] if first is not None else [])
 
             await asyncio.gather(*(worker() for _ in range(conc)))
 
-        await run(warmup, record=False)
+        await run(warmup, [], [])
         errors.clear()
-        before = snapshot(groups)
-        await run(n, record=True)
-        after = snapshot(groups)
-    wall = after["wall"] - before["wall"]
-    foreign = (after["machine_busy"] - before["machine_busy"]) - (after["own_tree"] - before["own_tree"])
+        lat: list[float] = []
+        ttft: list[float] = []
+        cpu: Counter[str] = Counter()
+        done, wall, other, redone = 0, 0.0, 0.0, 0
+        while done < n:
+            chunk_lat: list[float] = []
+            chunk_ttft: list[float] = []
+            m = min(CHUNK, n - done)
+            before = snapshot(groups)
+            await run(m, chunk_lat, chunk_ttft)
+            after = snapshot(groups)
+            if other_load(before, after) > max_other * (after["wall"] - before["wall"]) \
+                    and redone < 3 * (n // CHUNK + 1):
+                redone += 1
+                for _ in range(30):  # wait (up to ~60 s) for a quiet machine
+                    quiet = snapshot({})
+                    await asyncio.sleep(2.0)
+                    if other_load(quiet, snapshot({})) < 2.0 * max_other:
+                        break
+                continue
+            done, lat, ttft = done + m, lat + chunk_lat, ttft + chunk_ttft
+            wall, other = wall + after["wall"] - before["wall"], other + other_load(before, after)
+            cpu.update({k: after[k] - before[k] for k in [*groups, "client"]})
     return {"stream": stream, "concurrency": conc, "requests": n, "errors": len(errors),
             "first_errors": errors[:3], "wall_s": wall, "req_s": len(lat) / wall,
             "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
             "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
-            "cpu_ms_per_req": {k: (after[k] - before[k]) * 1e3 / n for k in [*groups, "client"]},
-            "foreign_cpu_pct": 100.0 * foreign / wall}
+            "cpu_ms_per_req": {k: v * 1e3 / n for k, v in cpu.items()},
+            "foreign_cpu_pct": 100.0 * other / wall, "rejected_chunks": redone}
 
 
 def run_modes(url: str, args: argparse.Namespace, groups: Groups) -> list[dict]:
     out = []
     for stream, conc in MODES:
         warmup = max(4 * conc, args.requests // 10)
-        res = uvloop.run(drive(url, args.requests, conc, stream, warmup, groups))
+        out.append(res := uvloop.run(drive(url, args.requests, conc, stream, warmup, groups,
+                                           args.max_other_load)))
         print(f"  {'stream' if stream else 'unary'} c={conc}: p50 {res['p50_ms']:.1f} ms, "
-              f"{res['req_s']:.1f} req/s, errors {res['errors']} {res['first_errors'][:1]}", flush=True)
-        out.append(res)
+              f"{res['req_s']:.1f} req/s, errors {res['errors']} {res['first_errors'][:1]}, "
+              f"{res['rejected_chunks']} chunk(s) redone for other load", flush=True)
     return out
 
 
@@ -244,36 +245,34 @@ def bench_direct(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with open(tmp / "vllm-server.log", "wb") as log:
         proc = subprocess.Popen(argv, env={**os.environ, **ENGINE_ENV}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    print(f"direct: vLLM OpenAI server on :{port}", flush=True)
     try:
         t0 = time.monotonic()
         wait_http(f"http://127.0.0.1:{port}/health", 300, "vLLM server", proc)
-        print(f"direct: ready after {time.monotonic() - t0:.1f} s", flush=True)
+        print(f"direct: vLLM OpenAI server ready on :{port} after {time.monotonic() - t0:.1f} s", flush=True)
         server = psutil.Process(proc.pid)
         groups = {"frontend": [server], "engine": server.children(recursive=True)}
-        idle = idle_rate(groups)
         modes = run_modes(f"http://127.0.0.1:{port}/v1/chat/completions", args, groups)
-        return {"url": f"http://127.0.0.1:{port}", "modes": modes, "idle_cpu_ms_per_s": idle}
+        return {"url": f"http://127.0.0.1:{port}", "modes": modes}
     except BaseException:
         print((tmp / "vllm-server.log").read_text()[-3000:], file=sys.stderr)  # why it failed
         raise
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+        proc.wait()
 
 
-def gateway_groups() -> Groups:
+def gateway_groups(redis: psutil.Process | None) -> Groups:
     """Searched in our own process tree only, so a parallel Ray cluster is never counted."""
     groups: Groups = {"gateway_path": [], "pool_frontend": [], "engine": []}
-    for p in own_tree()[1:]:
+    for p in own_tree()[1:] + ([redis] if redis else []):
         c = cmd(p)
         short = next((k for k in ("ray::ServeReplica:phiserve:gateway", "ray::ProxyActor",
                                   "ray::HAProxyManager") if c.startswith(k)),
-                     "haproxy" if "bin/haproxy " in c else None)
+                     "haproxy" if "bin/haproxy " in c else "redis" if p is redis else None)
         if short:
             groups["gateway_path"].append(p)
             groups.setdefault(f"gw/{short.rpartition(':')[2]}", []).append(p)
@@ -287,7 +286,7 @@ def direct_ingress_url(app_name: str) -> str:
     import ray
     from ray.serve.context import _get_global_client
 
-    controller = _get_global_client()._controller
+    controller = _get_global_client()._controller  # type: ignore[union-attr]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         for group in ray.get(controller.get_target_groups.remote(app_name)):
@@ -298,7 +297,22 @@ def direct_ingress_url(app_name: str) -> str:
     raise TimeoutError("no direct-ingress target for the gateway")
 
 
-def bench_gateway(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def start_tenancy(tmp: Path) -> tuple[dict[str, Any], Any]:
+    """A gateway with tenancy needs Redis and a key: a private Redis, and the local profile's
+    demo tenant (no limits) with a fresh key; both targets get the same header."""
+    try:
+        from services.tenancy.local_redis import LocalRedis
+        from services.tenancy.store import new_plain_key
+    except ImportError:
+        return {}, None
+    redis = LocalRedis(port=free_port(), directory=tmp / "redis")
+    redis.start(appendonly=False)
+    key = new_plain_key()[1]
+    HEADERS["authorization"] = f"Bearer {key}"
+    return {"redis_url": redis.url, "api_key": key}, redis
+
+
+def bench_gateway(args: argparse.Namespace, tmp: Path, tenancy: dict[str, Any], redis: Any) -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -309,7 +323,7 @@ def bench_gateway(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     port = free_port()
     catalog = load_catalog("local")
     catalog = catalog.model_copy(update={"pools": [p for p in catalog.pools if p.name == "text"]})
-    settings = Settings(port=port, cache_dir=REPO / ".cache")
+    settings = Settings(port=port, cache_dir=REPO / ".cache", **tenancy)
     t0 = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -322,15 +336,13 @@ def bench_gateway(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             wait_http(f"{base}/ready", 120, "phiserve (replica port)")
         print(f"gateway[{args.proxy_mode}]: ready after {time.monotonic() - t0:.1f} s; requests to {base}"
               f" (HTTP port {port})", flush=True)
-        groups = gateway_groups()
+        groups = gateway_groups(psutil.Process(int(redis.pidfile.read_text())) if redis else None)
         for name, procs in groups.items():
-            print("".join(f"  [{name}] pid {p.pid}: {cmd(p)[:90]}\n" for p in procs), end="")
-        idle = idle_rate(groups)
-        print("  idle CPU-ms/s: " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items()), flush=True)
+            print("".join(f"  [{name}] pid {p.pid}: {cmd(p)[:90]}\n" for p in procs if "/" not in name), end="")
         modes = run_modes(f"{base}/v1/chat/completions", args, groups)
         if args.profile_seconds:
             profile(f"{base}/v1/chat/completions", args, groups, modes[0]["req_s"], tmp)
-        return {"url": base, "http_port": port, "modes": modes, "idle_cpu_ms_per_s": idle,
+        return {"url": base, "http_port": port, "modes": modes,
                 "counted": {k: [f"{p.pid} {cmd(p)[:80]}" for p in v] for k, v in groups.items()}}
     finally:
         try:
@@ -358,21 +370,22 @@ def profile(url: str, args: argparse.Namespace, groups: Groups, rate: float, tmp
         summarise(out, args.profile_top, n)
 
 
-AREAS = [("services/", "phiserve code"), ("fastapi/", "fastapi"), ("starlette/", "starlette"),
-         ("pydantic", "pydantic"), ("uvicorn/", "uvicorn"), ("h11", "h11"), ("ray/serve/", "ray serve"),
-         ("ray/", "ray core"), ("logging/", "logging"), ("asyncio/", "asyncio"), ("json/", "json")]
+AREAS = [("services/", "phiserve code"), ("redis/", "redis client"), ("fastapi/", "fastapi"),
+         ("starlette/", "starlette"), ("pydantic", "pydantic"), ("uvicorn/", "uvicorn"),
+         ("anyio/", "anyio threadpool"), ("ray/serve/", "ray serve"), ("ray/", "ray core"),
+         ("logging/", "logging"), ("asyncio/", "asyncio"), ("json/", "json")]
 
 
 def summarise(path: Path, top: int, requests: int) -> None:
-    self_n, area, total = Counter(), Counter(), 0
+    own: Counter[str] = Counter()
+    area: Counter[str] = Counter()
     for line in path.read_text().splitlines() if path.exists() else []:
-        stack, _, n = line.rpartition(" ")
+        stack, _, count = line.rpartition(" ")
         frames = [f for f in stack.split(";") if f]
-        if not n.isdigit() or not frames:
-            continue
-        total += int(n)
-        self_n[frames[-1]] += int(n)
-        area[next((name for f in reversed(frames) for key, name in AREAS if key in f), "other")] += int(n)
+        if count.isdigit() and frames:
+            own[frames[-1]] += int(count)
+            area[next((name for f in reversed(frames) for key, name in AREAS if key in f), "other")] += int(count)
+    total = sum(own.values())
     if not total:
         print("  (no samples)")
         return
@@ -380,7 +393,7 @@ def summarise(path: Path, top: int, requests: int) -> None:
           " the innermost recognised frame: "
           + ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in area.most_common()))
     print(f"  top {top} functions by own samples:")
-    for f, n in self_n.most_common(top):
+    for f, n in own.most_common(top):
         print(f"    {100 * n / total:5.1f}%  {f[:140]}")
 
 
@@ -403,18 +416,17 @@ def report(results: dict[str, Any]) -> dict[str, float]:
             cpu = m["cpu_ms_per_req"]
             print(f"{target:8} {label(m):10} {m['requests']:5d} {cols([m[k] for k in LAT_KEYS])} "
                   f"{m['errors']:3d}  " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if "/" not in k)
-                  + f"; other {m['foreign_cpu_pct']:.0f}% of a core")
+                  + f"; other {m['foreign_cpu_pct']:.0f}% of a core ({m['rejected_chunks']} redone)")
             if target == "gateway":
                 print(f"{'':86}gateway_path = " + " + ".join(
                     f"{k[3:]} {v:.2f}" for k, v in cpu.items() if k.startswith("gw/")))
     print(f"\nratios gateway/direct:\n{'mode':10} {cols(['p50', 'p99', 'ttft50', 'ttft99', 'req/s'])}"
           " +ms p50 +ms p99")
-    ratios = {}
     for d, g in zip(results["direct"]["modes"], results["gateway"]["modes"], strict=True):
-        ratios[label(d)] = r = {k: g[k] / d[k] if d[k] and g[k] else None for k in LAT_KEYS}
+        results.setdefault("ratios", {})[label(d)] = r = {
+            k: g[k] / d[k] if d[k] and g[k] else None for k in LAT_KEYS}
         print(f"{label(d):10} {cols([r[k] for k in LAT_KEYS], '>8.2f')} {g['p50_ms'] - d['p50_ms']:7.1f} "
               f"{g['p99_ms'] - d['p99_ms']:7.1f}")
-    results["ratios"] = ratios
     (d0, d1), (g0, g1) = results["direct"]["modes"][:2], results["gateway"]["modes"][:2]
     return {"p50_ratio": g0["p50_ms"] / d0["p50_ms"], "p99_ratio": g0["p99_ms"] / d0["p99_ms"],
             "throughput_ratio": g1["req_s"] / d1["req_s"],
@@ -427,6 +439,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: --requests 150")
     parser.add_argument("--proxy-mode", choices=["default", "direct", "haproxy"], default="default")
     parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--max-other-load", type=float, default=0.3,
+                        help="redo a chunk when other jobs used more cores than this meanwhile")
     parser.add_argument("--source", type=Path, default=REPO, help="folder holding the services package")
     parser.add_argument("--profile-seconds", type=int, default=0, help="py-spy the gateway path ~this long")
     parser.add_argument("--profile-top", type=int, default=15)
@@ -441,10 +455,14 @@ def main() -> None:
     started = time.monotonic()
     results: dict[str, Any] = {"proxy_mode": args.proxy_mode, "requests": args.requests,
                                "source": str(args.source), "loadavg_start": os.getloadavg()}
+    tenancy, redis = start_tenancy(tmp)
+    results["tenancy"] = redis is not None
     try:
         results["direct"] = bench_direct(args, tmp)
-        results["gateway"] = bench_gateway(args, tmp)
+        results["gateway"] = bench_gateway(args, tmp, tenancy, redis)
     finally:
+        if redis is not None:
+            redis.stop()
         shutil.rmtree(hp or "", ignore_errors=True)
         if not args.profile_seconds:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -452,7 +470,8 @@ def main() -> None:
     results["result"] = result = report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    print(f"\nproxy mode {args.proxy_mode}, {args.requests} requests/mode, services from {args.source}, "
+    print(f"\nproxy mode {args.proxy_mode}, {args.requests} requests/mode, services from {args.source}"
+          f"{' (tenancy on, Redis counted in gateway_path)' if redis else ''}, "
           f"{results['elapsed_s']:.0f} s, load average {results['loadavg_start'][0]:.1f} -> "
           f"{results['loadavg_end'][0]:.1f}" + (f", py-spy files in {tmp}" if args.profile_seconds else ""))
     print("RESULT gateway_overhead " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
