@@ -1,0 +1,68 @@
+"""docker compose (the real Compose v2 parser and the compose-spec schema) and the Dockerfile."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import yaml
+
+from tests.deploy.tooling import (
+    COMPOSE_FILE,
+    DOCKERFILE,
+    PROMETHEUS_DIR,
+    TEST_ADMIN_KEY,
+    compose_binary,
+    run,
+    tool,
+)
+
+# --------------------------------------------------------------------- compose, Dockerfile
+
+
+def test_compose_config_with_the_real_compose_parser() -> None:
+    binary = compose_binary()
+    env = {**os.environ, "PHISERVE_ADMIN_KEY": TEST_ADMIN_KEY}
+    run([binary, "-f", str(COMPOSE_FILE), "config", "-q"], env=env)
+    services = run(
+        [binary, "-f", str(COMPOSE_FILE), "--profile", "gpu", "config", "--services"], env=env
+    ).split()
+    assert set(services) == {"redis", "phiserve", "phiserve-gpu", "prometheus", "grafana"}
+    run([binary, "-f", str(COMPOSE_FILE), "--profile", "gpu", "config", "-q"], env=env)
+
+
+def test_compose_matches_the_compose_spec_schema() -> None:
+    run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)])
+
+
+def test_compose_services() -> None:
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    redis = services["redis"]
+    assert "--appendonly" in redis["command"] and any(v.endswith(":/data") for v in redis["volumes"])
+    cpu = services["phiserve"]
+    assert "profiles" not in cpu and cpu["build"]["target"] == "cpu"
+    assert "PHISERVE_RAY_ADDRESS" not in str(cpu)
+    gpu = services["phiserve-gpu"]
+    assert gpu["profiles"] == ["gpu"] and gpu["build"]["target"] == "gpu"
+    assert gpu["environment"]["PHISERVE_PROFILE"] == "h100"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    targets = yaml.safe_load((PROMETHEUS_DIR / "prometheus-compose.yml").read_text())
+    scraped = {t for job in targets["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert {"phiserve:8080", "phiserve-gpu:8080"} <= scraped
+
+
+def test_dockerfile_builds_the_cpu_and_gpu_images() -> None:
+    text = DOCKERFILE.read_text()
+    stages = {
+        stage: image for image, stage in re.findall(r"^FROM\s+(\S+)\s+AS\s+(\S+)", text, flags=re.MULTILINE)
+    }
+    assert {"base", "cpu", "gpu"} <= set(stages)
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in text and stages["base"] == "${PYTHON_IMAGE}"
+    cpu = text.split("AS cpu", 1)[1].split("FROM ", 1)[0]
+    assert 'pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[cpu]"' in cpu
+    assert "pip uninstall -y torchvision torchaudio torchcodec triton" in cpu
+    assert 'CMD ["phiserve", "up", "--foreground"]' in cpu
+    assert "PHISERVE_RAY_ADDRESS" not in text
+    assert re.search(r"^USER 1000:1000$", cpu, flags=re.MULTILINE)
