@@ -32,21 +32,13 @@ visible in every report but are not failures. loadtests/run.sh counts them as er
 
 from __future__ import annotations
 
-import base64
 import csv
-import io
-import itertools
 import json
-import os
 import random
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import gevent
 import grpc
@@ -56,29 +48,18 @@ import grpc.experimental.gevent as grpc_gevent
 # This has to happen before the first channel is created.
 grpc_gevent.init_gevent()
 
-from locust import FastHttpUser, User, events, task
-from locust.env import Environment
+from locust import FastHttpUser, User, events, task  # noqa: E402
+from locust.env import Environment  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from services.grpc.client import Client, PhiserveRpcError, user
+import lt_config  # noqa: E402
+from lt_clients import LoadTestError, LocustInterceptor, PhiserveUser, RestMixin, http_failure, multipart  # noqa: E402
+from lt_config import BATCH, FINAL_BATCH_STATES, USER_CLASS_KEYS, build_config  # noqa: E402
 
-TTFT = "TTFT"
-RATE_LIMITED = "429"
-BATCH = "BATCH"
-REFUSAL_CODES = frozenset({"rate_limit_exceeded", "overloaded"})
-FINAL_BATCH_STATES = frozenset({"completed", "failed", "cancelled", "expired"})
-PROMPTS = (
-    "Summarise the plot of a detective novel in two sentences.",
-    "Explain what a load balancer does.",
-    "Write a haiku about autumn rain.",
-    "List three uses of a hash map.",
-    "What is the capital of Australia, and why was it chosen?",
-)
-USER_CLASS_KEYS = {"rest": "RestUser", "grpc": "GrpcUser", "vision": "VisionUser", "batch": "BatchUser"}
-
+from services.grpc.client import Client, PhiserveRpcError, user  # noqa: E402
 
 # -- command line ------------------------------------------------------------------------
 
@@ -153,128 +134,6 @@ def _arguments(parser: Any) -> None:
     )
 
 
-@dataclass(frozen=True)
-class ApiKey:
-    key: str
-    label: str
-    weight: float = 1.0
-
-
-def _label(key: str, index: int) -> str:
-    # phiserve keys are psk-<key id>-<secret>; the first two parts are the non-secret prefix.
-    parts = key.split("-")
-    return "-".join(parts[:2]) if key.startswith("psk-") and len(parts) > 2 else f"key{index + 1}"
-
-
-def load_keys(path: str) -> list[ApiKey]:
-    """Keys from a file: one per line, or JSON (list, {"keys": [...]}, or {key: weight})."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith(("[", "{")):
-        data: Any = json.loads(text)
-        if isinstance(data, dict) and "keys" in data:
-            data = data["keys"]
-        items = [{"key": k, "weight": w} for k, w in data.items()] if isinstance(data, dict) else list(data)
-        keys = []
-        for i, item in enumerate(items):
-            item = {"key": item} if isinstance(item, str) else item
-            label = str(item.get("name") or item.get("tenant") or _label(item["key"], i))
-            keys.append(ApiKey(str(item["key"]), label, float(item.get("weight", 1.0))))
-    else:
-        lines = [line.strip() for line in text.splitlines()]
-        keys = [
-            ApiKey(k, _label(k, i)) for i, k in enumerate(k for k in lines if k and not k.startswith("#"))
-        ]
-    if not keys:
-        raise ValueError(f"no API keys in {path}")
-    if any(k.weight < 0 for k in keys) or not any(k.weight > 0 for k in keys):
-        raise ValueError(f"key weights in {path} must be >= 0 and not all 0")
-    return keys
-
-
-class KeyPicker:
-    def __init__(self, keys: list[ApiKey], mode: str) -> None:
-        self.keys = keys
-        self.weighted = mode == "weighted" or (mode == "auto" and len({k.weight for k in keys}) > 1)
-        self._next = itertools.count()
-
-    def pick(self) -> ApiKey:
-        if self.weighted:
-            return random.choices(self.keys, weights=[k.weight for k in self.keys])[0]
-        return self.keys[next(self._next) % len(self.keys)]
-
-
-@dataclass(frozen=True)
-class Config:
-    keys: KeyPicker
-    stats_by_key: bool
-    chat_models: list[str]
-    grpc_models: list[str]
-    vision_models: list[str]
-    batch_models: list[str]
-    stream_ratio: float
-    max_tokens: int
-    ignore_eos: bool
-    image_url: str
-    grpc_target: str
-    batch_lines: int
-    batch_poll_interval: float
-    batch_timeout: float
-    request_timeout: float
-    think_time: tuple[float, float]
-
-
-def _models(value: str, default: str) -> list[str]:
-    return [m.strip() for m in (value or default).split(",") if m.strip()]
-
-
-def png(width: int, height: int) -> bytes:
-    from PIL import Image, ImageDraw
-
-    picture = Image.new("RGB", (width, height), (30, 90, 200))
-    draw = ImageDraw.Draw(picture)
-    draw.rectangle((width // 4, height // 4, width // 2, height // 2), fill=(250, 200, 0))
-    draw.ellipse((width // 2, height // 2, width - 4, height - 4), fill=(20, 160, 60))
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def build_config(environment: Environment) -> Config:
-    options = environment.parsed_options
-    if options.keys_file:
-        keys = load_keys(options.keys_file)
-    elif os.environ.get("PHISERVE_API_KEY"):
-        keys = [ApiKey(os.environ["PHISERVE_API_KEY"], "PHISERVE_API_KEY")]
-    else:
-        raise SystemExit("phiserve locustfile: give --keys-file or set PHISERVE_API_KEY")
-    grpc_target = options.grpc_target
-    if not grpc_target:
-        host = urlsplit(environment.host or "http://127.0.0.1:8000").hostname or "127.0.0.1"
-        grpc_target = f"{host}:{options.grpc_port}"
-    width, _, height = options.image_size.lower().partition("x")
-    picture = png(int(width), int(height or width))
-    think = [float(x) for x in str(options.think_time).split(",")]
-    chat_models = _models(options.chat_model, "phi-3.5-mini")
-    return Config(
-        keys=KeyPicker(keys, options.key_selection),
-        stats_by_key=options.stats_by_key,
-        chat_models=chat_models,
-        grpc_models=_models(options.grpc_model, ",".join(chat_models)),
-        vision_models=_models(options.vision_model, "phi-3.5-vision"),
-        batch_models=_models(options.batch_model, ",".join(chat_models)),
-        stream_ratio=min(max(options.stream_ratio, 0.0), 1.0),
-        max_tokens=options.max_tokens,
-        ignore_eos=options.ignore_eos == "true",
-        image_url="data:image/png;base64," + base64.b64encode(picture).decode(),
-        grpc_target=grpc_target,
-        batch_lines=options.batch_lines,
-        batch_poll_interval=options.batch_poll_interval,
-        batch_timeout=options.batch_timeout,
-        request_timeout=options.request_timeout,
-        think_time=(think[0], think[-1]),
-    )
-
-
 def _set_user_weights(spec: str) -> None:
     classes = {"RestUser": RestUser, "GrpcUser": GrpcUser, "VisionUser": VisionUser, "BatchUser": BatchUser}
     for item in filter(None, (part.strip() for part in spec.split(","))):
@@ -283,20 +142,16 @@ def _set_user_weights(spec: str) -> None:
         cls.weight = int(weight)
 
 
-CONFIG: Config | None = None
-ENVIRONMENT: Environment | None = None
-
 
 @events.init.add_listener
 def _init(environment: Environment, **_: Any) -> None:
-    global CONFIG, ENVIRONMENT
     if environment.parsed_options is None:  # locust used as a library without options
         return
-    ENVIRONMENT = environment
-    CONFIG = build_config(environment)
+    lt_config.ENVIRONMENT = environment
+    config = lt_config.CONFIG = build_config(environment)
     _set_user_weights(environment.parsed_options.user_weights)
-    FastHttpUser.network_timeout = CONFIG.request_timeout
-    FastHttpUser.connection_timeout = min(CONFIG.request_timeout, 30.0)
+    FastHttpUser.network_timeout = config.request_timeout
+    FastHttpUser.connection_timeout = min(config.request_timeout, 30.0)
 
 
 @events.quit.add_listener
@@ -308,7 +163,7 @@ def _final_csv(**_: Any) -> None:
     loadtests/check_report.py judges. Locust's own writer flushes after each pass and is
     closed right after this event, so these files are the ones that stay.
     """
-    env = ENVIRONMENT
+    env = lt_config.ENVIRONMENT
     prefix = getattr(env.parsed_options, "csv_prefix", None) if env is not None else None
     if env is None or not prefix or env.runner is None:
         return
@@ -324,184 +179,10 @@ def _final_csv(**_: Any) -> None:
             write(csv.writer(handle))
 
 
-# -- shared pieces -----------------------------------------------------------------------
-
-
-class _PhiserveUser:
-    """Key, naming and pacing shared by every user class (a mixin)."""
-
-    environment: Environment
-    api_key: ApiKey
-
-    @property
-    def cfg(self) -> Config:
-        assert CONFIG is not None, "the phiserve locustfile needs locust's command-line options"
-        return CONFIG
-
-    def wait_time(self) -> float:
-        low, high = self.cfg.think_time
-        return random.uniform(low, high)
-
-    def _take_key(self) -> None:
-        self.api_key = self.cfg.keys.pick()
-
-    def name(self, base: str) -> str:
-        return f"{base} @{self.api_key.label}" if self.cfg.stats_by_key else base
-
-    def fire(
-        self,
-        request_type: str,
-        name: str,
-        response_time_ms: float,
-        *,
-        length: int = 0,
-        exception: BaseException | None = None,
-    ) -> None:
-        self.environment.events.request.fire(
-            request_type=request_type,
-            name=name,
-            response_time=response_time_ms,
-            response_length=length,
-            exception=exception,
-            context={"key": self.api_key.label},
-        )
-
-    def next_is_stream(self) -> bool:
-        """Streamed or unary, spread evenly by --stream-ratio (the first call streams)."""
-        if self.cfg.stream_ratio <= 0:
-            return False
-        self._stream_credit = (
-            getattr(self, "_stream_credit", 1.0 - self.cfg.stream_ratio) + self.cfg.stream_ratio
-        )
-        if self._stream_credit >= 1.0 - 1e-9:
-            self._stream_credit -= 1.0
-            return True
-        return False
-
-    def prompt(self) -> str:
-        return f"{random.choice(PROMPTS)} (#{random.randrange(10**6)})"
-
-    def sampling(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"max_tokens": self.cfg.max_tokens}
-        if self.cfg.ignore_eos:
-            body["ignore_eos"] = True
-        return body
-
-
-class LoadTestError(Exception):
-    """A response that was received but is wrong (status, body, stream)."""
-
-
-def _error_code(resp: Any) -> str:
-    try:
-        return str(json.loads(resp.content or b"{}")["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return ""
-
-
-def _http_failure(resp: Any) -> LoadTestError:
-    """What went wrong with a non-200 response: the status and the API's error code, or the
-    connection error when no response came (status 0)."""
-    detail = _error_code(resp) if resp.status_code else repr(getattr(resp, "error", None))
-    return LoadTestError(f"HTTP {resp.status_code} {detail}".strip())
-
-
-def _sse_events(resp: Any) -> Iterator[bytes]:
-    """The `data:` payloads of an SSE response, as they arrive."""
-    buffer = b""
-    for chunk in resp.iter_content(chunk_size=4096, decode_content=False):
-        buffer += chunk if isinstance(chunk, bytes) else chunk.encode()
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            line = line.strip()
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
-
-
-class _RestMixin(_PhiserveUser):
-    client: Any
-
-    def _headers(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self.api_key.key}",
-            "x-request-id": f"locust-{uuid.uuid4().hex[:16]}",
-        }
-
-    def _refused(self, resp: Any, base: str) -> bool:
-        """A 429 is reported as its own, successful, type-429 entry."""
-        if resp.status_code != 429:
-            return False
-        resp.request_meta["request_type"] = RATE_LIMITED
-        resp.request_meta["name"] = self.name(f"{base} [{_error_code(resp) or 'rate_limited'}]")
-        resp.success()
-        return True
-
-    def chat(self, base: str, messages: list[dict[str, Any]], model: str, *, stream: bool) -> None:
-        name = self.name(base)
-        body = {"model": model, "messages": messages, **self.sampling()}
-        if stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-        started = time.perf_counter()
-        with self.client.post(
-            "/v1/chat/completions",
-            json=body,
-            headers=self._headers(),
-            name=name,
-            stream=stream,
-            catch_response=True,
-        ) as resp:
-            if self._refused(resp, base):
-                return
-            if resp.status_code != 200:
-                resp.failure(_http_failure(resp))
-                return
-            if not stream:
-                try:
-                    answer = json.loads(resp.content)
-                    ok = answer["object"] == "chat.completion" and answer["choices"] and "usage" in answer
-                except (ValueError, KeyError, TypeError):
-                    ok = False
-                if not ok:
-                    resp.failure(LoadTestError("malformed chat.completion body"))
-                return
-            self._read_stream(resp, base, started)
-
-    def _read_stream(self, resp: Any, base: str, started: float) -> None:
-        first: float | None = None
-        done = usage = False
-        error = ""
-        length = 0
-        try:
-            for data in _sse_events(resp):
-                length += len(data)
-                if data == b"[DONE]":
-                    done = True
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    error = str(event["error"].get("code") or event["error"].get("message"))
-                    continue
-                if event.get("choices") and first is None:
-                    first = time.perf_counter()
-                    self.fire(TTFT, self.name(f"TTFT {base}"), (first - started) * 1000)
-                usage = usage or bool(event.get("usage"))
-        except (ValueError, OSError) as exc:  # bad JSON, connection reset mid-stream
-            error = f"{type(exc).__name__}: {exc}"
-        # The entry measures the whole stream, not only the time to the response headers.
-        resp.request_meta["response_time"] = (time.perf_counter() - started) * 1000
-        resp.request_meta["response_length"] = length
-        if error or not done or first is None or not usage:
-            why = error or (
-                "no [DONE]" if not done else "no content chunk" if first is None else "no usage chunk"
-            )
-            resp.failure(LoadTestError(f"stream: {why}"))
-
-
 # -- REST --------------------------------------------------------------------------------
 
 
-class RestUser(_RestMixin, FastHttpUser):
+class RestUser(RestMixin, FastHttpUser):
     """OpenAI-compatible chat over REST: unary and streamed (with time to first token)."""
 
     weight = 4
@@ -518,7 +199,7 @@ class RestUser(_RestMixin, FastHttpUser):
         )
 
 
-class VisionUser(_RestMixin, FastHttpUser):
+class VisionUser(RestMixin, FastHttpUser):
     """Chat with an image: a generated PNG as a base64 data URL."""
 
     weight = 1
@@ -541,21 +222,7 @@ class VisionUser(_RestMixin, FastHttpUser):
 # -- batch -------------------------------------------------------------------------------
 
 
-def _multipart(fields: dict[str, str], filename: str, content: bytes) -> tuple[bytes, str]:
-    boundary = f"locust-{uuid.uuid4().hex}"
-    out = io.BytesIO()
-    for key, value in fields.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
-    out.write(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        "Content-Type: application/jsonl\r\n\r\n".encode()
-    )
-    out.write(content)
-    out.write(f"\r\n--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
-class BatchUser(_RestMixin, FastHttpUser):
+class BatchUser(RestMixin, FastHttpUser):
     """The Batch API: upload a JSONL file, create a batch, poll it until it is final."""
 
     weight = 1
@@ -573,7 +240,7 @@ class BatchUser(_RestMixin, FastHttpUser):
             if self._refused(resp, base):
                 return None
             if resp.status_code != 200:
-                resp.failure(_http_failure(resp))
+                resp.failure(http_failure(resp))
                 return None
             try:
                 body: dict[str, Any] = json.loads(resp.content)
@@ -596,7 +263,7 @@ class BatchUser(_RestMixin, FastHttpUser):
                     {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
                 )
             )
-        data, content_type = _multipart(
+        data, content_type = multipart(
             {"purpose": "batch"}, "locust.jsonl", ("\n".join(lines) + "\n").encode()
         )
         upload = self._json_step(
@@ -639,96 +306,7 @@ class BatchUser(_RestMixin, FastHttpUser):
         self.fire(BATCH, self.name("batch job"), (time.perf_counter() - started) * 1000, exception=problem)
 
 
-# -- gRPC --------------------------------------------------------------------------------
-
-
-class _TimedStream:
-    """A response-stream call that reports its first message (TTFT) and its end to locust."""
-
-    def __init__(
-        self, call: Any, on_first: Callable[[], None], on_end: Callable[[BaseException | None, int], None]
-    ) -> None:
-        self._call = call
-        self._on_first = on_first
-        self._on_end = on_end
-        self._length = 0
-        self._seen_first = False
-        self._ended = False
-
-    def __iter__(self) -> _TimedStream:
-        return self
-
-    def __next__(self) -> Any:
-        try:
-            message = next(self._call)
-        except StopIteration:
-            self._end(None)
-            raise
-        except grpc.RpcError as exc:
-            self._end(exc)
-            raise
-        if not self._seen_first:
-            self._seen_first = True
-            self._on_first()
-        self._length += message.ByteSize()
-        return message
-
-    def _end(self, error: BaseException | None) -> None:
-        if not self._ended:
-            self._ended = True
-            self._on_end(error, self._length)
-
-    def cancel(self) -> bool:
-        # Called by the client when the caller leaves the loop; after a normal end it is a no-op.
-        # A call cancelled before its end (the test stopping) is not reported.
-        self._ended = True
-        return bool(self._call.cancel())
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._call, name)
-
-
-class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Reports every unary and response-streaming call as a locust request (type gRPC)."""
-
-    def __init__(self, owner: _PhiserveUser) -> None:
-        self._owner = owner
-
-    def _report(self, method: str, started: float, error: BaseException | None, length: int) -> None:
-        short = method.rsplit("/", 1)[-1]
-        elapsed = (time.perf_counter() - started) * 1000
-        if isinstance(error, grpc.RpcError):
-            rich = PhiserveRpcError.from_call(error)
-            if rich.code == grpc.StatusCode.RESOURCE_EXHAUSTED and rich.error_code in REFUSAL_CODES:
-                self._owner.fire(RATE_LIMITED, self._owner.name(f"gRPC {short} [{rich.error_code}]"), elapsed)
-                return
-            error = rich
-        self._owner.fire("gRPC", self._owner.name(short), elapsed, length=length, exception=error)
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        started = time.perf_counter()
-        outcome = continuation(details, request)
-        error = outcome.exception()  # waits (cooperatively) for the call to end
-        self._report(details.method, started, error, 0 if error else outcome.result().ByteSize())
-        return outcome
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        started = time.perf_counter()
-        method = details.method.rsplit("/", 1)[-1]
-
-        def first() -> None:
-            self._owner.fire(
-                TTFT, self._owner.name(f"TTFT gRPC {method}"), (time.perf_counter() - started) * 1000
-            )
-
-        return _TimedStream(
-            continuation(details, request),
-            first,
-            lambda error, length: self._report(details.method, started, error, length),
-        )
-
-
-class GrpcUser(_PhiserveUser, User):
+class GrpcUser(PhiserveUser, User):
     """phiserve.v1.InferenceService over gRPC, through the typed client on an intercepted channel."""
 
     weight = 2

@@ -1,0 +1,215 @@
+"""What the sync and asyncio gRPC clients share: message and request building, the
+`PhiserveRpcError` conversion of failed calls, call options and the batch polling rule.
+
+The public names are re-exported by `services.grpc.client`; import them from there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from services.grpc.gen.phiserve.v1 import batch_pb2, chat_pb2, common_pb2
+from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
+
+_ROLES = {
+    "system": chat_pb2.ROLE_SYSTEM,
+    "developer": chat_pb2.ROLE_DEVELOPER,
+    "user": chat_pb2.ROLE_USER,
+    "assistant": chat_pb2.ROLE_ASSISTANT,
+}
+
+
+# A batch in one of these states changes no more; its files are written.
+FINAL_BATCH_STATUSES = frozenset(
+    {
+        batch_pb2.BATCH_STATUS_COMPLETED,
+        batch_pb2.BATCH_STATUS_FAILED,
+        batch_pb2.BATCH_STATUS_CANCELLED,
+        batch_pb2.BATCH_STATUS_EXPIRED,
+    }
+)
+
+
+# -- building messages -------------------------------------------------------------------
+
+
+def image(source: bytes | str) -> chat_pb2.ContentPart:
+    """An image part: raw PNG/JPEG bytes, or a data: (or allowed http(s)) URL."""
+    if isinstance(source, bytes):
+        return chat_pb2.ContentPart(image=chat_pb2.Image(data=source))
+    return chat_pb2.ContentPart(image=chat_pb2.Image(url=source))
+
+
+def message(role: str, text: str = "", *images: chat_pb2.ContentPart | bytes) -> chat_pb2.ChatMessage:
+    """A chat message; with images, the text and the images become parts."""
+    if not images:
+        return chat_pb2.ChatMessage(role=_ROLES[role], text=text)
+    parts = [chat_pb2.ContentPart(text=text)] if text else []
+    parts += [part if isinstance(part, chat_pb2.ContentPart) else image(part) for part in images]
+    return chat_pb2.ChatMessage(role=_ROLES[role], parts=parts)
+
+
+def system(text: str) -> chat_pb2.ChatMessage:
+    return message("system", text)
+
+
+def user(text: str = "", *images: chat_pb2.ContentPart | bytes) -> chat_pb2.ChatMessage:
+    return message("user", text, *images)
+
+
+def assistant(text: str) -> chat_pb2.ChatMessage:
+    return message("assistant", text)
+
+
+def sampling(**fields: Any) -> common_pb2.SamplingParams:
+    """`SamplingParams` from keyword arguments; None leaves a field unset (its default)."""
+    fields = {name: value for name, value in fields.items() if value is not None}
+    if isinstance(fields.get("stop"), str):
+        fields["stop"] = [fields["stop"]]
+    return common_pb2.SamplingParams(**fields)
+
+
+# -- building requests -------------------------------------------------------------------
+
+
+def _chat(model: str, messages: Iterable[chat_pb2.ChatMessage], user_id: str, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": list(messages), "sampling": sampling(**fields), "user": user_id}
+
+
+def chat_request(
+    model: str, messages: Iterable[chat_pb2.ChatMessage], user_id: str, fields: Mapping[str, Any]
+) -> pb.ChatRequest:
+    return pb.ChatRequest(**_chat(model, messages, user_id, **fields))
+
+
+def chat_stream_request(
+    model: str,
+    messages: Iterable[chat_pb2.ChatMessage],
+    user_id: str,
+    include_usage: bool,
+    fields: Mapping[str, Any],
+) -> pb.ChatStreamRequest:
+    return pb.ChatStreamRequest(**_chat(model, messages, user_id, **fields), include_usage=include_usage)
+
+
+def complete_request(
+    model: str, prompt: str, echo: bool, user_id: str, fields: Mapping[str, Any]
+) -> pb.CompleteRequest:
+    return pb.CompleteRequest(model=model, prompt=prompt, echo=echo, user=user_id, sampling=sampling(**fields))
+
+
+def complete_stream_request(
+    model: str, prompt: str, echo: bool, user_id: str, include_usage: bool, fields: Mapping[str, Any]
+) -> pb.CompleteStreamRequest:
+    return pb.CompleteStreamRequest(
+        model=model, prompt=prompt, echo=echo, user=user_id, include_usage=include_usage, sampling=sampling(**fields)
+    )
+
+
+def create_batch_request(
+    input_file_id: str, endpoint: str, completion_window: str, metadata: Mapping[str, str] | None
+) -> pb.CreateBatchRequest:
+    return pb.CreateBatchRequest(
+        input_file_id=input_file_id,
+        endpoint=endpoint,
+        completion_window=completion_window,
+        metadata=dict(metadata or {}),
+    )
+
+
+def list_batches_request(after: str | None, limit: int) -> pb.ListBatchesRequest:
+    return pb.ListBatchesRequest(after=after or "", limit=limit)
+
+
+def batch_deadline(wait_s: float | None) -> float | None:
+    return None if wait_s is None else time.monotonic() + wait_s
+
+
+def batch_pending(batch: batch_pb2.Batch, batch_id: str, deadline: float | None) -> bool:
+    """True while the batch is not final; TimeoutError once `deadline` has passed."""
+    if batch.status in FINAL_BATCH_STATUSES:
+        return False
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeoutError(f"batch {batch_id} is still {batch_pb2.BatchStatus.Name(batch.status)}")
+    return True
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+class PhiserveRpcError(Exception):
+    """A failed call: the gRPC code and message, and phiserve's details.
+
+    `error_code` is the REST API's `code` (e.g. "rate_limit_exceeded"), `param` the REST
+    field name, `field` the request's proto field path (INVALID_ARGUMENT), and
+    `retry_after_s` the server's RetryInfo (RESOURCE_EXHAUSTED, UNAVAILABLE).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, Any]] = ()) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.metadata = {key: value for key, value in trailing if isinstance(value, str)}
+        self.request_id = self.metadata.get("x-request-id")
+        self.reason: str | None = None
+        self.error_code: str | None = None
+        self.param: str | None = None
+        self.field: str | None = None
+        self.retry_after_s: float | None = None
+        self.details: list[Any] = []
+        for key, value in trailing:
+            if key == "grpc-status-details-bin":
+                self._read_details(status_pb2.Status.FromString(value))
+
+    def _read_details(self, status: status_pb2.Status) -> None:
+        for packed in status.details:
+            for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
+                if packed.Is(cls.DESCRIPTOR):
+                    detail = cls()
+                    packed.Unpack(detail)
+                    self.details.append(detail)
+                    self._note(detail)
+
+    def _note(self, detail: Any) -> None:
+        if isinstance(detail, error_details_pb2.ErrorInfo):
+            self.reason = detail.reason
+            self.error_code = detail.metadata.get("code") or None
+            self.param = detail.metadata.get("param") or None
+        elif isinstance(detail, error_details_pb2.BadRequest) and detail.field_violations:
+            self.field = detail.field_violations[0].field
+        elif isinstance(detail, error_details_pb2.RetryInfo):
+            self.retry_after_s = detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
+
+    @classmethod
+    def from_call(cls, error: grpc.RpcError) -> PhiserveRpcError:
+        trailing = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+        return cls(error.code(), error.details() or "", tuple(trailing))  # type: ignore[attr-defined]
+
+
+# -- call options ------------------------------------------------------------------------
+
+
+def _metadata(api_key: str | None, request_id: str | None) -> tuple[tuple[str, str], ...]:
+    items = []
+    if api_key:
+        items.append(("authorization", f"Bearer {api_key}"))
+    if request_id:
+        items.append(("x-request-id", request_id))
+    return tuple(items)
+
+
+class ClientBase:
+    def __init__(self, api_key: str | None, timeout_s: float | None) -> None:
+        self._api_key = api_key
+        self._timeout_s = timeout_s
+
+    def _options(self, timeout_s: float | None, request_id: str | None) -> dict[str, Any]:
+        return {
+            "metadata": _metadata(self._api_key, request_id),
+            "timeout": timeout_s if timeout_s is not None else self._timeout_s,
+        }
