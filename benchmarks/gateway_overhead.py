@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -85,6 +86,11 @@ def configure_env(mode: str, source: Path) -> Path | None:
     if mode == "default":
         return None
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    # Replica ports come from 30000 up in every Ray cluster on the host; a block of our own keeps a
+    # parallel cluster from taking a port our HAProxy still points at when a replica is replaced.
+    base = 30100 + 100 * random.randrange(9)
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(base))
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(base + 99))
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # fast shutdown
     if mode != "haproxy":
         return None
@@ -220,7 +226,8 @@ async def drive(url: str, n: int, conc: int, stream: bool, warmup: int, groups: 
             "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
             "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
             "cpu_ms_per_req": {k: v * 1e3 / n for k, v in cpu.items()},
-            "foreign_cpu_pct": 100.0 * other / wall, "rejected_chunks": redone}
+            "foreign_cpu_pct": 100.0 * other / wall, "rejected_chunks": redone,
+            "lost": sorted({f"{p.pid} {k}" for k, ps in groups.items() for p in ps if not p.is_running()})}
 
 
 def run_modes(url: str, args: argparse.Namespace, groups: Groups) -> list[dict]:
@@ -232,6 +239,8 @@ def run_modes(url: str, args: argparse.Namespace, groups: Groups) -> list[dict]:
         print(f"  {'stream' if stream else 'unary'} c={conc}: p50 {res['p50_ms']:.1f} ms, "
               f"{res['req_s']:.1f} req/s, errors {res['errors']} {res['first_errors'][:1]}, "
               f"{res['rejected_chunks']} chunk(s) redone for other load", flush=True)
+        if res["lost"]:  # e.g. a replica killed or replaced: its CPU is missing, the row is void
+            print(f"  WARNING: processes gone during this phase: {res['lost']}", flush=True)
     return out
 
 
@@ -416,7 +425,8 @@ def report(results: dict[str, Any]) -> dict[str, float]:
             cpu = m["cpu_ms_per_req"]
             print(f"{target:8} {label(m):10} {m['requests']:5d} {cols([m[k] for k in LAT_KEYS])} "
                   f"{m['errors']:3d}  " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if "/" not in k)
-                  + f"; other {m['foreign_cpu_pct']:.0f}% of a core ({m['rejected_chunks']} redone)")
+                  + f"; other {m['foreign_cpu_pct']:.0f}% of a core ({m['rejected_chunks']} redone)"
+                  + (f"; INVALID, processes gone: {m['lost']}" if m["lost"] else ""))
             if target == "gateway":
                 print(f"{'':86}gateway_path = " + " + ".join(
                     f"{k[3:]} {v:.2f}" for k, v in cpu.items() if k.startswith("gw/")))

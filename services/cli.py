@@ -8,8 +8,10 @@ answers, and prints the URL and a ready line. `down` undeploys and stops local R
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,16 +153,42 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
+    engine_pids: list[int] = []
     try:
         ray.init(address=settings.ray_address or "auto", log_to_driver=False)
+        engine_pids = _engine_pids(settings)
         serve.shutdown()
     except ConnectionError:
         _log("no running cluster found")
     if settings.ray_address is None:
         subprocess.run([_ray_binary(), "stop", "--force"], capture_output=True)
+        # vLLM's engine core is a child of its pool replica; a replica stopped hard
+        # would leave it running (about 1 GB each).
+        for pid in engine_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     if settings.is_local:
         local_redis(settings).stop()
     _log("stopped")
+
+
+def _engine_pids(settings: Settings) -> list[int]:
+    from ray import serve
+
+    from services.app import APP_NAME, pool_deployment_name
+
+    pids: list[int] = []
+    try:
+        catalog = load_catalog(settings.profile)
+    except CatalogError:
+        return pids
+    for pool in catalog.enabled_pools:
+        try:
+            handle = serve.get_deployment_handle(pool_deployment_name(pool), app_name=APP_NAME)
+            pids += handle.diagnostics.remote().result(timeout_s=10)["engine_pids"]
+        except Exception:  # not deployed or not answering: nothing to collect
+            continue
+    return pids
 
 
 def cmd_build_tiny_models(settings: Settings, args: argparse.Namespace) -> None:

@@ -40,12 +40,13 @@ class GatewayServices:
     batch_worker: Any = None  # handle to the batch worker deployment, for /ready
 
 
-def _services(request: Request) -> GatewayServices:
+# async: FastAPI runs a plain `def` dependency in a thread pool, a hop per request.
+async def _services(request: Request) -> GatewayServices:
     services: GatewayServices = request.app.state.services
     return services
 
 
-def _request_id(request: Request) -> str:
+async def _request_id(request: Request) -> str:
     return str(request.state.request_id)
 
 

@@ -64,9 +64,10 @@ def test_redis_restarted_mid_batch(openai_client: OpenAI, cluster: Cluster) -> N
 def test_gateway_replica_killed_mid_batch(openai_client: OpenAI) -> None:
     batch_id = _start_batch(openai_client)
     _wait_partly_done(openai_client, batch_id)
+    # Only this test session's cluster: its Ray processes descend from this process.
     gateways = [
-        p for p in psutil.process_iter(["cmdline"])
-        if any("ServeReplica:phiserve:gateway" in part for part in (p.info["cmdline"] or []))
+        p for p in psutil.Process().children(recursive=True)
+        if any("ServeReplica:phiserve:gateway" in part for part in (p.cmdline() or []))
     ]
     assert gateways, "no gateway replica process found"
     gateways[0].kill()
