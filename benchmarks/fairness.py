@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,10 +35,9 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
-from services.app import APP_NAME, build_app  # noqa: E402
-from services.catalog.loader import load_catalog  # noqa: E402
 from services.catalog.tiny import build_tiny_models  # noqa: E402
 from services.settings import Settings  # noqa: E402
 from services.tenancy.local_redis import LocalRedis  # noqa: E402
@@ -53,12 +51,6 @@ TENANTS = {  # name: (weight, concurrency as a multiple of its share, think time
     "premium": (2, 2.0, 0.0),
 }
 LIGHT_THINK_S = 0.3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -124,28 +116,6 @@ async def run_phase(url: str, keys: dict[str, str], capacity: int, seconds: floa
     return phase
 
 
-def deploy(settings: Settings, capacity: int) -> None:
-    from ray import serve
-
-    catalog = load_catalog("local")
-    text = next(p for p in catalog.pools if p.name == "text").model_copy(update={"max_in_flight": capacity})
-    serve.run(build_app(settings, catalog.model_copy(update={"pools": [text]})), name=APP_NAME, route_prefix="/", blocking=False)
-
-
-def wait_ready(url: str) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("cluster not ready")
-
-
 def create_tenants(url: str) -> dict[str, str]:
     import httpx
 
@@ -164,10 +134,7 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=8, help="fair-queue slots of the pool")
     args = parser.parse_args()
 
-    import ray
-    from ray import serve
-
-    cache = Path(__file__).resolve().parent.parent / ".cache"
+    cache = CACHE_DIR
     build_tiny_models(cache / "models")
     tmp = Path(tempfile.mkdtemp())
     redis = LocalRedis(port=free_port(), directory=tmp / "redis")
@@ -176,20 +143,16 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     base = dict(port=port, grpc_port=None, cache_dir=cache, redis_url=redis.url, admin_key=SecretStr(ADMIN_KEY),
                 batch_workers=0, files_dir=tmp / "files", queue_timeout_s=120.0)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    catalog = text_catalog(max_in_flight=args.capacity)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deploy(Settings(**base, queue_policy="fair"), args.capacity)
-        wait_ready(url)
-        keys = create_tenants(url)
-        alone = asyncio.run(run_phase(url, keys, args.capacity, args.seconds, with_load=False))
-        fair = asyncio.run(run_phase(url, keys, args.capacity, args.seconds, with_load=True))
-        deploy(Settings(**base, queue_policy="fcfs"), args.capacity)
-        wait_ready(url)
-        fcfs = asyncio.run(run_phase(url, keys, args.capacity, args.seconds, with_load=True))
+        with serve_session(port):
+            deploy(Settings(**base, queue_policy="fair"), catalog)
+            keys = create_tenants(url)
+            alone = asyncio.run(run_phase(url, keys, args.capacity, args.seconds, with_load=False))
+            fair = asyncio.run(run_phase(url, keys, args.capacity, args.seconds, with_load=True))
+            deploy(Settings(**base, queue_policy="fcfs"), catalog)
+            fcfs = asyncio.run(run_phase(url, keys, args.capacity, args.seconds, with_load=True))
     finally:
-        serve.shutdown()
-        ray.shutdown()
         redis.stop()
 
     total_weight = sum(w for w, _, _ in TENANTS.values())

@@ -30,21 +30,20 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psutil
 import uvloop
+from _common import CACHE_DIR, REPO, deploy, free_port, pct, serve_session, text_catalog, wait_http
+from _profile import summarise
 
-REPO = Path(__file__).resolve().parent.parent
-MODEL_DIR = REPO / ".cache" / "models"
+MODEL_DIR = CACHE_DIR / "models"
 SERVED, MAX_TOKENS, PROMPT = "phi-3.5-mini", 16, "Write one sentence about the sea."
 CHUNK = 250  # requests measured between two CPU snapshots
 MODES = [(False, 1), (False, 16), (True, 1), (True, 16)]  # (stream, concurrency)
@@ -54,27 +53,6 @@ ENGINE_ENV = {  # services.app.CPU_ENGINE_ENV, literal: importing services.app i
 }
 Groups = dict[str, list[psutil.Process]]
 HEADERS = {"content-type": "application/json"}  # + the tenant's key when the gateway has tenancy
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(url: str, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline, last = time.monotonic() + timeout_s, ""
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                if resp.status == 200:
-                    return
-        except Exception as exc:  # noqa: BLE001 (not up yet)
-            last = repr(exc)
-        time.sleep(0.5)
-    raise TimeoutError(f"{what}: {url} not ready after {timeout_s:.0f} s ({last})")
 
 
 def configure_env(mode: str, source: Path) -> Path | None:
@@ -137,11 +115,6 @@ def snapshot(groups: Groups) -> dict[str, float]:
 def other_load(before: dict[str, float], after: dict[str, float]) -> float:
     """CPU seconds the rest of the machine (other users' jobs) used between two snapshots."""
     return (after["machine_busy"] - before["machine_busy"]) - (after["own"] - before["own"])
-
-
-def pct(values: list[float], q: float) -> float | None:  # in ms, linear interpolation
-    v, k = sorted(values), (len(values) - 1) * q
-    return 1e3 * (v[int(k)] + (v[min(int(k) + 1, len(v) - 1)] - v[int(k)]) * (k - int(k))) if v else None
 
 
 async def one(session: Any, url: str, body: bytes, stream: bool) -> tuple[float, float | None]:
@@ -322,24 +295,14 @@ def start_tenancy(tmp: Path) -> tuple[dict[str, Any], Any]:
 
 
 def bench_gateway(args: argparse.Namespace, tmp: Path, tenancy: dict[str, Any], redis: Any) -> dict[str, Any]:
-    import ray
-    from ray import serve
-
-    from services.app import APP_NAME, build_app
-    from services.catalog.loader import load_catalog
+    from services.app import APP_NAME
     from services.settings import Settings
 
     port = free_port()
-    catalog = load_catalog("local")
-    catalog = catalog.model_copy(update={"pools": [p for p in catalog.pools if p.name == "text"]})
     settings = Settings(port=port, cache_dir=REPO / ".cache", **tenancy)
     t0 = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/ready", 600, "phiserve (HTTP port)")
+    with serve_session(port):
+        base = deploy(settings, text_catalog())
         if args.proxy_mode == "direct":
             base = direct_ingress_url(APP_NAME)
             wait_http(f"{base}/ready", 120, "phiserve (replica port)")
@@ -353,11 +316,6 @@ def bench_gateway(args: argparse.Namespace, tmp: Path, tenancy: dict[str, Any], 
             profile(f"{base}/v1/chat/completions", args, groups, modes[0]["req_s"], tmp)
         return {"url": base, "http_port": port, "modes": modes,
                 "counted": {k: [f"{p.pid} {cmd(p)[:80]}" for p in v] for k, v in groups.items()}}
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
 
 
 def profile(url: str, args: argparse.Namespace, groups: Groups, rate: float, tmp: Path) -> None:
@@ -377,33 +335,6 @@ def profile(url: str, args: argparse.Namespace, groups: Groups, rate: float, tmp
     for p, out in spies:
         print(f"\nprofile of pid {p.pid} {cmd(p)[:50]}, {n} unary requests at c=1:")
         summarise(out, args.profile_top, n)
-
-
-AREAS = [("services/", "phiserve code"), ("redis/", "redis client"), ("fastapi/", "fastapi"),
-         ("starlette/", "starlette"), ("pydantic", "pydantic"), ("uvicorn/", "uvicorn"),
-         ("anyio/", "anyio threadpool"), ("ray/serve/", "ray serve"), ("ray/", "ray core"),
-         ("logging/", "logging"), ("asyncio/", "asyncio"), ("json/", "json")]
-
-
-def summarise(path: Path, top: int, requests: int) -> None:
-    own: Counter[str] = Counter()
-    area: Counter[str] = Counter()
-    for line in path.read_text().splitlines() if path.exists() else []:
-        stack, _, count = line.rpartition(" ")
-        frames = [f for f in stack.split(";") if f]
-        if count.isdigit() and frames:
-            own[frames[-1]] += int(count)
-            area[next((name for f in reversed(frames) for key, name in AREAS if key in f), "other")] += int(count)
-    total = sum(own.values())
-    if not total:
-        print("  (no samples)")
-        return
-    print(f"  {total} samples = {5.0 * total / requests:.2f} ms holding the GIL per request; by area of"
-          " the innermost recognised frame: "
-          + ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in area.most_common()))
-    print(f"  top {top} functions by own samples:")
-    for f, n in own.most_common(top):
-        print(f"    {100 * n / total:5.1f}%  {f[:140]}")
 
 
 LAT_KEYS = ("p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "req_s")

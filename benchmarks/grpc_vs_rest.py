@@ -22,45 +22,17 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import REPO, deploy, free_port, pct, serve_session, text_catalog
+
 sys.path.insert(0, str(REPO))
 SERVED, MAX_TOKENS, PROMPT = "phi-3.5-mini", 16, "Write one sentence about the sea."
 MODES = [(False, 1), (True, 1), (False, 8), (True, 8)]  # (stream, concurrency)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                if resp.status == 200:
-                    return
-        except Exception:  # noqa: BLE001 (not up yet)
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
-
-
-def pct(values: list[float], q: float) -> float | None:  # ms, linear interpolation
-    v, k = sorted(values), (len(values) - 1) * q
-    if not v:
-        return None
-    lo = int(k)
-    return 1e3 * (v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (k - lo))
 
 
 class Rest:
@@ -217,11 +189,6 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.chdir(REPO)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    import ray
-    from ray import serve
-
-    from services.app import APP_NAME, build_app
-    from services.catalog.loader import load_catalog
     from services.catalog.tiny import build_tiny_models
     from services.settings import Settings
     from services.tenancy.local_redis import LocalRedis
@@ -233,27 +200,18 @@ def main() -> None:
     redis.start(appendonly=False)
     key = new_plain_key()[1]
     port, grpc_port = free_port(), free_port()
-    catalog = load_catalog("local")
-    catalog = catalog.model_copy(update={"pools": [p for p in catalog.pools if p.name == "text"]})
     settings = Settings(
         port=port, grpc_port=grpc_port, cache_dir=REPO / ".cache", redis_url=redis.url, api_key=key, batch_workers=0
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(f"{base}/ready", 600)
-        print(f"phiserve ready: REST {base}, gRPC 127.0.0.1:{grpc_port}; {args.requests} requests per mode "
-              f"and transport, blocks of {args.block}", flush=True)
-        transports = [Rest(base, key), Grpc(f"127.0.0.1:{grpc_port}", key)]
-        rows = asyncio.run(bench(transports, args))
+        with serve_session(port):
+            base = deploy(settings, text_catalog())
+            print(f"phiserve ready: REST {base}, gRPC 127.0.0.1:{grpc_port}; {args.requests} requests per mode "
+                  f"and transport, blocks of {args.block}", flush=True)
+            transports = [Rest(base, key), Grpc(f"127.0.0.1:{grpc_port}", key)]
+            rows = asyncio.run(bench(transports, args))
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            redis.stop()
+        redis.stop()
     p50_ratio, ttft_ratio = report(rows)
     print(f"\nRESULT grpc p50_ratio_vs_rest={p50_ratio:.3f} ttft_ratio_vs_rest={ttft_ratio:.3f}")
 

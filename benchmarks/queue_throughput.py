@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog  # noqa: E402
 
 from services.batch.queue import BatchQueue, ResultWriter, item_fields  # noqa: E402
 from services.tenancy import keys  # noqa: E402
@@ -35,12 +38,6 @@ from services.tenancy.redis_state import RedisState  # noqa: E402
 
 READ_COUNT = 64
 ENQUEUE_CHUNK = 1000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _items(n: int) -> list[dict]:  # type: ignore[type-arg]
@@ -103,7 +100,7 @@ async def raw_path(state: RedisState, n: int) -> float:
 
 async def micro(items: int, rounds: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        redis = LocalRedis(port=_free_port(), directory=Path(tmp))
+        redis = LocalRedis(port=free_port(), directory=Path(tmp))
         redis.start()
         state = RedisState(redis.url)
         try:
@@ -119,63 +116,47 @@ async def micro(items: int, rounds: int) -> tuple[float, float]:
 
 def end_to_end(items: int) -> float:
     """A real cluster (text pool only), a real batch of `items` 8-token requests."""
-    import io
-
-    import httpx
-    import ray
     from openai import OpenAI
     from pydantic import SecretStr
-    from ray import serve
 
-    from services.app import APP_NAME, build_app
-    from services.catalog.loader import load_catalog
     from services.catalog.tiny import build_tiny_models
     from services.settings import Settings
 
-    cache = Path(__file__).resolve().parent.parent / ".cache"
+    cache = CACHE_DIR
     build_tiny_models(cache / "models")
     tmp = Path(tempfile.mkdtemp())
-    redis = LocalRedis(port=_free_port(), directory=tmp / "redis")
+    redis = LocalRedis(port=free_port(), directory=tmp / "redis")
     redis.start()
-    port = _free_port()
+    port = free_port()
     key = "psk-bench000-queue-benchmark-key"
     settings = Settings(
         port=port, grpc_port=None, cache_dir=cache, redis_url=redis.url, api_key=SecretStr(key),
         admin_key=SecretStr("bench-admin-key-0123456789"), files_dir=tmp / "files", batch_concurrency=32,
     )
-    catalog = load_catalog("local")
-    catalog = catalog.model_copy(update={"pools": [p for p in catalog.pools if p.name == "text"]})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
-        lines = [
-            json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                        "body": {"model": "phi-3.5-mini", "messages": [{"role": "user", "content": f"q{i}"}],
-                                 "max_tokens": 8, "ignore_eos": True}})
-            for i in range(items)
-        ]
-        upload = client.files.create(file=("b.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
-        started = time.perf_counter()
-        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
-        while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled", "expired"):
-            time.sleep(0.2)
-        elapsed = time.perf_counter() - started
-        assert batch.status == "completed" and batch.request_counts.completed == items, batch
-        return items / elapsed
+        with serve_session(port):
+            base = deploy(settings, text_catalog())
+            return _run_batch(OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0), items)
     finally:
-        serve.shutdown()
-        ray.shutdown()
         redis.stop()
+
+
+def _run_batch(client: Any, items: int) -> float:
+    """A batch of `items` 8-token chats through the running cluster; items per second."""
+    lines = [
+        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "phi-3.5-mini", "messages": [{"role": "user", "content": f"q{i}"}],
+                             "max_tokens": 8, "ignore_eos": True}})
+        for i in range(items)
+    ]
+    upload = client.files.create(file=("b.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+    started = time.perf_counter()
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled", "expired"):
+        time.sleep(0.2)
+    elapsed = time.perf_counter() - started
+    assert batch.status == "completed" and batch.request_counts.completed == items, batch
+    return items / elapsed
 
 
 def main() -> None:

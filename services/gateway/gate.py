@@ -135,7 +135,7 @@ class TenantGate:
         except BaseException as exc:
             if isinstance(exc, Overloaded):
                 self._metrics.rejected.inc(tags={"reason": exc.param or "queue_timeout"})
-            await self._settle(admitted, 0)
+            await self._admission.settle(admitted.reservation, 0)
             raise
         self._metrics.queue_wait.observe(admitted.grant.waited_s, tags={"pool": pool.name})
         self._keeper.add(admitted)
@@ -174,9 +174,6 @@ class TenantGate:
         for exc in results:
             if isinstance(exc, Exception):  # Redis down: the leases expire on their own
                 logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
-
-    async def _settle(self, admitted: Admitted, used: int) -> None:
-        await self._admission.settle(admitted.reservation, used)
 
     def _apply_policy(self, tenant: Tenant, pool: PoolConfig, request: GenerationRequest) -> GenerationRequest:
         if not tenant.allows(pool.names):

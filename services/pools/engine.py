@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +65,6 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Engine(ABC):

@@ -1,0 +1,85 @@
+"""What every benchmark needs: free ports, readiness polling, percentiles, and a local
+phiserve cluster (in-process Ray, Serve on a port, the local profile's text pool)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE_DIR = REPO / ".cache"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float, what: str = "service", proc: subprocess.Popen | None = None) -> None:  # type: ignore[type-arg]
+    """Poll `url` until it answers 200 (or `proc` exits, or the deadline passes)."""
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as exc:  # noqa: BLE001 (not up yet)
+            last = repr(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{what}: {url} not ready after {timeout_s:.0f} s ({last})")
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """Percentile `q` (0-1) of seconds, in ms, by linear interpolation."""
+    v, k = sorted(values), (len(values) - 1) * q
+    if not v:
+        return None
+    lo = int(k)
+    return 1e3 * (v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (k - lo))
+
+
+def text_catalog(**pool_updates: Any) -> Any:
+    """The local profile with its text pool only (the benchmarks' one engine)."""
+    from services.catalog.loader import load_catalog
+
+    catalog = load_catalog("local")
+    text = next(p for p in catalog.pools if p.name == "text").model_copy(update=pool_updates)
+    return catalog.model_copy(update={"pools": [text]})
+
+
+def deploy(settings: Any, catalog: Any, *, timeout_s: float = 600) -> str:
+    """Deploy (or redeploy) the application and wait until /ready; returns the base URL."""
+    from ray import serve
+
+    from services.app import APP_NAME, build_app
+
+    serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{settings.port}"
+    wait_http(f"{base}/ready", timeout_s, "phiserve")
+    return base
+
+
+@contextmanager
+def serve_session(port: int) -> Iterator[None]:
+    """In-process Ray on 2 CPUs with Serve's HTTP port at `port`; shut down on exit."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
