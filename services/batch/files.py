@@ -23,6 +23,9 @@ from services.tenancy import keys
 from services.tenancy.redis_state import RedisState
 
 MAX_CUSTOM_ID_LENGTH = 512
+# Deeper than any real request (tool schemas nest ~10 levels); far below the depth where
+# json.loads / json.dumps raise RecursionError (issue 9, item 9).
+MAX_JSON_DEPTH = 64
 ERRORS_SHOWN = 5
 UPLOAD_PURPOSES = ("batch",)
 
@@ -75,7 +78,9 @@ def validate_batch_jsonl(data: bytes, *, max_lines: int) -> list[dict[str, Any]]
     items: list[dict[str, Any]] = []
     errors: list[str] = []
     seen: dict[str, int] = {}
-    lines = [line for line in text.splitlines()]
+    # Only \n ends a line (JSONL): splitlines() would also split on U+2028, U+0085 ... which
+    # are valid raw characters inside a JSON string.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -99,6 +104,10 @@ def _check_line(line: str, number: int, seen: dict[str, int]) -> dict[str, Any] 
         item = json.loads(line)
     except json.JSONDecodeError as exc:
         return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return f"nested more than {MAX_JSON_DEPTH} levels deep"
+    if _depth_exceeds(item, MAX_JSON_DEPTH):
+        return f"nested more than {MAX_JSON_DEPTH} levels deep"
     if not isinstance(item, dict):
         return "must be a JSON object"
     custom_id = item.get("custom_id")
@@ -117,6 +126,23 @@ def _check_line(line: str, number: int, seen: dict[str, int]) -> dict[str, Any] 
     if body.get("stream"):
         return "streaming is not available in a batch"
     return {"line": number, "custom_id": custom_id, "url": item["url"], "body": body}
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Iterative (a recursive walk would fail the way the parser does)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 class FileService:

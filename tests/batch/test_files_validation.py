@@ -55,3 +55,32 @@ def test_line_limit_and_encoding() -> None:
 def test_many_errors_are_summarised() -> None:
     with pytest.raises(InvalidRequest, match=r"and 5 more"):
         _check("\n".join(["{"] * 10))
+
+
+def test_deeply_nested_line_is_a_400_naming_the_line() -> None:
+    # An attacker's line nested deeper than the JSON parser's recursion limit: a 400 that
+    # names the line, never a RecursionError (500) (issue 9, item 9).
+    deep = '{"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    with pytest.raises(InvalidRequest) as info:
+        _check(_line("a") + "\n" + deep)
+    assert "line 2" in info.value.message and "nested" in info.value.message
+
+
+def test_nesting_below_the_parser_limit_is_refused_too() -> None:
+    # Parsed, but would blow the stack later when the worker re-encodes it.
+    body = {"model": "m", "prompt": "x", "extra": json.loads("[" * 900 + "]" * 900)}
+    with pytest.raises(InvalidRequest, match="line 1: nested"):
+        _check(json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": body}))
+
+
+def test_raw_line_separator_inside_a_string_keeps_the_line_whole() -> None:
+    # U+2028 / U+2029 / U+0085 are valid raw characters in a JSON string; only \n ends a line.
+    text = "\n".join(
+        json.dumps(
+            {"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": f"a{sep}b"}},
+            ensure_ascii=False,
+        )
+        for i, sep in enumerate(["\u2028", "\u2029", "\x85", "\x1c"])
+    )
+    items = _check(text + "\r\n")
+    assert [i["body"]["prompt"] for i in items] == ["a\u2028b", "a\u2029b", "a\x85b", "a\x1cb"]
