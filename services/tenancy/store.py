@@ -1,7 +1,9 @@
 """Tenants and API keys in Redis. Keys are stored only as SHA-256 hashes.
 
-A key looks like `psk-<key id>-<secret>`: the id (8 hex) is not secret and names the key in
-listings and revocation; the secret is 32 random bytes. Lookups go by hash, and the stored
+A key looks like `psk-<key id>-<secret>`: the id (16 hex, 64 random bits, claimed with SET NX
+so two keys never share one) is not secret and names the key in listings and revocation; the
+secret is 32 random bytes. A key the operator supplies (bootstrap file, demo key) may be short:
+its id is random and at most 4 of its characters are listed. Lookups go by hash, and the stored
 hash is compared with `hmac.compare_digest` so the comparison itself leaks no timing.
 """
 
@@ -14,21 +16,29 @@ import secrets
 import time
 from collections.abc import Callable
 
-from services.errors import AuthenticationFailed, ResourceNotFound
+from services.errors import AuthenticationFailed, ResourceNotFound, ServiceUnavailable
 from services.tenancy import keys
 from services.tenancy.models import ApiKeyRecord, Tenant, TenantsFile
 from services.tenancy.redis_state import RedisState
 
 KEY_PREFIX = "psk-"
-LISTED_PREFIX_LENGTH = len(KEY_PREFIX) + 8
+KEY_ID_BYTES = 8  # 64 bits: 32 gave a birthday collision after ~65,000 keys (issue 9)
+LISTED_PREFIX_LENGTH = len(KEY_PREFIX) + 2 * KEY_ID_BYTES  # "psk-<id>": nothing secret
+SUPPLIED_PREFIX_LENGTH = 4  # and never more than a quarter of a supplied key
+ID_ATTEMPTS = 5
 
 
 def hash_key(plain: str) -> str:
     return hashlib.sha256(plain.encode()).hexdigest()
 
 
+def supplied_key_prefix(plain: str) -> str:
+    """What is listed of a key the operator supplied: a short key must not be mostly shown."""
+    return plain[: min(SUPPLIED_PREFIX_LENGTH, len(plain) // 4)]
+
+
 def new_plain_key() -> tuple[str, str]:
-    key_id = secrets.token_hex(4)
+    key_id = secrets.token_hex(KEY_ID_BYTES)
     return key_id, f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
 
 
@@ -67,30 +77,41 @@ class TenantStore:
     async def create_key(self, tenant_id: str, *, name: str = "", plain: str | None = None) -> tuple[str, ApiKeyRecord]:
         """Store a new key for the tenant; return the plain key (shown once) and its record."""
         await self.get_tenant(tenant_id)
-        if plain is None:
-            key_id, plain = new_plain_key()
+        redis = self._state.redis
+        for _ in range(ID_ATTEMPTS):
+            if plain is None:
+                key_id, candidate = new_plain_key()
+                prefix = candidate[:LISTED_PREFIX_LENGTH]
+            else:
+                key_id, candidate, prefix = secrets.token_hex(KEY_ID_BYTES), plain, supplied_key_prefix(plain)
+            digest = hash_key(candidate)
+            # Claim the id first (SET NX): a taken id is never overwritten, so revoking
+            # by id can only ever reach the key that owns it.
+            if await self._state.run(redis.set(keys.api_key_by_id(key_id), digest, nx=True)):
+                break
         else:
-            key_id = hash_key(plain)[:8]
-        record = ApiKeyRecord(
-            id=key_id,
-            tenant_id=tenant_id,
-            prefix=plain[:LISTED_PREFIX_LENGTH],
-            created_at=int(self._clock()),
-            name=name,
-        )
-        digest = hash_key(plain)
-        async with self._state.pipeline() as pipe:
-            pipe.set(keys.api_key_by_hash(digest), _stored(record, digest))
-            pipe.set(keys.api_key_by_id(key_id), digest)
-            pipe.sadd(keys.tenant_keys(tenant_id), key_id)
-            await pipe.execute()
-        return plain, record
+            raise ServiceUnavailable("could not allocate a unique key id; retry", retry_after_s=1)
+        record = ApiKeyRecord(id=key_id, tenant_id=tenant_id, prefix=prefix, created_at=int(self._clock()), name=name)
+        if not await self._state.run(redis.set(keys.api_key_by_hash(digest), _stored(record, digest), nx=True)):
+            # The same supplied key is already installed (two replicas bootstrapping at
+            # once): the first record stays, this id is given back.
+            await self._state.run(redis.delete(keys.api_key_by_id(key_id)))
+            existing = await self._state.run(redis.get(keys.api_key_by_hash(digest)))
+            return candidate, _loaded(existing)[0]
+        await self._state.run(redis.sadd(keys.tenant_keys(tenant_id), key_id))
+        return candidate, record
 
     async def ensure_key(self, tenant_id: str, plain: str, *, name: str = "") -> ApiKeyRecord:
         """Install a known key (bootstrap); keep its record if it already exists."""
-        existing = await self._state.run(self._state.redis.get(keys.api_key_by_hash(hash_key(plain))))
+        digest = hash_key(plain)
+        existing = await self._state.run(self._state.redis.get(keys.api_key_by_hash(digest)))
         if existing is not None:
-            return _loaded(existing)[0]
+            record = _loaded(existing)[0]
+            if record.prefix not in (f"{KEY_PREFIX}{record.id}", supplied_key_prefix(plain)):
+                # Stored before issue 9 with the key's first 12 characters: list less.
+                record = record.model_copy(update={"prefix": supplied_key_prefix(plain)})
+                await self._state.run(self._state.redis.set(keys.api_key_by_hash(digest), _stored(record, digest)))
+            return record
         return (await self.create_key(tenant_id, name=name, plain=plain))[1]
 
     async def list_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
