@@ -14,6 +14,10 @@ from services.pools.engine import GenerationRequest
 # replica's memory; 36 MP is far beyond what the HD transform uses (it resizes).
 MAX_IMAGE_PIXELS = 6000 * 6000
 
+# OpenAI's `developer` role is the newer name for `system`. Phi's chat template knows only
+# system/user/assistant and silently drops any other role (issue 9, item 9).
+TEMPLATE_ROLES = {"developer": "system"}
+
 
 class PromptRenderer:
     """Renders prompts with the model's own chat template (from its tokenizer)."""
@@ -35,7 +39,8 @@ class PromptRenderer:
             for _ in range(message.image_count):
                 image_number += 1
                 placeholders.append(f"<|image_{image_number}|>\n")
-            conversation.append({"role": message.role, "content": "".join(placeholders) + message.text})
+            role = TEMPLATE_ROLES.get(message.role, message.role)
+            conversation.append({"role": role, "content": "".join(placeholders) + message.text})
         try:
             rendered = self._tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=True
