@@ -133,7 +133,14 @@ def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[
     )
     catalog = load_catalog("local")
     metrics_port = free_port()
+    # A Ray cluster of its own, even beside `phiserve up` or another test session on this
+    # machine: "local" never attaches to an existing cluster (issue 9, item 10), and a
+    # private temp folder keeps its sockets and logs apart (short: socket paths are limited).
+    os.environ.pop("RAY_ADDRESS", None)
     ray.init(
+        address="local",
+        _temp_dir=tempfile.mkdtemp(prefix="rt", dir="/tmp"),
+        namespace=f"phiserve-tests-{os.getpid()}",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
