@@ -28,17 +28,7 @@ class BatchWorker:
             [pool.name for pool in catalog.enabled_pools],
             visibility_timeout_s=settings.batch_visibility_timeout_s,
         )
-        self._processor = BatchProcessor(
-            services,
-            queue,
-            services.batches,
-            BatchMetrics(),
-            consumer=consumer,
-            concurrency=settings.batch_concurrency,
-            max_attempts=settings.batch_max_attempts,
-            backoff_s=settings.batch_retry_backoff_s,
-            sweep_interval_s=settings.batch_sweep_interval_s,
-        )
+        self._processor = BatchProcessor.from_settings(services, queue, BatchMetrics(), settings, consumer=consumer)
         self._state.keeper.start()
         self._task = asyncio.get_running_loop().create_task(self._processor.run())
 
@@ -49,6 +39,7 @@ class BatchWorker:
     async def check_health(self) -> None:
         if self._task.done():
             raise RuntimeError(f"the batch loop stopped: {self._task.exception()!r}")
+        await self._processor.check_health()
 
     async def diagnostics(self) -> dict[str, object]:
         """For operators and tests: this worker's process and what it holds."""

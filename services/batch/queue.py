@@ -75,8 +75,9 @@ class BatchQueue:
     async def read(self, consumer: str, *, count: int, block_ms: int) -> list[QueueItem]:
         streams = {keys.batch_stream(pool): ">" for pool in self._pools}
         try:
-            reply = await self._state.run(
-                self._state.blocking.xreadgroup(keys.BATCH_GROUP, consumer, streams, count=count, block=block_ms)
+            reply = await self._state.blocking_call(
+                self._state.blocking.xreadgroup(keys.BATCH_GROUP, consumer, streams, count=count, block=block_ms),
+                block_s=block_ms / 1000,
             )
         except Exception as exc:
             if isinstance(exc.__cause__, ResponseError) and "NOGROUP" in str(exc.__cause__):

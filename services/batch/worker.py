@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,6 +26,7 @@ from services.gateway.completions.protocol import CompletionRequest
 from services.gateway.deps import GatewayServices
 from services.gateway.errors import error_payload, invalid_request_from
 from services.gateway.generation import Caller
+from services.settings import Settings
 from services.tenancy.models import PriorityClass, Tenant
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class BatchProcessor:
         max_attempts: int,
         backoff_s: float,
         sweep_interval_s: float,
+        stall_after_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._services = services
         self._queue = queue
@@ -56,14 +60,45 @@ class BatchProcessor:
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
         self._sweep_interval_s = sweep_interval_s
+        self._stall_after_s = stall_after_s
+        self._clock = clock
+        self._heartbeat = clock()
         self._in_flight: dict[asyncio.Task[None], QueueItem] = {}
         self._writer = ResultWriter(queue)
         self._pools = [pool.name for pool in services.catalog.enabled_pools]
 
+    @classmethod
+    def from_settings(
+        cls, services: GatewayServices, queue: BatchQueue, metrics: BatchMetrics, settings: Settings, *, consumer: str
+    ) -> BatchProcessor:
+        return cls(
+            services,
+            queue,
+            services.batches,
+            metrics,
+            consumer=consumer,
+            concurrency=settings.batch_concurrency,
+            max_attempts=settings.batch_max_attempts,
+            backoff_s=settings.batch_retry_backoff_s,
+            sweep_interval_s=settings.batch_sweep_interval_s,
+            stall_after_s=settings.batch_loop_stall_s,
+        )
+
+    async def check_health(self) -> None:
+        """Unhealthy when the loop stopped turning: a call that never returns (issue 9, item 7)
+        leaves the task alive, so `task.done()` alone would stay green."""
+        stalled = self._clock() - self._heartbeat
+        if stalled > self._stall_after_s:
+            raise RuntimeError(f"the batch loop has not turned for {stalled:.0f} s")
+
     async def run(self) -> None:
+        self._heartbeat = self._clock()
         await self._queue.ensure_groups()
         next_sweep = 0.0
         while True:
+            # Beat on every turn, also after an error: Redis down is not this worker's fault
+            # (a new replica would not help); a call that hangs is.
+            self._heartbeat = self._clock()
             try:
                 if time.monotonic() >= next_sweep:
                     await self._housekeeping()

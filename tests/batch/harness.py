@@ -1,0 +1,118 @@
+"""A real batch worker outside Ray: the gateway services `build_services` wires (real Redis,
+real fair queue and admission), a `BatchProcessor` and its loop, no pool handles. Items that
+would reach an engine are never granted a slot in these tests (the pool is kept full)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from services.batch.metrics import BatchMetrics
+from services.batch.queue import BatchQueue
+from services.batch.worker import BatchProcessor
+from services.catalog.loader import load_catalog
+from services.gateway.app import build_services
+from services.gateway.deps import GatewayServices
+from services.settings import Settings
+from services.tenancy.fair_queue import FairQueue
+from services.tenancy.models import Tenant
+from services.tenancy.redis_state import RedisState
+from tests.conftest import CACHE_DIR
+
+POOL = "text"
+MODEL = "phi-3.5-mini"
+
+
+def worker_settings(redis_url: str, tmp_files: Any, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "cache_dir": CACHE_DIR,
+        "redis_url": redis_url,
+        "files_dir": tmp_files,
+        "batch_concurrency": 4,
+        "batch_sweep_interval_s": 0.2,
+        "batch_visibility_timeout_s": 30.0,
+        "batch_retry_backoff_s": 0.3,
+        "queue_timeout_s": 0.2,
+        "max_waiting_per_pool": 1,
+        "lease_ttl_s": 30.0,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    services: GatewayServices
+    state: RedisState
+    processor: BatchProcessor
+    queue: BatchQueue
+
+
+def build_worker(settings: Settings, *, consumer: str = "w1") -> Worker:
+    catalog = load_catalog("local")
+    services, gateway_state = build_services(catalog, {}, settings)
+    queue = BatchQueue(
+        gateway_state.redis,
+        [pool.name for pool in catalog.enabled_pools],
+        visibility_timeout_s=settings.batch_visibility_timeout_s,
+    )
+    processor = BatchProcessor.from_settings(services, queue, BatchMetrics(), settings, consumer=consumer)
+    return Worker(settings, services, gateway_state.redis, processor, queue)
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.get_running_loop().create_task(worker.processor.run())
+    try:
+        yield task
+    finally:
+        worker.processor.stop()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await worker.state.close()
+
+
+@contextlib.asynccontextmanager
+async def full_pool(worker: Worker, pool: str = POOL) -> AsyncIterator[None]:
+    """Another tenant takes every slot of the pool and one waits: the waiting room
+    (max_waiting_per_pool=1) is full, so a batch item's admission is refused at once
+    with Overloaded, as behind a burst of interactive traffic."""
+    capacity = next(p.capacity for p in worker.services.catalog.enabled_pools if p.name == pool)
+    queue = FairQueue(worker.state, {pool: capacity}, max_waiting=1, lease_ttl_s=30.0)
+    grants = [
+        await queue.acquire(pool, tenant_id="interactive", cost=1, weight=1, priority=0, timeout_s=1)
+        for _ in range(capacity)
+    ]
+    waiter = asyncio.get_running_loop().create_task(
+        queue.acquire(pool, tenant_id="interactive", cost=1, weight=1, priority=0, timeout_s=120)
+    )
+    try:
+        yield
+    finally:
+        waiter.cancel()
+        with contextlib.suppress(BaseException):
+            await waiter
+        for grant in grants:
+            with contextlib.suppress(Exception):
+                await queue.release(grant)
+
+
+async def add_tenant(worker: Worker, tenant_id: str, **fields: Any) -> Tenant:
+    return await worker.services.tenants.put_tenant(Tenant(id=tenant_id, **fields))
+
+
+def jsonl(n: int, *, model: str = MODEL) -> bytes:
+    lines = [
+        json.dumps({
+            "custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
+            "body": {"model": model, "prompt": f"item {i}", "max_tokens": 4},
+        })
+        for i in range(n)
+    ]
+    return ("\n".join(lines) + "\n").encode()
