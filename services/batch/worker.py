@@ -182,7 +182,7 @@ class BatchProcessor:
         try:
             if item.url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(item.body)
-                pool, request = await services.chat.prepare(chat, item_id)
+                pool, request = await services.chat.prepare(chat, item_id, tenant=tenant)
                 shape: Any = ChatShape(item_id, chat.model)
             else:
                 completion = CompletionRequest.model_validate(item.body)

@@ -113,7 +113,7 @@ class TenantGate:
         self, tenant: Tenant, pool: PoolConfig, request: GenerationRequest, *, deadline_s: float | None
     ) -> Admitted:
         request = self._apply_policy(tenant, pool, request)
-        prompt_tokens = self._counter.prompt_tokens(pool, request)
+        prompt_tokens = await self._counter.count(pool, request)  # long prompts: off the loop
         max_tokens = request.sampling.max_tokens or max(pool.engine.max_model_len - prompt_tokens, 1)
         reserve = prompt_tokens + max_tokens
         try:
@@ -176,18 +176,7 @@ class TenantGate:
                 logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
 
     def _apply_policy(self, tenant: Tenant, pool: PoolConfig, request: GenerationRequest) -> GenerationRequest:
-        if not tenant.allows(pool.names):
-            raise PermissionDenied(
-                f"tenant '{tenant.id}' may not use model '{request.model}'",
-                param="model",
-                code="model_not_allowed",
-            )
-        if len(request.images) > tenant.images.max_images_per_request:
-            raise InvalidRequest(
-                f"this tenant may send at most {tenant.images.max_images_per_request} image(s) per request",
-                param="messages",
-                code="too_many_images",
-            )
+        check_access(tenant, pool, model=request.model, images=len(request.images))
         cap = tenant.limits.max_tokens
         sampling = request.sampling
         if cap is not None:
@@ -199,6 +188,23 @@ class TenantGate:
                 sampling = dataclasses.replace(sampling, max_tokens=cap)
         return dataclasses.replace(
             request, sampling=sampling, priority=tenant.priority_class.engine_priority
+        )
+
+
+def check_access(tenant: Tenant, pool: PoolConfig, *, model: str, images: int) -> None:
+    """The tenant may use this model with this many images. Also called before any image
+    is fetched or decoded (chat service), so a refused request costs no fetch (issue 9)."""
+    if not tenant.allows(pool.names):
+        raise PermissionDenied(
+            f"tenant '{tenant.id}' may not use model '{model}'",
+            param="model",
+            code="model_not_allowed",
+        )
+    if images > tenant.images.max_images_per_request:
+        raise InvalidRequest(
+            f"this tenant may send at most {tenant.images.max_images_per_request} image(s) per request",
+            param="messages",
+            code="too_many_images",
         )
 
 

@@ -7,9 +7,11 @@ transform makes of it: the engine counts the same, and settlement corrects any g
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,12 @@ TOKENS_PER_MESSAGE = 4
 TOKENS_PER_PROMPT = 2
 CHARS_PER_TOKEN_FALLBACK = 3
 TILE = 336
+# Tokenising ~16 K characters takes about a millisecond: longer prompts (up to the 16 MiB
+# body limit) and image headers are counted on a small thread pool, so one tenant's huge
+# prompt does not stall every other request on the gateway's event loop (issue 9, item 4).
+# Short prompts stay on the loop, where a thread hop would cost more than the count.
+OFF_LOOP_CHARS = 16 * 1024
+COUNTING_THREADS = 2
 
 
 def phi3v_image_tokens(width: int, height: int, num_crops: int) -> int:
@@ -45,9 +53,14 @@ def phi3v_image_tokens(width: int, height: int, num_crops: int) -> int:
 
 
 class TokenCounter:
-    def __init__(self, tokenizers: dict[str, Any], num_crops: dict[str, int]) -> None:
+    def __init__(
+        self, tokenizers: dict[str, Any], num_crops: dict[str, int], *, off_loop_chars: int = OFF_LOOP_CHARS
+    ) -> None:
         self._tokenizers = tokenizers
         self._num_crops = num_crops
+        self._off_loop_chars = off_loop_chars
+        # Threads start on first use; the tokenizers library releases the GIL while encoding.
+        self._executor = ThreadPoolExecutor(max_workers=COUNTING_THREADS, thread_name_prefix="tokens")
 
     @classmethod
     def for_pools(cls, pools: list[PoolConfig], model_dir: Path) -> TokenCounter:
@@ -57,6 +70,14 @@ class TokenCounter:
             loaded[pool.name] = _load_tokenizer(pool.resolve_model_path(model_dir))
             crops[pool.name] = int((pool.engine.mm_processor_kwargs or {}).get("num_crops", 4))
         return cls(loaded, crops)
+
+    async def count(self, pool: PoolConfig, request: GenerationRequest) -> int:
+        """`prompt_tokens`, off the event loop when the prompt is long or carries images."""
+        if request.images or _text_length(request) > self._off_loop_chars:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.prompt_tokens, pool, request
+            )
+        return self.prompt_tokens(pool, request)
 
     def prompt_tokens(self, pool: PoolConfig, request: GenerationRequest) -> int:
         if request.messages is None:
@@ -81,6 +102,12 @@ class TokenCounter:
         except Exception:
             return 0  # the pool refuses it with a clear 400
         return phi3v_image_tokens(width, height, self._num_crops[pool.name])
+
+
+def _text_length(request: GenerationRequest) -> int:
+    if request.messages is None:
+        return len(request.prompt or "")
+    return sum(len(m.text) for m in request.messages)
 
 
 def _load_tokenizer(model: str) -> Any:

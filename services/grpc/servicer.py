@@ -95,7 +95,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async def run(call: _Call) -> pb.ChatResponse:
             caller = await self._caller(call)
             body = convert.chat_body(request, stream=False)
-            pool, generation = await self._services.chat.prepare(body, call.request_id)
+            pool, generation = await self._services.chat.prepare(body, call.request_id, tenant=caller.tenant)
             response: pb.ChatResponse = await self._unary(
                 call, caller, pool, generation, convert.ChatShape(call.request_id, body.model)
             )
@@ -107,7 +107,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async def run(call: _Call) -> None:
             caller = await self._caller(call)
             body = convert.chat_body(request, stream=True)
-            pool, generation = await self._services.chat.prepare(body, call.request_id)
+            pool, generation = await self._services.chat.prepare(body, call.request_id, tenant=caller.tenant)
             shape = convert.ChatShape(call.request_id, body.model)
             await self._stream(call, caller, pool, generation, shape, include_usage=body.include_usage())
 

@@ -9,11 +9,13 @@ from typing import Any
 from services.catalog.models import Modality, Platform, PoolConfig
 from services.errors import InvalidRequest, UnsupportedContent
 from services.gateway.chat.protocol import ChatCompletionRequest, ImagePart, TextPart
+from services.gateway.gate import check_access
 from services.gateway.generation import Caller, GenerationRunner, usage
 from services.gateway.images import ImageLoader
 from services.gateway.pools import PoolRouter
 from services.gateway.sampling import sampling_options
 from services.pools.engine import ChatMessage, GenerationRequest, GenerationResult
+from services.tenancy.models import Tenant
 
 
 class ChatShape:
@@ -65,8 +67,14 @@ class ChatService:
         self._images = images
         self._platform = platform
 
-    async def prepare(self, body: ChatCompletionRequest, request_id: str) -> tuple[PoolConfig, GenerationRequest]:
+    async def prepare(
+        self, body: ChatCompletionRequest, request_id: str, *, tenant: Tenant | None = None
+    ) -> tuple[PoolConfig, GenerationRequest]:
+        """`tenant`: checked for the model and its image limit before any image is fetched or
+        decoded (the gate checks again, for callers that pass none)."""
         pool = self._router.resolve(body.model)
+        if tenant is not None:
+            check_access(tenant, pool, model=body.model, images=_image_parts(body))
         if body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
         sampling = sampling_options(body, pool, self._platform)
@@ -83,13 +91,13 @@ class ChatService:
     async def create(
         self, caller: Caller, body: ChatCompletionRequest, request_id: str
     ) -> tuple[dict[str, Any], dict[str, str]]:
-        pool, request = await self.prepare(body, request_id)
+        pool, request = await self.prepare(body, request_id, tenant=caller.tenant)
         return await self._runner.complete(caller, pool, request, ChatShape(request_id, body.model))
 
     async def create_stream(
         self, caller: Caller, body: ChatCompletionRequest, request_id: str
     ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, str]]:
-        pool, request = await self.prepare(body, request_id)
+        pool, request = await self.prepare(body, request_id, tenant=caller.tenant)
         return await self._runner.open_stream(
             caller, pool, request, ChatShape(request_id, body.model), include_usage=body.include_usage()
         )
@@ -128,3 +136,12 @@ class ChatService:
                 count += 1
             messages.append(ChatMessage(role=message.role, text="\n".join(texts), image_count=count))
         return tuple(messages), tuple(images)
+
+
+def _image_parts(body: ChatCompletionRequest) -> int:
+    return sum(
+        isinstance(part, ImagePart)
+        for message in body.messages
+        if isinstance(message.content, list)
+        for part in message.content
+    )
