@@ -66,6 +66,15 @@ def build_pool(pool: PoolConfig, catalog: Catalog, settings: Settings) -> Applic
     )
 
 
+def edge_actor_options(settings: Settings) -> dict[str, Any]:
+    """Gateway and batch-worker replicas: no CPU reserved, and the custom resources that keep
+    them on worker nodes (never the Ray head) when the deployment asks for it."""
+    options: dict[str, Any] = {"num_cpus": 0}
+    if settings.gateway_resources:
+        options["resources"] = dict(settings.gateway_resources)
+    return options
+
+
 def build_app(settings: Settings, catalog: Catalog) -> Application:
     pools = {pool.name: build_pool(pool, catalog, settings) for pool in catalog.enabled_pools}
     worker = None
@@ -86,14 +95,14 @@ def build_app(settings: Settings, catalog: Catalog) -> Application:
             },
             health_check_period_s=5,
             graceful_shutdown_timeout_s=5,
-            ray_actor_options={"num_cpus": 0},
+            ray_actor_options=edge_actor_options(settings),
         ).bind(catalog, settings, pools)
     gateway = serve.deployment(
         GatewayIngress,
         name=GATEWAY_DEPLOYMENT,
         num_replicas=settings.gateway_replicas,
         max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=edge_actor_options(settings),
     )
     return gateway.bind(catalog, settings, pools, batch_worker=worker)  # type: ignore[attr-defined]
 

@@ -39,10 +39,36 @@ class Settings(BaseSettings):
         "on one node share it); null turns gRPC off.",
     )
     gateway_replicas: int = Field(1, ge=1, description="Number of gateway ingress replicas.")
+    gateway_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each gateway and batch-worker replica requires (they "
+        "need no CPU). The Helm chart sets one that only worker groups advertise, so these "
+        "tenant-facing replicas never run on the Ray head (GCS, Serve controller). Empty: any node.",
+    )
     max_request_body_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1024,
-        description="Largest request body accepted; larger bodies get 413.",
+        description="Largest body of a generation request (chat, completions: base64 images "
+        "make them large) and of a gRPC message; larger bodies get 413 before they are read.",
+    )
+    max_json_body_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        description="Largest body of the other JSON routes (batches, admin): a batch request "
+        "with full metadata is ~10 KB. Larger bodies get 413 before they are read. Batch input "
+        "files have their own limit (max_batch_file_bytes).",
+    )
+    grpc_max_concurrent_rpcs: int = Field(
+        256,
+        ge=1,
+        description="RPCs one gateway replica's gRPC server runs at once; more are refused "
+        "with RESOURCE_EXHAUSTED before their message is read.",
+    )
+    ready_cache_ttl_s: float = Field(
+        1.0,
+        ge=0,
+        description="How long a gateway replica reuses its /ready answer (a round trip to "
+        "every pool), so a flood of unauthenticated probes never reaches the pools.",
     )
     allow_remote_image_urls: bool = Field(
         False,
@@ -87,6 +113,13 @@ class Settings(BaseSettings):
         None,
         description="Local profile only: the demo tenant's API key (generated and printed "
         "when unset).",
+    )
+    cache_salt_secret: SecretStr | None = Field(
+        None,
+        description="Secret keying each tenant's prefix-cache salt (HMAC-SHA256 of the tenant "
+        "id), so no tenant can hit, or time, another tenant's cached prompt. Required outside "
+        "the local profile (at least 16 characters, e.g. `openssl rand -hex 32`); keep it stable "
+        "across restarts and replicas, or the cache is cold. `phiserve up` generates one locally.",
     )
     tenants_file: Path | None = Field(
         None, description="YAML of tenants (and keys) installed idempotently at start-up."
@@ -189,6 +222,15 @@ class Settings(BaseSettings):
             value = self.admin_key.get_secret_value()
             if len(value) < 16 or value.lower() in PLACEHOLDER_SECRETS:
                 raise ValueError("PHISERVE_ADMIN_KEY is a placeholder or shorter than 16 characters")
+        if self.profile != LOCAL_PROFILE and self.cache_salt_secret is None:
+            raise ValueError(
+                "PHISERVE_CACHE_SALT_SECRET is required outside the local profile; "
+                "set it to a long random string (e.g. `openssl rand -hex 32`)"
+            )
+        if self.cache_salt_secret is not None:
+            value = self.cache_salt_secret.get_secret_value()
+            if len(value) < 16 or value.lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("PHISERVE_CACHE_SALT_SECRET is a placeholder or shorter than 16 characters")
         return self
 
     @property

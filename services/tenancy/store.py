@@ -91,8 +91,11 @@ class TenantStore:
                 break
         else:
             raise ServiceUnavailable("could not allocate a unique key id; retry", retry_after_s=1)
-        record = ApiKeyRecord(id=key_id, tenant_id=tenant_id, prefix=prefix, created_at=int(self._clock()), name=name)
-        if not await self._state.run(redis.set(keys.api_key_by_hash(digest), _stored(record, digest), nx=True)):
+        record = ApiKeyRecord(
+            id=key_id, tenant_id=tenant_id, prefix=prefix, created_at=int(self._clock()), name=name
+        )
+        stored = _stored(record, digest)
+        if not await self._state.run(redis.set(keys.api_key_by_hash(digest), stored, nx=True)):
             # The same supplied key is already installed (two replicas bootstrapping at
             # once): the first record stays, this id is given back.
             await self._state.run(redis.delete(keys.api_key_by_id(key_id)))
@@ -110,7 +113,8 @@ class TenantStore:
             if record.prefix not in (f"{KEY_PREFIX}{record.id}", supplied_key_prefix(plain)):
                 # Stored before issue 9 with the key's first 12 characters: list less.
                 record = record.model_copy(update={"prefix": supplied_key_prefix(plain)})
-                await self._state.run(self._state.redis.set(keys.api_key_by_hash(digest), _stored(record, digest)))
+                stored = _stored(record, digest)
+                await self._state.run(self._state.redis.set(keys.api_key_by_hash(digest), stored))
             return record
         return (await self.create_key(tenant_id, name=name, plain=plain))[1]
 

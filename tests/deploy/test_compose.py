@@ -12,6 +12,7 @@ from tests.deploy.tooling import (
     DOCKERFILE,
     PROMETHEUS_DIR,
     TEST_ADMIN_KEY,
+    byte_size,
     compose_binary,
     run,
     tool,
@@ -51,6 +52,22 @@ def test_compose_services() -> None:
     targets = yaml.safe_load((PROMETHEUS_DIR / "prometheus-compose.yml").read_text())
     scraped = {t for job in targets["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
     assert {"phiserve:8080", "phiserve-gpu:8080"} <= scraped
+
+
+def test_compose_redis_refuses_writes_before_it_is_oom_killed() -> None:
+    """maxmemory with noeviction, below the container's memory limit (issue 9, item 2); both
+    set through the environment, checked on what the real Compose parser resolves."""
+    binary = compose_binary()
+    for overrides, expected in (({}, None), ({"PHISERVE_REDIS_MAXMEMORY": "300mb"}, "300mb")):
+        env = {**os.environ, "PHISERVE_ADMIN_KEY": TEST_ADMIN_KEY, **overrides}
+        resolved = yaml.safe_load(run([binary, "-f", str(COMPOSE_FILE), "config"], env=env))
+        redis = resolved["services"]["redis"]
+        command = redis["command"]
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+        maxmemory = command[command.index("--maxmemory") + 1]
+        assert expected is None or maxmemory == expected
+        limit = redis["mem_limit"]
+        assert 0 < byte_size(maxmemory) <= 0.8 * byte_size(limit), (maxmemory, limit)
 
 
 def test_dockerfile_builds_the_cpu_and_gpu_images() -> None:

@@ -4,6 +4,7 @@ policies, monitors and the chart's copies of the rules and dashboard."""
 from __future__ import annotations
 
 import json
+import subprocess
 from typing import Any
 
 import pytest
@@ -19,9 +20,11 @@ from tests.deploy.tooling import (
     CATALOG_PATH,
     CHART,
     DASHBOARD,
+    NAMESPACE,
     RELEASE,
     REPO,
     TEST_ADMIN_KEY,
+    byte_size,
     env_of,
     find,
     one,
@@ -29,7 +32,9 @@ from tests.deploy.tooling import (
     quantity,
     ray_container,
     ray_groups,
+    ray_resources,
     rendered_catalog,
+    run,
     serve_config,
 )
 
@@ -106,8 +111,9 @@ def test_rendered_catalog_places_each_pool_on_its_own_worker_group(
     for pool in enabled:
         group = workers[f"pool-{pool.name}"]
         resource = pool_resource(pool.name)
-        advertised = json.loads(json.loads(group["rayStartParams"]["resources"]))
-        assert advertised == {resource: 1}
+        advertised = ray_resources(group)
+        gateway = serve_config(rayservice)["applications"][0]["args"]["gateway_resources"]
+        assert advertised == {resource: 1, **dict.fromkeys(gateway, 1)}  # the pool's, room for gateways
         options = pool.deployment.ray_actor_options
         assert options["resources"][resource] == 1
         limits = ray_container(group)["resources"]["limits"]
@@ -198,6 +204,12 @@ def test_redis_is_durable_and_reachable_only_from_phiserve(docs: list[dict[str, 
     container = statefulset["spec"]["template"]["spec"]["containers"][0]
     args = container["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
+    # Full Redis refuses writes (OOM error -> 503) instead of being OOM-killed by the kernel,
+    # which would take every tenant down (issue 9, item 2): maxmemory below the limit, with
+    # room for the AOF rewrite's fork and client buffers.
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = byte_size(args[args.index("--maxmemory") + 1])
+    assert 0 < maxmemory <= 0.8 * byte_size(container["resources"]["limits"]["memory"])
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert statefulset["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
@@ -247,3 +259,36 @@ def test_chart_copies_of_rules_and_dashboard_are_identical() -> None:
             f"{copy.relative_to(REPO)} differs from its source; run: "
             f"cp {source.relative_to(REPO)} {copy.relative_to(REPO)}"
         )
+
+
+def test_redis_maxmemory_is_configurable_and_validated(helm: str) -> None:
+    base = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    docs = [d for d in yaml.safe_load_all(run([*base, "--set", "redis.maxmemory=300mb"])) if d]
+    args = one(docs, "StatefulSet", f"{RELEASE}-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxmemory") + 1] == "300mb"
+    refused = subprocess.run([*base, "--set", "redis.maxmemory=lots"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "maxmemory" in refused.stderr
+
+
+def test_gateway_and_batch_replicas_never_run_on_the_ray_head(docs: list[dict[str, Any]]) -> None:
+    """The head runs the GCS and the Serve controller: a tenant's load on a gateway (or batch
+    worker) replica there can take the whole cluster down (issue 9, item 4). These replicas
+    need no CPU, so only a custom resource that worker groups alone advertise keeps them off
+    the head. Checked on the deployments phiserve itself builds from the rendered args."""
+    from services.app import build_app
+
+    rayservice = one(docs, "RayService")
+    args = serve_config(rayservice)["applications"][0]["args"]
+    settings = Settings(**args, admin_key=SecretStr(TEST_ADMIN_KEY))
+    gateway = build_app(settings, rendered_catalog(docs))._bound_deployment
+    worker = gateway.init_kwargs["batch_worker"]._bound_deployment
+    groups = dict(ray_groups(rayservice))
+    head = groups.pop("head")
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    for deployment in (gateway, worker):
+        needs = deployment.ray_actor_options.get("resources") or {}
+        assert needs, f"{deployment.name}: no custom resource required, so the head can host it"
+        assert not set(needs) & set(ray_resources(head)), deployment.name
+        for resource, amount in needs.items():
+            capacity = sum(ray_resources(g).get(resource, 0) * g["replicas"] for g in groups.values())
+            assert capacity >= amount * (deployment.num_replicas or 1), (deployment.name, resource)

@@ -14,6 +14,7 @@ Tools (`bash scripts/install_deploy_tools.sh` installs them; a missing tool fail
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -228,3 +229,25 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
 def alert_rules() -> list[dict[str, Any]]:
     groups = yaml.safe_load(ALERTS.read_text())["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+_BYTE_UNITS = {
+    "": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3,
+    "ki": 1024, "mi": 1024**2, "gi": 1024**3,
+}
+
+
+def byte_size(value: str | int) -> int:
+    """Bytes of a memory size as Redis ("768mb"), Kubernetes ("1Gi") or Compose ("1g") write it.
+    Redis: k/m/g are powers of 1000, kb/mb/gb of 1024; Kubernetes and Compose: Ki/Mi/Gi."""
+    text = str(value).strip()
+    match = re.fullmatch(r"([0-9.]+)\s*([A-Za-z]*)", text)
+    assert match, f"not a memory size: {value!r}"
+    number, unit = match.groups()
+    return int(float(number) * _BYTE_UNITS[unit.lower()])
+
+
+def ray_resources(group: dict[str, Any]) -> dict[str, float]:
+    """The custom Ray resources a group advertises (KubeRay: a quoted JSON string)."""
+    raw = group["rayStartParams"].get("resources")
+    return {} if raw is None else dict(json.loads(json.loads(raw)))

@@ -139,6 +139,7 @@ async def test_concurrent_bootstraps_of_one_key_store_one_record(state: RedisSta
 
     store = TenantStore(state)
     await store.put_tenant(Tenant(id="acme"))
-    records = await asyncio.gather(*(store.ensure_key("acme", "psk-shared-bootstrap-key-0001") for _ in range(5)))
+    plain = "psk-shared-bootstrap-key-0001"
+    records = await asyncio.gather(*(store.ensure_key("acme", plain) for _ in range(5)))
     assert len({r.id for r in records}) == 1
     assert [k.id for k in await store.list_keys("acme")] == [records[0].id]
