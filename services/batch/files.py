@@ -7,6 +7,7 @@ the same 404 as a missing one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -67,6 +68,12 @@ class LocalFileStore(FileStore):
 
     def delete(self, owner: str, file_id: str) -> None:
         self._path(owner, file_id).unlink(missing_ok=True)
+
+
+async def parse_batch_jsonl(data: bytes, *, max_lines: int) -> list[dict[str, Any]]:
+    """`validate_batch_jsonl` on a worker thread: parsing up to 64 MiB of JSON takes
+    seconds, which on the event loop would stall every request of the replica (issue 9)."""
+    return await asyncio.to_thread(validate_batch_jsonl, data, max_lines=max_lines)
 
 
 def validate_batch_jsonl(data: bytes, *, max_lines: int) -> list[dict[str, Any]]:
@@ -166,7 +173,7 @@ class FileService:
             raise InvalidRequest(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", param="purpose")
         if len(data) > self._max_bytes:
             raise RequestTooLarge(f"the file is larger than {self._max_bytes} bytes", param="file")
-        validate_batch_jsonl(data, max_lines=self._max_lines)
+        await parse_batch_jsonl(data, max_lines=self._max_lines)
         return await self.save(tenant_id, filename=filename, purpose=purpose, data=data)
 
     async def save(
@@ -179,7 +186,7 @@ class FileService:
             filename=filename[:255] or "upload.jsonl",
             purpose=purpose,
         )
-        self._store.put(tenant_id, file.id, data)
+        await asyncio.to_thread(self._store.put, tenant_id, file.id, data)  # write + fsync
         async with self._state.pipeline() as pipe:
             pipe.set(keys.file_record(file.id), json.dumps({"tenant_id": tenant_id, "file": file.model_dump()}))
             pipe.zadd(keys.tenant_files(tenant_id), {file.id: int(self._clock() * 1000)})
@@ -195,7 +202,7 @@ class FileService:
 
     async def content(self, tenant_id: str, file_id: str) -> bytes:
         await self.get(tenant_id, file_id)
-        return self._store.get(tenant_id, file_id)
+        return await asyncio.to_thread(self._store.get, tenant_id, file_id)
 
     async def delete(self, tenant_id: str, file_id: str) -> FileObject:
         file = await self.get(tenant_id, file_id)

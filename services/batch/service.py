@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from services.batch.files import FileService, validate_batch_jsonl
+from services.batch.files import FileService, parse_batch_jsonl
 from services.batch.models import (
     BATCH_ENDPOINTS,
     BatchErrors,
@@ -75,7 +75,7 @@ class BatchService:
         file = await self._files.get(tenant_id, req.input_file_id)
         if file.purpose != "batch":
             raise InvalidRequest("input_file_id must name a file uploaded with purpose=batch", param="input_file_id")
-        items = validate_batch_jsonl(await self._files.content(tenant_id, file.id), max_lines=10**9)
+        items = await parse_batch_jsonl(await self._files.content(tenant_id, file.id), max_lines=10**9)
         mismatched = [i["line"] for i in items if i["url"] != req.endpoint]
         if mismatched:
             raise InvalidRequest(

@@ -14,6 +14,7 @@ from services.batch.files import FileService, LocalFileStore
 from services.batch.service import BatchService
 from services.catalog.models import Catalog
 from services.gateway.admin.router import router as admin_router
+from services.gateway.api_limits import ApiRequestLimiter
 from services.gateway.batches.router import router as batches_router
 from services.gateway.chat.router import router as chat_router
 from services.gateway.chat.service import ChatService
@@ -30,6 +31,7 @@ from services.gateway.middleware import GatewayMiddleware
 from services.gateway.models.router import router as models_router
 from services.gateway.models.service import ModelsService
 from services.gateway.pools import PoolRouter
+from services.gateway.readiness import Readiness
 from services.gateway.tokens import TokenCounter
 from services.gateway.usage.router import router as usage_router
 from services.settings import Settings
@@ -109,6 +111,10 @@ def build_services(
         batches=BatchService(redis, files, router),
         batch_worker=batch_worker,
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
+        api_limiter=ApiRequestLimiter(admission, metrics),
+        readiness=Readiness(
+            router, catalog.enabled_pools, batch_worker=batch_worker, ttl_s=settings.ready_cache_ttl_s
+        ),
     )
     return services, GatewayState(redis, keeper, metrics)
 
@@ -152,6 +158,8 @@ def create_app(services: GatewayServices, state: GatewayState, settings: Setting
         GatewayMiddleware,
         max_body_bytes=settings.max_request_body_bytes,
         max_upload_bytes=settings.max_batch_file_bytes,
+        max_json_body_bytes=settings.max_json_body_bytes,
         metrics=state.metrics,
+        tenants=services.tenants,
     )
     return app

@@ -13,12 +13,15 @@ from services.batch.service import BatchService
 from services.catalog.models import Catalog
 from services.errors import AuthenticationFailed, PermissionDenied
 from services.gateway.chat.service import ChatService
+from services.gateway.api_limits import ApiRequestLimiter
 from services.gateway.completions.service import CompletionService
 from services.gateway.gate import client_deadline_s
 from services.gateway.generation import Caller, GenerationRunner
 from services.gateway.metrics import tenant_label
+from services.gateway.middleware import presented_key as _key_in_headers
 from services.gateway.models.service import ModelsService
 from services.gateway.pools import PoolRouter
+from services.gateway.readiness import Readiness
 from services.tenancy.models import Tenant
 from services.tenancy.store import TenantStore
 from services.tenancy.usage import UsageLedger
@@ -36,6 +39,8 @@ class GatewayServices:
     usage: UsageLedger
     files: FileService
     batches: BatchService
+    api_limiter: ApiRequestLimiter  # RPM for the files, batches and usage routes
+    readiness: Readiness  # /ready's pool round trips, cached for a second
     admin_key: str | None
     batch_worker: Any = None  # handle to the batch worker deployment, for /ready
 
@@ -51,17 +56,22 @@ async def _request_id(request: Request) -> str:
 
 
 def presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-        return None
-    return request.headers.get("api-key")
+    return _key_in_headers(request.headers)
 
 
 async def _tenant(request: Request, services: Annotated[GatewayServices, Depends(_services)]) -> Tenant:
+    # The middleware authenticated the key before the body was read; no second lookup.
+    authenticated: Tenant | None = request.scope.get("state", {}).get("tenant")
+    if authenticated is not None:
+        return authenticated
     tenant, _ = await services.tenants.authenticate(presented_key(request))
+    return tenant
+
+
+async def _limited_tenant(
+    tenant: Annotated[Tenant, Depends(_tenant)], services: Annotated[GatewayServices, Depends(_services)]
+) -> Tenant:
+    await services.api_limiter.count(tenant)
     return tenant
 
 
@@ -89,5 +99,7 @@ async def _admin(request: Request, services: Annotated[GatewayServices, Depends(
 Services = Annotated[GatewayServices, Depends(_services)]
 RequestId = Annotated[str, Depends(_request_id)]
 CurrentTenant = Annotated[Tenant, Depends(_tenant)]
+# Files, batches and usage: the caller's tenant, counted against its RPM (issue 9, item 4).
+LimitedTenant = Annotated[Tenant, Depends(_limited_tenant)]
 CurrentCaller = Annotated[Caller, Depends(_caller)]
 AdminOnly = Depends(_admin)

@@ -3,8 +3,16 @@
 * `x-request-id`: Serve's own request-id middleware echoes or generates the header
   (in every proxy mode); the id the routes use (`scope["state"]["request_id"]`,
   response ids, logs) is that header when it is a safe token, a fresh one otherwise.
-* Body limit: a request whose body exceeds the limit gets 413 before it is parsed,
-  whether it declares a Content-Length or streams chunks.
+* Body limits, per route: generations (base64 images) get `max_request_body_bytes`, a
+  batch file upload `max_batch_file_bytes`, every other route the small
+  `max_json_body_bytes`. A larger body gets 413 before it is parsed, whether it declares a
+  Content-Length or streams chunks.
+* Authentication first (issue 9, item 4): on the tenant routes (/v1/*, except the public
+  model list) the API key is resolved to its tenant before a byte of the body is read, so
+  an unauthenticated client gets its 401 without the gateway reading, parsing or spooling
+  anything. The tenant rides on `scope["state"]["tenant"]` to the route's dependency
+  (services/gateway/deps.py), which does not look it up again. Admin routes keep their
+  own admin-key dependency.
 """
 
 from __future__ import annotations
@@ -16,10 +24,13 @@ import time
 import uuid
 from typing import Any
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway.errors import error_body
+from services.errors import PhiserveError
+from services.gateway.errors import error_body, error_payload
 from services.gateway.metrics import GatewayMetrics
+from services.tenancy.store import TenantStore
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -39,14 +50,30 @@ class _BodyTooLarge(StarletteHTTPException):
 # admin calls are not.
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/v1/files", "/v1/batches"}
 UPLOAD_PATH = "/v1/files"
+GENERATION_PATHS = {"/v1/chat/completions", "/v1/completions"}
+TENANT_PREFIX = "/v1/"
+PUBLIC_PATHS = {"/v1/models"}  # the model list is public, like /health
+MULTIPART_ENVELOPE_BYTES = 64 * 1024
 
 
 class GatewayMiddleware:
-    def __init__(self, app: Any, *, max_body_bytes: int, max_upload_bytes: int, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_body_bytes: int,
+        max_upload_bytes: int,
+        max_json_body_bytes: int,
+        metrics: GatewayMetrics,
+        tenants: TenantStore | None = None,
+    ) -> None:
+        """`tenants`: authenticate tenant routes before their body (None: leave it to the routes)."""
         self._app = app
         self._max_body_bytes = max_body_bytes
         self._max_upload_bytes = max_upload_bytes
+        self._max_json_body_bytes = max_json_body_bytes
         self._metrics = metrics
+        self._tenants = tenants
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -75,15 +102,22 @@ class GatewayMiddleware:
 
     async def _handle(self, scope: Scope, receive: Any, send: Any) -> None:
         state = scope["state"]
-        # Batch input files are larger than any single request (the multipart envelope
-        # adds a little to the file limit, which FileService enforces exactly).
-        limit = self._max_upload_bytes + 64 * 1024 if scope.get("path") == UPLOAD_PATH else self._max_body_bytes
+        limit = self._body_limit(scope.get("path", ""))
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             state["status"] = 413
             await _send_too_large(send, limit)
             return
+        if self._tenants is not None and _is_tenant_route(scope.get("path", "")):
+            try:
+                state["tenant"], _ = await self._tenants.authenticate(presented_key(Headers(scope=scope)))
+            except PhiserveError as exc:
+                # Answered without reading the body; the server discards what follows.
+                if exc.code == "tenancy_unavailable":
+                    self._metrics.rejected.inc(tags={"reason": "tenancy_unavailable"})
+                state["status"] = await _send_error(send, exc)
+                return
 
         received = 0
         started = False
@@ -112,6 +146,30 @@ class GatewayMiddleware:
                 await _send_too_large(send, limit)
 
 
+    def _body_limit(self, path: str) -> int:
+        if path in GENERATION_PATHS:
+            return self._max_body_bytes
+        if path == UPLOAD_PATH:
+            # The multipart envelope adds a little to the file, which FileService limits exactly.
+            return self._max_upload_bytes + MULTIPART_ENVELOPE_BYTES
+        return self._max_json_body_bytes
+
+
+def presented_key(headers: Headers) -> str | None:
+    """The API key of `Authorization: Bearer <key>` or, as Azure OpenAI clients send it, `api-key`."""
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return headers.get("api-key")
+
+
+def _is_tenant_route(path: str) -> bool:
+    return path.startswith(TENANT_PREFIX) and path not in PUBLIC_PATHS
+
+
 def _request_id(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
@@ -132,22 +190,27 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_too_large(send: Any, limit: int) -> None:
-    body = json.dumps(
-        error_body(
-            f"The request body is larger than the limit of {limit} bytes",
-            "invalid_request_error",
-            code="request_too_large",
-        )
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+async def _send_error(send: Any, exc: PhiserveError) -> int:
+    status, body, headers = error_payload(exc)
+    await _send_json(send, status, body, headers)
+    return status
+
+
+async def _send_json(send: Any, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
+    body = json.dumps(payload).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_too_large(send: Any, limit: int) -> None:
+    body = error_body(
+        f"The request body is larger than the limit of {limit} bytes",
+        "invalid_request_error",
+        code="request_too_large",
+    )
+    await _send_json(send, 413, body, {})

@@ -105,8 +105,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     return [
-        # A request message over the REST body limit is refused by gRPC itself
-        # (RESOURCE_EXHAUSTED) before it is parsed.
+        # A request message over the REST generation body limit is refused by gRPC itself
+        # (RESOURCE_EXHAUSTED) before it is parsed; file uploads share it (REST takes up to
+        # max_batch_file_bytes through multipart, gRPC one message).
         ("grpc.max_receive_message_length", settings.max_request_body_bytes),
         # Replicas on one node share the port (gRPC's default on Linux; stated here).
         ("grpc.so_reuseport", 1),
@@ -134,11 +135,11 @@ class GrpcServer:
         self._task = asyncio.get_running_loop().create_task(self._readiness(interval_s))
 
     async def _readiness(self, interval_s: float) -> None:
-        pools = self._services.catalog.enabled_pools
         while True:
             try:
-                answers = await asyncio.gather(*(self._services.router.ready(pool) for pool in pools))
-                status = health_pb2.HealthCheckResponse.SERVING if all(answers) else (
+                # The same cached probe as GET /ready: the pools see one round trip for both.
+                answer = await self._services.readiness.check()
+                status = health_pb2.HealthCheckResponse.SERVING if answer.ready else (
                     health_pb2.HealthCheckResponse.NOT_SERVING
                 )
                 await self._health.set(SERVICE_NAME, status)
@@ -174,7 +175,14 @@ def create_server(
             raise ValueError("gRPC is off (grpc_port is null); pass an address to serve it anyway")
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         address = f"{host}:{settings.grpc_port}"
-    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()], options=server_options(settings))
+    server = grpc.aio.server(
+        interceptors=[MalformedRequestInterceptor()],
+        options=server_options(settings),
+        # Beyond this many RPCs in progress, gRPC refuses a new one with RESOURCE_EXHAUSTED
+        # before reading its message (issue 9, item 4): a flood of calls cannot queue
+        # unbounded work and memory on the replica.
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+    )
     pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(services, metrics=metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

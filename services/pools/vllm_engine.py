@@ -64,7 +64,8 @@ class VLLMEngine(Engine):
         if request.images:
             if self._pool.modality is not Modality.vision:
                 raise InvalidRequest("this model does not accept images", param="messages")
-            engine_input["multi_modal_data"] = {"image": decode_images(request.images)}
+            # Decoding (up to 36 MP) on a thread: the replica's loop keeps streaming others.
+            engine_input["multi_modal_data"] = {"image": await asyncio.to_thread(decode_images, request.images)}
 
         s = request.sampling
         params = SamplingParams(

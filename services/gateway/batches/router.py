@@ -5,20 +5,20 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from services.batch.models import BatchList, BatchObject, CreateBatchRequest
-from services.gateway.deps import CurrentTenant, Services
+from services.gateway.deps import LimitedTenant, Services
 from services.gateway.errors import ERROR_RESPONSES
 
 router = APIRouter(prefix="/v1/batches", responses=ERROR_RESPONSES)
 
 
 @router.post("")
-async def create_batch(body: CreateBatchRequest, tenant: CurrentTenant, services: Services) -> BatchObject:
+async def create_batch(body: CreateBatchRequest, tenant: LimitedTenant, services: Services) -> BatchObject:
     return await services.batches.create(tenant.id, body)
 
 
 @router.get("")
 async def list_batches(
-    tenant: CurrentTenant, services: Services, after: str | None = None, limit: int = 20
+    tenant: LimitedTenant, services: Services, after: str | None = None, limit: int = 20
 ) -> BatchList:
     batches, has_more = await services.batches.list(tenant.id, after=after, limit=limit)
     return BatchList(
@@ -30,10 +30,10 @@ async def list_batches(
 
 
 @router.get("/{batch_id}")
-async def get_batch(batch_id: str, tenant: CurrentTenant, services: Services) -> BatchObject:
+async def get_batch(batch_id: str, tenant: LimitedTenant, services: Services) -> BatchObject:
     return await services.batches.get(tenant.id, batch_id)
 
 
 @router.post("/{batch_id}/cancel")
-async def cancel_batch(batch_id: str, tenant: CurrentTenant, services: Services) -> BatchObject:
+async def cancel_batch(batch_id: str, tenant: LimitedTenant, services: Services) -> BatchObject:
     return await services.batches.cancel(tenant.id, batch_id)

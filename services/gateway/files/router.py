@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import Response
 
 from services.batch.models import FileList, FileObject
-from services.gateway.deps import CurrentTenant, Services
+from services.gateway.deps import LimitedTenant, Services
 from services.gateway.errors import ERROR_RESPONSES
 
 router = APIRouter(prefix="/v1/files", responses=ERROR_RESPONSES)
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/files", responses=ERROR_RESPONSES)
 
 @router.post("", status_code=200)
 async def upload_file(
-    tenant: CurrentTenant,
+    tenant: LimitedTenant,
     services: Services,
     file: Annotated[UploadFile, File(description="JSONL: one request per line")],
     purpose: Annotated[str, Form(description="batch")],
@@ -26,21 +26,21 @@ async def upload_file(
 
 
 @router.get("")
-async def list_files(tenant: CurrentTenant, services: Services, limit: int = 100) -> FileList:
+async def list_files(tenant: LimitedTenant, services: Services, limit: int = 100) -> FileList:
     return FileList(data=await services.files.list(tenant.id, limit=max(1, min(limit, 1000))))
 
 
 @router.get("/{file_id}")
-async def get_file(file_id: str, tenant: CurrentTenant, services: Services) -> FileObject:
+async def get_file(file_id: str, tenant: LimitedTenant, services: Services) -> FileObject:
     return await services.files.get(tenant.id, file_id)
 
 
 @router.get("/{file_id}/content")
-async def get_file_content(file_id: str, tenant: CurrentTenant, services: Services) -> Response:
+async def get_file_content(file_id: str, tenant: LimitedTenant, services: Services) -> Response:
     return Response(await services.files.content(tenant.id, file_id), media_type="application/jsonl")
 
 
 @router.delete("/{file_id}")
-async def delete_file(file_id: str, tenant: CurrentTenant, services: Services) -> dict[str, object]:
+async def delete_file(file_id: str, tenant: LimitedTenant, services: Services) -> dict[str, object]:
     file = await services.files.delete(tenant.id, file_id)
     return {"id": file.id, "object": "file", "deleted": True}
