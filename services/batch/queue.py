@@ -6,7 +6,9 @@ At-least-once delivery with idempotent results gives exactly-once output:
   writes its result (HSETNX per line): a redelivered item is acknowledged, never written
   twice in the output; results finishing together share one call (`ResultWriter`);
 * a dead consumer's entries are reclaimed with XAUTOCLAIM after the visibility timeout;
-  a live worker keeps its in-flight entries fresh with XCLAIM (same consumer, resets idle).
+  a live worker keeps its in-flight entries fresh with XCLAIM (same consumer, resets idle);
+* a reclaimed entry carries its delivery count (XPENDING), so an item that keeps killing
+  its workers can be dead-lettered instead of handed out forever (issue 9, item 8).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class QueueItem:
     custom_id: str
     url: str
     body: dict[str, Any]
+    deliveries: int = 1  # times Redis handed this entry to a consumer, this one included
 
 
 def item_fields(batch_id: str, item: dict[str, Any]) -> dict[str, str]:
@@ -42,7 +45,7 @@ def item_fields(batch_id: str, item: dict[str, Any]) -> dict[str, str]:
     return {"item": json.dumps(payload, separators=(",", ":"))}
 
 
-def _parse(pool: str, entry_id: str, fields: dict[str, str]) -> QueueItem:
+def _parse(pool: str, entry_id: str, fields: dict[str, str], deliveries: int = 1) -> QueueItem:
     data = json.loads(fields["item"])
     return QueueItem(
         pool=pool,
@@ -52,6 +55,7 @@ def _parse(pool: str, entry_id: str, fields: dict[str, str]) -> QueueItem:
         custom_id=data["custom_id"],
         url=data["url"],
         body=data["body"],
+        deliveries=deliveries,
     )
 
 
@@ -100,9 +104,26 @@ class BatchQueue:
                 )
             )
             # Redis 6.2 answers [cursor, entries]; 7.x adds a third element (deleted ids).
-            entries = reply[1] if len(reply) >= 2 else []
-            items.extend(_parse(pool, entry_id, fields) for entry_id, fields in entries if fields)
+            entries = [(entry_id, fields) for entry_id, fields in (reply[1] if len(reply) >= 2 else []) if fields]
+            counts = await self._deliveries(pool, [entry_id for entry_id, _ in entries])
+            items.extend(_parse(pool, entry_id, fields, counts.get(entry_id, 1)) for entry_id, fields in entries)
         return items
+
+    async def _deliveries(self, pool: str, entry_ids: list[str]) -> dict[str, int]:
+        if not entry_ids:
+            return {}
+        async with self._state.pipeline() as pipe:
+            for entry_id in entry_ids:
+                pipe.xpending_range(keys.batch_stream(pool), keys.BATCH_GROUP, min=entry_id, max=entry_id, count=1)
+            replies = await pipe.execute()
+        return {row["message_id"]: int(row["times_delivered"]) for reply in replies for row in reply}
+
+    async def drop(self, item: QueueItem) -> None:
+        """Acknowledge and delete an entry with nothing to record (its batch is gone or final)."""
+        async with self._state.pipeline() as pipe:
+            pipe.xack(keys.batch_stream(item.pool), keys.BATCH_GROUP, item.entry_id)
+            pipe.xdel(keys.batch_stream(item.pool), item.entry_id)
+            await pipe.execute()
 
     async def touch(self, consumer: str, items: list[QueueItem]) -> None:
         """Reset the idle time of entries this worker is still working on."""

@@ -24,7 +24,8 @@ from services.batch.models import (
     RequestCounts,
 )
 from services.batch.queue import item_fields
-from services.errors import InvalidRequest, ModelNotFound, ResourceNotFound
+from services.errors import InvalidRequest, ModelNotFound, PhiserveError, ResourceNotFound
+from services.gateway.errors import error_payload
 from services.gateway.pools import PoolRouter
 from services.tenancy import keys
 from services.tenancy.redis_state import RedisState
@@ -34,13 +35,14 @@ MAX_METADATA_PAIRS = 16
 FINALIZE_LOCK_S = 120
 
 
-def error_line(item_id: str, custom_id: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
-    error = body.get("error", {})
+def error_line(item_id: str, custom_id: str, exc: PhiserveError) -> dict[str, Any]:
+    """An error-file line: the status and body REST would answer (the one error table)."""
+    status, body, _ = error_payload(exc)
     return {
         "id": item_id,
         "custom_id": custom_id,
         "response": {"status_code": status, "request_id": item_id, "body": body},
-        "error": {"code": error.get("code"), "message": error.get("message")},
+        "error": {"code": exc.code, "message": exc.message},
     }
 
 
@@ -109,8 +111,7 @@ class BatchService:
                     pool = self._router.resolve(item["body"]["model"])
                 except ModelNotFound as exc:
                     # Refused item by item, as OpenAI does: the rest of the batch runs.
-                    body = {"error": {"message": exc.message, "type": "invalid_request_error", "param": "model", "code": exc.code}}
-                    line = error_line(f"{batch_id}-{item['line']}", item["custom_id"], 404, body)
+                    line = error_line(f"{batch_id}-{item['line']}", item["custom_id"], exc)
                     pipe.hsetnx(keys.batch_results(batch_id), item["line"], json.dumps({"ok": False, "line": line}))
                     unroutable += 1
                     continue

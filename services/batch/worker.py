@@ -4,12 +4,19 @@ services as REST (validation, tenant gate at the `batch` class, fair queue, one 
 The fair queue is what makes this batching: a worker keeps up to `batch_concurrency` items
 waiting for pool capacity; they take free slots at the lowest priority class, so the engine's
 continuous batch fills up without starving interactive traffic.
+
+Under pressure (issue 9, item 8): an item refused for capacity or by its tenant's limits
+waits and tries again, spaced by a jittered exponential backoff (each try is a request on
+the tenant's rate window); before every try the batch and the tenant are read again, so a
+cancel, an expiry or a disabled tenant stops the item; an item handed out more than
+`max_deliveries` times (its workers kept dying on it) goes to the error file unrun.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,21 +25,37 @@ from pydantic import ValidationError
 
 from services.batch.metrics import BatchMetrics
 from services.batch.queue import BatchQueue, QueueItem, ResultWriter
+from services.batch.models import BatchStatus
 from services.batch.service import BatchService, error_line, output_line
-from services.errors import GenerationFailed, Overloaded, PhiserveError, RateLimited, ServiceUnavailable
+from services.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    Overloaded,
+    PermissionDenied,
+    PhiserveError,
+    RateLimited,
+    ServiceUnavailable,
+)
 from services.gateway.chat.protocol import ChatCompletionRequest
 from services.gateway.chat.service import ChatShape
 from services.gateway.completions.protocol import CompletionRequest
 from services.gateway.deps import GatewayServices
-from services.gateway.errors import error_payload, invalid_request_from
+from services.gateway.errors import invalid_request_from
 from services.gateway.generation import Caller
 from services.settings import Settings
 from services.tenancy.models import PriorityClass, Tenant
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE = (ServiceUnavailable, GenerationFailed, RateLimited)
-MAX_BACKOFF_S = 30.0
+GONE, VALIDATING = object(), object()  # `_stop_reason` answers besides a tenant or an error
+
+# Counted against max_attempts: the engine or a replica failed.
+RETRYABLE = (ServiceUnavailable, GenerationFailed)
+# Not counted: the pool is busy or the tenant is at its limits; a batch waits its turn.
+WAITS = (Overloaded, RateLimited)
+# A wait that cannot end: the request alone is larger than the tenant's tokens per minute.
+NEVER_FITS = {"request_exceeds_tpm"}
+VALIDATING_POLL_S = 0.2
 
 
 class BatchProcessor:
@@ -48,8 +71,11 @@ class BatchProcessor:
         max_attempts: int,
         backoff_s: float,
         sweep_interval_s: float,
+        max_backoff_s: float = 30.0,
+        max_deliveries: int = 5,
         stall_after_s: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._services = services
         self._queue = queue
@@ -59,6 +85,9 @@ class BatchProcessor:
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._max_deliveries = max_deliveries
+        self._jitter = jitter
         self._sweep_interval_s = sweep_interval_s
         self._stall_after_s = stall_after_s
         self._clock = clock
@@ -81,6 +110,8 @@ class BatchProcessor:
             max_attempts=settings.batch_max_attempts,
             backoff_s=settings.batch_retry_backoff_s,
             sweep_interval_s=settings.batch_sweep_interval_s,
+            max_backoff_s=settings.batch_retry_max_backoff_s,
+            max_deliveries=settings.batch_max_deliveries,
             stall_after_s=settings.batch_loop_stall_s,
         )
 
@@ -139,7 +170,11 @@ class BatchProcessor:
 
     async def _process(self, item: QueueItem) -> None:
         try:
-            ok, line = await self._run_item(item)
+            outcome = await self._run_item(item)
+            if outcome is None:  # its batch is gone or already final: nothing to record
+                await self._queue.drop(item)
+                return
+            ok, line = outcome
             new, completed, failed, total = await self._writer.write(item, {"ok": ok, "line": line}, ok=ok)
             if new:
                 self._metrics.items.inc(tags={"outcome": "completed" if ok else "failed"})
@@ -150,31 +185,67 @@ class BatchProcessor:
         except Exception as exc:  # left un-acknowledged: reclaimed after the visibility timeout
             logger.warning("batch item %s/%s not recorded: %s", item.batch_id, item.line, exc)
 
-    async def _run_item(self, item: QueueItem) -> tuple[bool, dict[str, Any]]:
+    async def _run_item(self, item: QueueItem) -> tuple[bool, dict[str, Any]] | None:
         item_id = f"{item.batch_id}-{item.line}"
-        record = await self._batches.record(item.batch_id)
-        if record.get("status") == "cancelling" or record.get("expiring"):
-            code = "batch_cancelled" if record.get("status") == "cancelling" else "batch_expired"
-            body = {"error": {"message": f"not run: {code.replace('_', ' ')}", "type": "invalid_request_error", "param": None, "code": code}}
-            return False, error_line(item_id, item.custom_id, 499, body)
-        tenant = (await self._services.tenants.get_tenant(record["tenant_id"])).model_copy(
-            update={"priority_class": PriorityClass.batch}
-        )
-        attempt = 0
+        if item.deliveries > self._max_deliveries:
+            self._metrics.items.inc(tags={"outcome": "dead_lettered"})
+            failed = item.deliveries - 1
+            return False, error_line(item_id, item.custom_id, GenerationFailed(
+                f"not run: handed to a worker {failed} times without a result (limit {self._max_deliveries})",
+                code="max_deliveries_exceeded",
+            ))
+        attempts = tries = 0
         while True:
+            stop = await self._stop_reason(item)
+            if stop is VALIDATING:
+                await asyncio.sleep(VALIDATING_POLL_S)
+                continue
+            if stop is GONE:
+                return None
+            if isinstance(stop, PhiserveError):
+                return False, error_line(item_id, item.custom_id, stop)
+            assert isinstance(stop, Tenant)
             try:
-                return True, output_line(item_id, item.custom_id, await self._generate(tenant, item, item_id))
-            except Overloaded:
-                continue  # waited for pool capacity behind interactive traffic: wait again
+                return True, output_line(item_id, item.custom_id, await self._generate(stop, item, item_id))
+            except WAITS as exc:
+                if exc.param in NEVER_FITS:
+                    return False, error_line(item_id, item.custom_id, exc)
+                tries += 1
+                delay = self._delay(tries, exc)
             except RETRYABLE as exc:
-                attempt += 1
-                if attempt >= self._max_attempts:
-                    return False, self._failure(item, item_id, exc)
+                attempts += 1
+                if attempts >= self._max_attempts:
+                    return False, error_line(item_id, item.custom_id, exc)
                 self._metrics.items.inc(tags={"outcome": "retried"})
-                delay = exc.retry_after_s or self._backoff_s * 2 ** (attempt - 1)
-                await asyncio.sleep(min(float(delay), MAX_BACKOFF_S))
+                tries += 1
+                delay = self._delay(tries, exc)
             except PhiserveError as exc:
-                return False, self._failure(item, item_id, exc)
+                return False, error_line(item_id, item.custom_id, exc)
+            await asyncio.sleep(delay)
+
+    async def _stop_reason(self, item: QueueItem) -> object:
+        """Read before every try: the tenant to run the item as, or why not to run it."""
+        record = await self._batches.record(item.batch_id)
+        status = record.get("status")
+        if not record or BatchStatus(status).final:
+            return GONE
+        if status == BatchStatus.validating.value:  # still being enqueued: not yet ready
+            return VALIDATING
+        if status == BatchStatus.cancelling.value:
+            return InvalidRequest("not run: the batch was cancelled", code="batch_cancelled")
+        if record.get("expiring"):
+            return InvalidRequest("not run: the batch's completion window ended", code="batch_expired")
+        tenant = await self._services.tenants.get_tenant(record["tenant_id"])
+        if tenant.disabled:
+            return PermissionDenied("not run: the tenant is disabled", code="tenant_disabled")
+        return tenant.model_copy(update={"priority_class": PriorityClass.batch})
+
+    def _delay(self, tries: int, exc: PhiserveError) -> float:
+        """Exponential from `backoff_s`, at least the error's Retry-After, capped; half of it
+        jittered so items refused together do not come back together."""
+        base = min(self._backoff_s * 2 ** (tries - 1), self._max_backoff_s)
+        base = max(base, min(float(exc.retry_after_s or 0), self._max_backoff_s))
+        return base / 2 + self._jitter() * base / 2
 
     async def _generate(self, tenant: Tenant, item: QueueItem, item_id: str) -> dict[str, Any]:
         caller = Caller(tenant=tenant, labels={"model": "none", "tenant": "batch"})
@@ -186,16 +257,11 @@ class BatchProcessor:
                 shape: Any = ChatShape(item_id, chat.model)
             else:
                 completion = CompletionRequest.model_validate(item.body)
-                pool, request, shape = services.completions.prepare(completion, item_id)
+                pool, request, shape = services.completions.prepare(completion, item_id, response_id=item_id)
         except ValidationError as exc:
             raise invalid_request_from(exc.errors()) from None
         body, _ = await services.runner.complete(caller, pool, request, shape)
         return dict(body)
-
-    @staticmethod
-    def _failure(item: QueueItem, item_id: str, exc: PhiserveError) -> dict[str, Any]:
-        status, body, _ = error_payload(exc)
-        return error_line(item_id, item.custom_id, status, body)
 
     async def backlog(self) -> int:
         total = 0
