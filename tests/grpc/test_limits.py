@@ -1,0 +1,96 @@
+"""The gRPC server bounds its concurrent RPCs and message size (issue 9, item 4).
+
+A real gRPC server (the gateway's `create_server`, its real servicers) on a free port,
+from `build_services` on real Redis; the pool handles are stand-ins (no pool is called).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr
+
+from services.catalog.loader import load_catalog
+from services.gateway.app import build_services
+from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
+from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
+from services.grpc.server import GrpcServer, start_grpc_server
+from services.settings import Settings
+from services.tenancy.local_redis import LocalRedis
+from tests.conftest import CACHE_DIR
+
+
+class IdleHandle:
+    """Stands in for a pool's Serve handle: answers readiness, is never asked to generate."""
+
+    def __init__(self) -> None:
+        self.ready = SimpleNamespace(remote=self._ready)
+
+    def options(self, **_: Any) -> IdleHandle:
+        return self
+
+    async def _ready(self) -> bool:
+        return True
+
+
+@pytest.fixture
+async def small_server(redis_server: LocalRedis, tmp_path: Path) -> AsyncIterator[GrpcServer]:
+    settings = Settings(
+        redis_url=redis_server.url,
+        admin_key=SecretStr("admin-key-for-the-grpc-limit-test"),
+        cache_dir=CACHE_DIR,
+        files_dir=tmp_path,
+        grpc_max_concurrent_rpcs=2,
+        max_request_body_bytes=64 * 1024,
+    )
+    catalog = load_catalog("local")
+    services, state = build_services(catalog, {p.name: IdleHandle() for p in catalog.enabled_pools}, settings)
+    server = await start_grpc_server(services, settings, address="127.0.0.1:0")
+    try:
+        yield server
+    finally:
+        await server.stop(0)
+        await state.redis.close()
+
+
+async def test_rpcs_beyond_the_bound_are_refused(small_server: GrpcServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{small_server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        # Two long-lived RPCs fill the bound.
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(2)]
+        for watch in watches:
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for watch in watches:
+            watch.cancel()
+
+        async def check_passes() -> bool:
+            try:
+                await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            except grpc.aio.AioRpcError:
+                return False
+            return True
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await check_passes():
+            assert asyncio.get_running_loop().time() < deadline, "slots not given back"
+            await asyncio.sleep(0.05)
+
+
+async def test_a_message_over_the_body_limit_is_refused_unread(small_server: GrpcServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{small_server.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        big = pb.UploadFileRequest(filename="x.jsonl", purpose="batch", data=b"x" * (128 * 1024))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.UploadFile(big, timeout=10)  # no key either: the size is refused first
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
