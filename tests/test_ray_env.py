@@ -1,0 +1,79 @@
+"""The environment phiserve gives Ray's processes (services/ray_env.py), checked with Ray Serve's
+own HAProxy code and the real HAProxy binary, without a Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from services.ray_env import ray_process_env
+from tests.conftest import free_port, wait_until
+
+# What Ray Serve's HAProxy manager does on each node (serve/_private/haproxy.py): render the
+# config from the RAY_SERVE_HAPROXY_* environment and start the binary it resolves.
+_START_HAPROXY = """
+import asyncio, sys
+from ray.serve.config import HTTPOptions
+from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
+
+async def main():
+    api = HAProxyApi(
+        cfg=HAProxyConfig(http_options=HTTPOptions(host="127.0.0.1", port=int(sys.argv[1]))),
+        config_file_path=RAY_SERVE_HAPROXY_CONFIG_FILE_LOC,
+    )
+    await api.start()
+    print(api._proc.pid, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await api.stop()
+
+asyncio.run(main())
+"""
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on `port` (IPv4 and IPv6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+LOOPBACK = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
+
+
+def test_haproxy_stats_and_metrics_listen_on_loopback_only() -> None:
+    """Under `phiserve up` HAProxy's stats page (8404) and Prometheus exporter (9101) were
+    reachable from any host that can reach the machine (issue 9, item 9)."""
+    state_dir = Path(tempfile.mkdtemp(prefix="hpt", dir="/tmp"))
+    stats, metrics, http = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        **ray_process_env("haproxy", state_dir),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _START_HAPROXY, str(http)],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        haproxy_pid = int(proc.stdout.readline())
+        wait_until(lambda: _listening(http), timeout_s=30, interval_s=0.1, what="HAProxy's HTTP frontend")
+        assert _listening(stats) == {LOOPBACK}, f"stats listens on {_listening(stats)}"
+        assert _listening(metrics) == {LOOPBACK}, f"metrics listens on {_listening(metrics)}"
+        assert str(state_dir / "haproxy.cfg").encode() in Path(f"/proc/{haproxy_pid}/cmdline").read_bytes()
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(timeout=30)
+        shutil.rmtree(state_dir, ignore_errors=True)
