@@ -65,16 +65,20 @@ class Admission:
         *,
         lease_ttl_s: float,
         fail_open: bool = False,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._state = state
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
+        # None (production): windows and leases run on Redis's clock (TIME), shared by every
+        # gateway; a test may pass a clock of its own to move time.
         self._fail_open = fail_open
         self._clock = clock
 
     async def admit(self, tenant: Tenant, reserve_tokens: int) -> Reservation:
-        now = self._clock()
+        now = (self._clock or time.time)()
         now_ms = int(now * 1000)
+        # The budget's day key is named before the call, on this host's clock (a skew
+        # matters only in the seconds around midnight).
         day = utc_day(now)
         limits = tenant.limits
         lease_id = secrets.token_hex(8)
@@ -88,14 +92,14 @@ class Admission:
                     keys.daily_tokens(tenant.id, day),
                 ],
                 args=[
-                    now_ms,
+                    now_ms if self._clock is not None else "",
                     limits.rpm or 0,
                     limits.tpm or 0,
                     limits.max_concurrent or 0,
                     limits.daily_token_budget or 0,
                     reserve_tokens,
                     lease_id,
-                    now_ms + self._lease_ttl_ms,
+                    self._lease_ttl_ms,
                     2 * 86400,
                 ],
             )
@@ -104,7 +108,7 @@ class Admission:
                 raise
             logger.warning("admission: Redis unavailable, admitting tenant %s without limits", tenant.id)
             return Reservation(tenant.id, lease_id, now_ms // 1000, reserve_tokens, day, recorded=False)
-        admitted, reason, retry_ms, req_left, req_reset, tok_left, tok_reset = result
+        admitted, reason, retry_ms, req_left, req_reset, tok_left, tok_reset, now_ms = result
         headers = {}
         if limits.rpm:
             headers["x-ratelimit-limit-requests"] = str(limits.rpm)
@@ -151,12 +155,17 @@ class Admission:
 
     async def renew(self, reservations: list[Reservation]) -> None:
         """Extend the concurrency leases of requests still running (long streams)."""
-        expiry = int(self._clock() * 1000) + self._lease_ttl_ms
-        async with self._state.pipeline() as pipe:
-            for r in reservations:
-                if r.recorded:
-                    pipe.zadd(keys.concurrency_leases(r.tenant_id), {r.lease_id: expiry}, xx=True)
-            await pipe.execute()
+        live = [r for r in reservations if r.recorded]
+        if live:
+            await self._state.script(
+                "renew_leases",
+                keys=[keys.concurrency_leases(r.tenant_id) for r in live],
+                args=[
+                    int(self._clock() * 1000) if self._clock is not None else "",
+                    self._lease_ttl_ms,
+                    *(r.lease_id for r in live),
+                ],
+            )
 
 
 def _refusal_message(reason: str, tenant: Tenant, reserve: int) -> str:

@@ -1,29 +1,47 @@
 """Token-weighted fair queueing between tenants, per pool, shared by every gateway replica.
 
-Start-time fair queueing (SFQ) with its state in Redis; each step is one Lua call:
+Start-time fair queueing (SFQ) with its state in Redis; each step is one Lua call
+(`lua/fair_queue.lua`), timed by Redis's own clock:
 
-* a pool has a capacity (replicas x max_num_seqs by default) and a zset of in-flight
-  grants whose leases expire, so a crashed gateway frees its slots;
+* a pool has a capacity (live replicas x max_num_seqs by default, kept current by the
+  lease keeper) and a zset of in-flight grants whose leases expire, so a crashed
+  gateway frees its slots;
 * a ticket's score is (priority class, virtual start), virtual start being
   max(pool virtual time, the tenant's last virtual finish), and its finish adds
   cost / weight, where cost = reserved tokens x the model's cost factor;
 * `acquire` enqueues and dispatches in one call: an idle pool grants the caller in
-  that same round trip; otherwise the caller BLPOPs its grant key until its timeout;
+  that same round trip; otherwise the caller waits on its grant key in slices, renewing
+  its ticket's own short lease between them;
 * `release` frees the slot and dispatches the next tickets (pushing their grant keys).
+
+Leaving the queue (issue 9, item 3). A waiter that stops waiting for any reason (timeout,
+cancellation by a client disconnect or gRPC deadline, a Redis error) withdraws its ticket,
+shielded from further cancellation, and hands back a grant that raced its exit. A waiter
+that cannot (its process was killed) stops renewing: its ticket expires within
+`ticket_ttl_s` and the next step drops it, and a grant pushed to it expires as fast
+because a grant is only given the full lease once its waiter claims it. Each tenant may
+have at most `max_waiting_per_tenant` tickets waiting per pool, so one tenant cannot fill
+the waiting room.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from services.errors import Overloaded
+from services.errors import Overloaded, RateLimited, ServiceUnavailable
 from services.tenancy import keys
 from services.tenancy.redis_state import RedisState
 
-GRANTED, QUEUED, QUEUE_FULL = 1, 0, -1
+logger = logging.getLogger(__name__)
+
+GRANTED, QUEUED, QUEUE_FULL, TENANT_QUEUE_FULL = 1, 0, -1, -2
+# `renew` answers per ticket:
+TICKET_GONE, TICKET_WAITING, TICKET_GRANTED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -31,6 +49,8 @@ class Grant:
     pool: str
     ticket_id: str
     waited_s: float
+    # False when Redis failed and the queue was configured to fail open: nothing to release.
+    recorded: bool = True
 
 
 class FairQueue:
@@ -41,23 +61,49 @@ class FairQueue:
         *,
         max_waiting: int,
         lease_ttl_s: float,
+        ticket_ttl_s: float = 10.0,
+        max_waiting_per_tenant: int = 0,
         policy: str = "fair",
-        clock: Callable[[], float] = time.time,
+        fail_open: bool = False,
     ) -> None:
         self._state = state
         self._policy = policy
-        self._capacities = capacities
+        self._capacities = dict(capacities)
         self._max_waiting = max_waiting
+        self._max_waiting_per_tenant = max_waiting_per_tenant
         self._lease_ms = int(lease_ttl_s * 1000)
-        self._clock = clock
+        self._ticket_ttl_ms = int(ticket_ttl_s * 1000)
+        # A waiter renews three times per ticket lease: one late renewal is not fatal.
+        self._renew_every_s = ticket_ttl_s / 3
+        self._fail_open = fail_open
 
-    def _keys(self, pool: str) -> list[str]:
-        return [
-            keys.pool_in_flight(pool),
-            keys.pool_waiting(pool),
-            keys.pool_tickets(pool),
-            keys.pool_virtual_time(pool),
-        ]
+    def capacity(self, pool: str) -> int:
+        return self._capacities[pool]
+
+    def set_capacity(self, pool: str, capacity: int) -> None:
+        """A pool's grants at once from now on (the lease keeper follows live replicas)."""
+        self._capacities[pool] = max(capacity, 1)
+
+    async def _step(self, pool: str, op: str, args: list[Any]) -> Any:
+        return await self._state.script(
+            "fair_queue",
+            keys=[
+                keys.pool_in_flight(pool),
+                keys.pool_waiting(pool),
+                keys.pool_tickets(pool),
+                keys.pool_virtual_time(pool),
+                keys.pool_ticket_leases(pool),
+                keys.pool_tenant_waiting(pool),
+            ],
+            args=[
+                op,
+                self._capacities[pool],
+                self._lease_ms,
+                self._ticket_ttl_ms,
+                keys.ticket_grant(pool, ""),
+                *args,
+            ],
+        )
 
     async def acquire(
         self,
@@ -71,64 +117,81 @@ class FairQueue:
     ) -> Grant:
         started = time.monotonic()
         ticket = secrets.token_hex(8)
-        grant_prefix = keys.ticket_grant(pool, "")
-        outcome = await self._state.script(
-            "fair_queue",
-            keys=self._keys(pool),
-            args=[
-                "acquire",
-                int(self._clock() * 1000),
-                self._capacities[pool],
-                ticket,
-                self._lease_ms,
-                grant_prefix,
-                tenant_id,
-                cost,
-                weight,
-                priority,
-                self._max_waiting,
-                self._policy,
-            ],
-        )
+        args = [ticket, tenant_id, cost, weight, priority, self._max_waiting, self._max_waiting_per_tenant, self._policy]
+        try:
+            outcome = await self._step(pool, "acquire", args)
+            if outcome == QUEUED:
+                await self._wait(pool, ticket, started + timeout_s)
+        except BaseException as exc:
+            # Whatever ended the wait (timeout, cancel, Redis error; also a cancel during
+            # the acquire step itself, which may have queued or granted the ticket).
+            await self._leave_queue(pool, ticket)
+            if isinstance(exc, ServiceUnavailable) and self._fail_open:
+                logger.warning("fair queue: Redis unavailable, admitting to pool %s without queueing", pool)
+                return Grant(pool, ticket, time.monotonic() - started, recorded=False)
+            raise
         if outcome == QUEUE_FULL:
             raise Overloaded(
                 f"pool '{pool}' has {self._max_waiting} requests waiting; retry later",
                 param="queue_full",
                 retry_after_s=5,
             )
-        if outcome == QUEUED:
-            granted = await self._state.blpop(keys.ticket_grant(pool, ticket), timeout_s)
-            if granted is None:
-                # Gave up: leave the queue (or hand back a grant that raced the timeout).
-                await self.release(Grant(pool, ticket, time.monotonic() - started))
-                await self._state.run(self._state.redis.delete(keys.ticket_grant(pool, ticket)))
-                raise Overloaded(
-                    f"waited {timeout_s:.0f} s for capacity in pool '{pool}'; retry later",
-                    param="queue_timeout",
-                    retry_after_s=max(1, int(timeout_s / 2)),
-                )
+        if outcome == TENANT_QUEUE_FULL:
+            raise RateLimited(
+                f"this tenant already has {self._max_waiting_per_tenant} requests waiting for "
+                f"pool '{pool}'; retry when some have been served",
+                param="max_waiting_per_tenant",
+                retry_after_s=2,
+            )
         return Grant(pool, ticket, time.monotonic() - started)
 
+    async def _wait(self, pool: str, ticket: str, deadline: float) -> None:
+        """Wait for the grant in slices, renewing the ticket's lease between them."""
+        grant_key = keys.ticket_grant(pool, ticket)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Overloaded(
+                    f"waited too long for capacity in pool '{pool}'; retry later",
+                    param="queue_timeout",
+                    retry_after_s=5,
+                )
+            granted = await self._state.blpop(grant_key, max(min(remaining, self._renew_every_s), 0.01))
+            # Claim the grant (full lease), or renew the waiting ticket.
+            (status,) = await self._step(pool, "renew", [ticket])
+            if status == TICKET_GRANTED:
+                return
+            if status == TICKET_GONE:
+                if granted is not None:
+                    return  # claimed too late: the slot may be shared for one lease (rare)
+                raise Overloaded(
+                    f"the request's place in pool '{pool}''s queue lapsed; retry",
+                    param="queue_timeout",
+                    retry_after_s=1,
+                )
+
+    async def _leave_queue(self, pool: str, ticket: str) -> None:
+        """Withdraw a ticket, or hand back its grant; shielded, so a second cancel does not
+        stop it. On a Redis error the ticket's own lease expires instead."""
+        try:
+            await asyncio.shield(self._step(pool, "release", [ticket]))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("fair queue: could not withdraw ticket %s of pool %s (it expires): %s", ticket, pool, exc)
+
     async def release(self, grant: Grant) -> None:
-        await self._state.script(
-            "fair_queue",
-            keys=self._keys(grant.pool),
-            args=[
-                "release",
-                int(self._clock() * 1000),
-                self._capacities[grant.pool],
-                grant.ticket_id,
-                self._lease_ms,
-                keys.ticket_grant(grant.pool, ""),
-            ],
-        )
+        if grant.recorded:
+            await self._step(grant.pool, "release", [grant.ticket_id])
 
     async def renew(self, grants: list[Grant]) -> None:
-        expiry = int(self._clock() * 1000) + self._lease_ms
-        async with self._state.pipeline() as pipe:
-            for g in grants:
-                pipe.zadd(keys.pool_in_flight(g.pool), {g.ticket_id: expiry}, xx=True)
-            await pipe.execute()
+        """Extend the leases of requests still running; one step per pool."""
+        by_pool: dict[str, list[str]] = {}
+        for g in grants:
+            if g.recorded:
+                by_pool.setdefault(g.pool, []).append(g.ticket_id)
+        for pool, tickets in by_pool.items():
+            await self._step(pool, "renew", tickets)
 
     async def depth(self, pool: str) -> tuple[int, int]:
         """(in flight, waiting) for a pool."""

@@ -56,8 +56,16 @@ def pool_waiting(pool: str) -> str:  # zset ticket id -> score (class, virtual s
     return f"{PREFIX}:fq:{pool}:waiting"
 
 
-def pool_tickets(pool: str) -> str:  # hash ticket id -> "tenant|cost|weight"
+def pool_tickets(pool: str) -> str:  # hash waiting ticket id -> "<virtual start>|<tenant>"
     return f"{PREFIX}:fq:{pool}:tickets"
+
+
+def pool_ticket_leases(pool: str) -> str:  # zset waiting ticket id -> lease expiry (ms)
+    return f"{PREFIX}:fq:{pool}:ticketleases"
+
+
+def pool_tenant_waiting(pool: str) -> str:  # hash tenant id -> tickets it has waiting
+    return f"{PREFIX}:fq:{pool}:tenantwaiting"
 
 
 def pool_virtual_time(pool: str) -> str:  # hash: "vt" -> pool virtual time, tenant -> last finish

@@ -27,7 +27,7 @@ from redis.exceptions import BusyLoadingError, ConnectionError, RedisError, Time
 from services.errors import ServiceUnavailable
 
 LUA_DIR = Path(__file__).parent / "lua"
-SCRIPTS = ("admit", "settle", "fair_queue")
+SCRIPTS = ("admit", "settle", "fair_queue", "renew_leases")
 
 T = TypeVar("T")
 

@@ -1,10 +1,17 @@
 -- Admit one request for a tenant, atomically: RPM, TPM reservation, concurrency
 -- lease, daily token budget. Windows are hashes of per-second buckets (sliding 60 s).
 -- KEYS: 1 request window, 2 token window, 3 concurrency leases (zset), 4 daily tokens
--- ARGV: 1 now_ms, 2 rpm, 3 tpm, 4 max_concurrent, 5 daily_budget (0 = no limit),
---       6 reserve_tokens, 7 lease_id, 8 lease_expiry_ms, 9 day_ttl_s
--- Returns {admitted, reason, retry_after_ms, req_remaining, req_reset_ms, tok_remaining, tok_reset_ms}
+-- ARGV: 1 now_ms ("": Redis's clock, as in production), 2 rpm, 3 tpm, 4 max_concurrent,
+--       5 daily_budget (0 = no limit), 6 reserve_tokens, 7 lease_id, 8 lease_ttl_ms, 9 day_ttl_s
+-- Returns {admitted, reason, retry_after_ms, req_remaining, req_reset_ms, tok_remaining,
+--          tok_reset_ms, now_ms}
+-- Windows and leases run on Redis's TIME: gateways whose clocks disagree share one window
+-- (a gateway ahead would otherwise drop the others' buckets as stale; issue 9).
 local now_ms = tonumber(ARGV[1])
+if not now_ms then
+  local clock = redis.call('TIME')
+  now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+end
 local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_conc, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
 local reserve = tonumber(ARGV[6])
@@ -47,7 +54,7 @@ local req_left = rpm > 0 and rpm - req_used or -1
 local tok_left = tpm > 0 and tpm - tok_used or -1
 
 local function refuse(reason, retry_ms)
-  return {0, reason, math.max(retry_ms, 1), req_left, req_reset, tok_left, tok_reset}
+  return {0, reason, math.max(retry_ms, 1), req_left, req_reset, tok_left, tok_reset, now_ms}
 end
 
 if rpm > 0 and req_used + 1 > rpm then
@@ -78,7 +85,7 @@ redis.call('HINCRBY', KEYS[1], now_s, 1)
 redis.call('EXPIRE', KEYS[1], 120)
 redis.call('HINCRBY', KEYS[2], now_s, reserve)
 redis.call('EXPIRE', KEYS[2], 120)
-redis.call('ZADD', KEYS[3], tonumber(ARGV[8]), ARGV[7])
+redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[8]), ARGV[7])
 redis.call('EXPIRE', KEYS[3], 86400)
 redis.call('INCRBY', KEYS[4], reserve)
 redis.call('EXPIRE', KEYS[4], tonumber(ARGV[9]))
@@ -86,4 +93,4 @@ if req_left >= 0 then req_left = req_left - 1 end
 if tok_left >= 0 then tok_left = tok_left - reserve end
 if req_reset == 0 then req_reset = 60000 end
 if tok_reset == 0 then tok_reset = 60000 end
-return {1, 'ok', 0, req_left, req_reset, tok_left, tok_reset}
+return {1, 'ok', 0, req_left, req_reset, tok_left, tok_reset, now_ms}

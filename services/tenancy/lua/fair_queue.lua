@@ -1,56 +1,111 @@
 -- Start-time fair queueing across tenants for one pool (issue 3; SFQ as in the Virtual
--- Token Counter paper). One script, two operations, the same dispatch step:
+-- Token Counter paper). One script, three operations, the same dispatch step:
 --   acquire: enqueue the caller's ticket, then dispatch while the pool has free capacity
 --            (an idle pool grants the caller in this same round trip)
---   release: free the ticket's slot (or withdraw a waiting ticket), then dispatch
--- KEYS: 1 in-flight leases (zset), 2 waiting tickets (zset), 3 ticket start tags (hash),
---       4 virtual times (hash: "vt" and "t:<tenant>" last finish tags)
--- ARGV: 1 op, 2 now_ms, 3 capacity, 4 ticket id, 5 lease_ms, 6 grant key prefix,
---       acquire only: 7 tenant, 8 cost, 9 weight, 10 class, 11 max_waiting,
---       12 policy ("fair", or "fcfs": plain arrival order, the benchmarks' baseline)
--- acquire returns 1 granted now, 0 queued (BLPOP the grant key), -1 queue full;
--- release returns 1 if the ticket was still waiting (never granted), else 0.
-local op, now_ms, capacity = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local ticket, lease_ms, grant_prefix = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+--   release: free the ticket's slot, or withdraw it if still waiting (a waiter that left),
+--            and drop a grant pushed to it that it never read; then dispatch
+--   renew:   extend the leases of live tickets (waiting: the waiter's loop; granted: the
+--            lease keeper, and a waiter that just read its grant); then dispatch
+-- Time is Redis's (TIME), never a gateway's clock: every replica sees the same leases.
+-- A waiting ticket has a lease of its own that its waiter renews; one whose waiter died
+-- (kill -9, lost connection) expires and is dropped here before it can be granted, and a
+-- grant pushed to a waiter gets that short lease until the waiter claims it (issue 9).
+-- KEYS: 1 in-flight leases (zset), 2 waiting tickets (zset), 3 tickets (hash: "<start>|<tenant>"),
+--       4 virtual times (hash: "vt" and "t:<tenant>" last finish tags),
+--       5 waiting-ticket leases (zset), 6 waiting tickets per tenant (hash)
+-- ARGV: 1 op, 2 capacity, 3 lease_ms, 4 ticket_ttl_ms, 5 grant key prefix, then
+--       acquire: 6 ticket, 7 tenant, 8 cost, 9 weight, 10 class, 11 max_waiting,
+--                12 max_waiting_per_tenant (0: none),
+--                13 policy ("fair", or "fcfs": plain arrival order, the benchmarks' baseline)
+--       release: 6 ticket
+--       renew:   6.. tickets
+-- acquire returns 1 granted now, 0 queued (BLPOP the grant key), -1 the pool's waiting
+-- room is full, -2 the tenant's waiting cap is reached;
+-- release returns 1 if the ticket was still waiting (never granted), else 0;
+-- renew returns, per ticket, 1 waiting, 2 granted (lease extended), 0 unknown (expired or released).
+local op, capacity = ARGV[1], tonumber(ARGV[2])
+local lease_ms, ticket_ttl_ms, grant_prefix = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local CLASS_SPAN = 1e15
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
-local result = 0
+-- Forget a waiting ticket (popped, withdrawn or expired); returns its start tag.
+local function unqueue(id)
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZREM', KEYS[5], id)
+  local entry = redis.call('HGET', KEYS[3], id)
+  if not entry then return nil end
+  redis.call('HDEL', KEYS[3], id)
+  local start, tenant = string.match(entry, '^([^|]*)|(.*)$')
+  if redis.call('HINCRBY', KEYS[6], tenant, -1) <= 0 then redis.call('HDEL', KEYS[6], tenant) end
+  return tonumber(start)
+end
+
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now_ms, 'LIMIT', 0, 1000)) do
+  unqueue(id)
+end
 local vt = tonumber(redis.call('HGET', KEYS[4], 'vt') or '0')
+local result = 0
+local ticket = ARGV[6]
 
 if op == 'acquire' then
   local tenant, cost, weight, class = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[11]) then return -1 end
+  -- The caps bind only when the caller would have to wait.
+  if redis.call('ZCARD', KEYS[1]) >= capacity then
+    if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[11]) then return -1 end
+    local cap = tonumber(ARGV[12])
+    if cap > 0 and tonumber(redis.call('HGET', KEYS[6], tenant) or '0') >= cap then return -2 end
+  end
   local last_finish = tonumber(redis.call('HGET', KEYS[4], 't:' .. tenant) or '0')
   local start = math.max(vt, last_finish)
   redis.call('HSET', KEYS[4], 't:' .. tenant, start + cost / weight)
-  if ARGV[12] == 'fcfs' then
+  if ARGV[13] == 'fcfs' then
     redis.call('ZADD', KEYS[2], now_ms, ticket)
   else
     redis.call('ZADD', KEYS[2], class * CLASS_SPAN + start, ticket)
   end
-  redis.call('HSET', KEYS[3], ticket, start)
-else
-  result = redis.call('ZREM', KEYS[2], ticket)
-  redis.call('HDEL', KEYS[3], ticket)
+  redis.call('ZADD', KEYS[5], now_ms + ticket_ttl_ms, ticket)
+  redis.call('HSET', KEYS[3], ticket, string.format('%.17g', start) .. '|' .. tenant)
+  redis.call('HINCRBY', KEYS[6], tenant, 1)
+elseif op == 'release' then
+  if unqueue(ticket) then result = 1 end
   redis.call('ZREM', KEYS[1], ticket)
+  redis.call('DEL', grant_prefix .. ticket)
+else
+  result = {}
+  for i = 6, #ARGV do
+    local id = ARGV[i]
+    if redis.call('ZSCORE', KEYS[5], id) then
+      redis.call('ZADD', KEYS[5], now_ms + ticket_ttl_ms, id)
+      result[#result + 1] = 1
+    elseif redis.call('ZSCORE', KEYS[1], id) then
+      redis.call('ZADD', KEYS[1], now_ms + lease_ms, id)
+      redis.call('DEL', grant_prefix .. id)  -- claimed: a grant not yet read is not needed
+      result[#result + 1] = 2
+    else
+      result[#result + 1] = 0
+    end
+  end
 end
 
 -- Dispatch: grant the lowest-scored tickets while there is capacity. The pool's virtual
 -- time follows the start tag of what was last dispatched.
 while redis.call('ZCARD', KEYS[1]) < capacity do
-  local head = redis.call('ZPOPMIN', KEYS[2])
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)
   if #head == 0 then break end
   local id = head[1]
-  local head_start = tonumber(redis.call('HGET', KEYS[3], id) or '0')
-  redis.call('HDEL', KEYS[3], id)
+  local head_start = unqueue(id) or 0
   if head_start > vt then vt = head_start end
-  redis.call('ZADD', KEYS[1], now_ms + lease_ms, id)
-  if op == 'acquire' and id == ticket then
-    result = 1
+  if op ~= 'release' and id == ticket then
+    -- The caller itself (acquiring, or a waiter renewing): it holds the grant right now.
+    redis.call('ZADD', KEYS[1], now_ms + lease_ms, id)
+    if op == 'acquire' then result = 1 else result[1] = 2 end
   else
+    -- The waiter claims its grant (a renew) within a ticket lease, or it is freed.
+    redis.call('ZADD', KEYS[1], now_ms + ticket_ttl_ms, id)
     redis.call('RPUSH', grant_prefix .. id, 1)
-    redis.call('EXPIRE', grant_prefix .. id, 300)
+    redis.call('PEXPIRE', grant_prefix .. id, 2 * ticket_ttl_ms)
   end
 end
 redis.call('HSET', KEYS[4], 'vt', vt)
