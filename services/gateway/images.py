@@ -68,7 +68,7 @@ class ImageLoader:
             try:
                 async with asyncio.timeout(self._timeout_s):
                     return await self._fetch(url)
-            except (_FetchRefused, aiohttp.ClientError, OSError, TimeoutError, ValueError, UnicodeError) as exc:
+            except (_FetchRefused, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 logger.info("remote image refused (%s: %s)", type(exc).__name__, exc)
                 raise InvalidRequest(FETCH_FAILED, param=param, code="image_fetch_failed") from None
         raise InvalidRequest("image_url.url must be a data: URL or an http(s) URL", param=param)

@@ -62,7 +62,9 @@ class Readiness:
 
     async def _round_trip(self) -> ReadyAnswer:
         answers = list(await asyncio.gather(*(self._router.ready(pool) for pool in self._pools)))
-        parts = {pool.name: ("ready" if ok else "unavailable") for pool, ok in zip(self._pools, answers, strict=True)}
+        parts = {
+            pool.name: ("ready" if ok else "unavailable") for pool, ok in zip(self._pools, answers, strict=True)
+        }
         if self._batch_worker is not None:
             batch_ok = await self._router.ready_handle(self._batch_worker)
             answers.append(batch_ok)

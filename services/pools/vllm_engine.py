@@ -65,7 +65,8 @@ class VLLMEngine(Engine):
             if self._pool.modality is not Modality.vision:
                 raise InvalidRequest("this model does not accept images", param="messages")
             # Decoding (up to 36 MP) on a thread: the replica's loop keeps streaming others.
-            engine_input["multi_modal_data"] = {"image": await asyncio.to_thread(decode_images, request.images)}
+            images = await asyncio.to_thread(decode_images, request.images)
+            engine_input["multi_modal_data"] = {"image": images}
 
         s = request.sampling
         params = SamplingParams(

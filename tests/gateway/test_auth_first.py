@@ -74,8 +74,12 @@ def test_chunked_unauthenticated_body_is_refused_before_it_is_read(cluster: Clus
 
 def test_small_json_routes_have_a_small_body_limit(cluster: Cluster, http: httpx.Client) -> None:
     # A batch request is a few hundred bytes; 2 MiB of it is refused by its size alone.
-    body = {"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "24h",
-            "metadata": {"k": "v" * (2 * 1024 * 1024)}}
+    body = {
+        "input_file_id": "file-x",
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+        "metadata": {"k": "v" * (2 * 1024 * 1024)},
+    }
     resp = http.post("/v1/batches", json=body)
     assert resp.status_code == 413, resp.text
     assert resp.json()["error"]["code"] == "request_too_large"
@@ -89,9 +93,13 @@ def test_files_batches_and_usage_routes_count_against_rpm(cluster: Cluster, admi
         assert client.get("/v1/files").status_code == 200
         assert client.get("/v1/batches").status_code == 200
         assert client.get("/v1/usage").status_code == 200
-        refused = [client.get("/v1/files"), client.get("/v1/batches"), client.get("/v1/usage"),
-                   client.post("/v1/batches", json={"input_file_id": "file-none", "endpoint": "/v1/chat/completions",
-                                                    "completion_window": "24h"})]
+        batch = {"input_file_id": "file-none", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        refused = [
+            client.get("/v1/files"),
+            client.get("/v1/batches"),
+            client.get("/v1/usage"),
+            client.post("/v1/batches", json=batch),
+        ]
     for resp in refused:
         assert resp.status_code == 429, resp.text
         assert resp.json()["error"]["code"] == "rate_limit_exceeded"

@@ -54,7 +54,8 @@ def _chat_service(state: RedisState) -> ChatService:
     router = PoolRouter(catalog, {}, assign_timeout_s=1.0)
     metrics = GatewayMetrics()
     admission = Admission(state, lease_ttl_s=10)
-    fair_queue = FairQueue(state, {p.name: p.capacity for p in catalog.enabled_pools}, max_waiting=10, lease_ttl_s=10)
+    capacity = {p.name: p.capacity for p in catalog.enabled_pools}
+    fair_queue = FairQueue(state, capacity, max_waiting=10, lease_ttl_s=10)
     keeper = LeaseKeeper(admission, fair_queue, metrics, pools=[], interval_s=5)
     gate = TenantGate(admission, fair_queue, TokenCounter({}, {}), keeper, metrics, queue_timeout_s=1.0)
     images = ImageLoader(allow_remote=True, max_bytes=1 << 20, timeout_s=2.0, allow_loopback=True)

@@ -121,7 +121,9 @@ async def test_redirects_are_not_followed(origin: Origin) -> None:
         "[::ffff:127.0.0.1]",  # IPv4-mapped loopback
     ],
 )
-async def test_private_loopback_link_local_and_metadata_addresses_are_refused(origin: Origin, host: str) -> None:
+async def test_private_loopback_link_local_and_metadata_addresses_are_refused(
+    origin: Origin, host: str
+) -> None:
     port = origin.url.rsplit(":", 1)[1]
     err = await _refusal(_loader(), f"http://{host}:{port}/image")
     assert err.code == "image_fetch_failed"

@@ -27,4 +27,6 @@ async def ready(services: Services) -> JSONResponse:
     answer = await services.readiness.check()
     if answer.ready:
         return JSONResponse({"status": "ready", "pools": answer.parts})
-    return JSONResponse({"status": "unavailable", "pools": answer.parts}, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse(
+        {"status": "unavailable", "pools": answer.parts}, status_code=503, headers={"Retry-After": "5"}
+    )

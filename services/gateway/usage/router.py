@@ -13,6 +13,8 @@ router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.get("/v1/usage")
-async def my_usage(tenant: LimitedTenant, services: Services, date: str | None = None, days: int = 1) -> JSONResponse:
+async def my_usage(
+    tenant: LimitedTenant, services: Services, date: str | None = None, days: int = 1
+) -> JSONResponse:
     # Scoped to the caller's tenant whatever the query says: no tenant_id parameter here.
     return JSONResponse(await usage_report(services.usage, date=date, days=days, tenant_id=tenant.id))
