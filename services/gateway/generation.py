@@ -7,9 +7,10 @@ keep their status, usage, settlement however the stream ends) is shared here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,11 +54,64 @@ class Caller:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+class GenerationStream:
+    """The shaped chunks of one admitted generation; closing it always settles.
+
+    An async generator closed before its first `__anext__` never runs its `finally`: a
+    client gone between `open_stream` and the first chunk (a gRPC call cancelled at
+    `send_headers`, an SSE body never started) used to keep its concurrency lease and pool
+    slot, renewed by the lease keeper for as long as the gateway lived (issue 9, item 3).
+    Here `aclose()` settles an unstarted stream itself, and one dropped without being
+    closed is settled when it is garbage-collected (a started one is closed by asyncio's
+    async-generator finalizer, which runs the generator's `finally`)."""
+
+    def __init__(
+        self,
+        payloads: AsyncGenerator[Any, None],
+        settle_unstarted: Callable[[], Awaitable[None]],
+        background: set[asyncio.Task[None]],
+    ) -> None:
+        self._payloads = payloads
+        self._settle_unstarted = settle_unstarted
+        self._background = background
+        self._loop = asyncio.get_running_loop()
+        self._started = False
+        self._closed = False
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        self._started = True
+        return await self._payloads.__anext__()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._payloads.aclose()  # runs its `finally` (settles) if it had started
+        if not self._started:
+            await asyncio.shield(self._settle_unstarted())
+
+    def __del__(self) -> None:
+        if self._closed or self._started or self._loop.is_closed():
+            return
+        settle, background, loop = self._settle_unstarted, self._background, self._loop
+
+        def spawn() -> None:
+            task = loop.create_task(settle())  # type: ignore[arg-type]
+            background.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(background.discard)
+
+        loop.call_soon_threadsafe(spawn)
+
+
 class GenerationRunner:
     def __init__(self, router: PoolRouter, gate: TenantGate, metrics: GatewayMetrics) -> None:
         self._router = router
         self._gate = gate
         self._metrics = metrics
+        self._settling: set[asyncio.Task[None]] = set()  # streams dropped unstarted
 
     async def complete(
         self, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape
@@ -99,7 +153,17 @@ class GenerationRunner:
         first_at = time.perf_counter()
         self._metrics.time_to_first_token.observe(first_at - caller.started, tags={"model": caller.labels["model"]})
         payloads = self._payloads(admitted, first, chunks, shape, include_usage=include_usage, first_at=first_at)
-        return payloads, admitted.headers
+
+        async def settle_unstarted() -> None:
+            # What `_payloads`' finally does, for a stream closed before it ever ran.
+            try:
+                await chunks.aclose()  # type: ignore[attr-defined]
+            finally:
+                await self._gate.leave(
+                    admitted, prompt_tokens=first.prompt_tokens, completion_tokens=first.completion_tokens
+                )
+
+        return GenerationStream(payloads, settle_unstarted, self._settling), admitted.headers  # type: ignore[arg-type]
 
     async def _payloads(
         self,
