@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.catalog.models import PoolConfig
-from services.errors import InvalidRequest, Overloaded, PermissionDenied, RateLimited
+from services.errors import ContextLengthExceeded, InvalidRequest, Overloaded, PermissionDenied, RateLimited
 from services.gateway.metrics import GatewayMetrics, tenant_label
 from services.gateway.tokens import TokenCounter
 from services.pools.engine import GenerationRequest
@@ -114,6 +114,7 @@ class TenantGate:
     ) -> Admitted:
         request = self._apply_policy(tenant, pool, request)
         prompt_tokens = await self._counter.count(pool, request)  # long prompts: off the loop
+        self._check_context(pool, request, prompt_tokens)
         max_tokens = request.sampling.max_tokens or max(pool.engine.max_model_len - prompt_tokens, 1)
         reserve = prompt_tokens + max_tokens
         try:
@@ -142,21 +143,35 @@ class TenantGate:
         return admitted
 
     async def leave(self, admitted: Admitted, *, prompt_tokens: int | None, completion_tokens: int) -> None:
-        """Settle once. Shielded: a cancelled stream must still free its slot."""
+        """Settle once, to the tokens the engine reported; `prompt_tokens=None`: it reported
+        nothing, so nothing is billed. Shielded: a cancelled stream must still free its slot."""
         if admitted.left:
             return
         admitted.left = True
         self._keeper.discard(admitted)
-        prompt = admitted.estimated_prompt_tokens if prompt_tokens is None else prompt_tokens
-        await asyncio.shield(self._finish(admitted, prompt, completion_tokens))
+        await asyncio.shield(self._finish(admitted, prompt_tokens, completion_tokens))
 
-    async def _finish(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int) -> None:
-        usage = Usage(
-            model=admitted.pool.served_names[0],
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            images=len(admitted.request.images),
-        )
+    async def leave_failed(self, admitted: Admitted, error: BaseException) -> None:
+        """Settle a pool call that ended before the engine reported any usage (issue 9,
+        item 5). Our failure (503, engine error, the engine refusing the request) bills
+        nothing and is not counted as a request. A client that left (disconnect, deadline:
+        the call is cancelled) pays for the prompt it sent, as counted here: the engine had
+        it, and leaving must not make its processing free."""
+        client_left = isinstance(error, asyncio.CancelledError)
+        prompt = admitted.estimated_prompt_tokens if client_left else None
+        await self.leave(admitted, prompt_tokens=prompt, completion_tokens=0)
+
+    async def _finish(self, admitted: Admitted, prompt_tokens: int | None, completion_tokens: int) -> None:
+        billed = prompt_tokens is not None or completion_tokens > 0
+        prompt_tokens = prompt_tokens or 0
+        usage = None
+        if billed:
+            usage = Usage(
+                model=admitted.pool.served_names[0],
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                images=len(admitted.request.images),
+            )
         tags = {
             "model": admitted.pool.served_names[0],
             "tenant": tenant_label(admitted.tenant.id, admitted.tenant.metrics_label),
@@ -174,6 +189,29 @@ class TenantGate:
         for exc in results:
             if isinstance(exc, Exception):  # Redis down: the leases expire on their own
                 logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
+
+    def _check_context(self, pool: PoolConfig, request: GenerationRequest, prompt_tokens: int) -> None:
+        """Refuse, before admission, what the engine would refuse after it: a prompt that
+        with max_tokens does not fit the context (issue 9, item 5). Only when the count is
+        the model tokenizer's own; an estimate is left to the engine (which bills nothing)."""
+        if not self._counter.exact(pool):
+            return
+        limit = pool.engine.max_model_len
+        max_tokens = request.sampling.max_tokens
+        field = "prompt" if request.messages is None else "messages"
+        if prompt_tokens >= limit:
+            reason = f"However, your {field} resulted in {prompt_tokens} tokens. Please reduce the length of the {field}."
+            param = field
+        elif max_tokens is not None and prompt_tokens + max_tokens > limit:
+            reason = (
+                f"However, you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                f"{field}, {max_tokens} in the completion). Please reduce the length of the {field} or max_tokens."
+            )
+            param = "max_tokens"
+        else:
+            return
+        self._metrics.rejected.inc(tags={"reason": "context_length_exceeded"})
+        raise ContextLengthExceeded(f"This model's maximum context length is {limit} tokens. {reason}", param=param)
 
     def _apply_policy(self, tenant: Tenant, pool: PoolConfig, request: GenerationRequest) -> GenerationRequest:
         check_access(tenant, pool, model=request.model, images=len(request.images))

@@ -120,8 +120,8 @@ class GenerationRunner:
         admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
         try:
             result = await self._router.generate(pool, admitted.request)
-        except BaseException:
-            await self._gate.leave(admitted, prompt_tokens=None, completion_tokens=0)
+        except BaseException as exc:
+            await self._gate.leave_failed(admitted, exc)  # no usage reported: see leave_failed
             raise
         await self._gate.leave(
             admitted, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
@@ -146,7 +146,7 @@ class GenerationRunner:
         try:
             first = await anext(chunks)
         except BaseException as exc:
-            await self._gate.leave(admitted, prompt_tokens=None, completion_tokens=0)
+            await self._gate.leave_failed(admitted, exc)
             if isinstance(exc, StopAsyncIteration):
                 raise GenerationFailed("the engine produced no output") from None
             raise

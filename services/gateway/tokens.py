@@ -79,6 +79,10 @@ class TokenCounter:
             )
         return self.prompt_tokens(pool, request)
 
+    def exact(self, pool: PoolConfig) -> bool:
+        """Counted with the model's own tokenizer (not estimated from the text's length)."""
+        return self._tokenizers.get(pool.name) is not None
+
     def prompt_tokens(self, pool: PoolConfig, request: GenerationRequest) -> int:
         if request.messages is None:
             texts = [request.prompt or ""]

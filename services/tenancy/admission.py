@@ -33,6 +33,11 @@ class Usage:
 
 logger = logging.getLogger(__name__)
 
+# How long a settled reservation's marker lives. It only has to outlive redis-py's retries
+# of one call (3 retries, each after a socket timeout of a few seconds and a backoff of at
+# most 0.5 s); a short TTL keeps one small key per request for minutes, not days.
+SETTLED_MARKER_TTL_S = 300
+
 
 @dataclass
 class Reservation:
@@ -130,27 +135,32 @@ class Admission:
 
     async def settle(self, reservation: Reservation, used_tokens: int, *, usage: Usage | None = None) -> None:
         """Move the reservation to `used_tokens`, free the slot, and (when given) add the
-        request to the tenant's daily usage: one Redis step."""
+        request to the tenant's daily usage: one Redis step, applied at most once per
+        reservation (redis-py resends a script whose reply it lost; issue 9, item 5)."""
         if not reservation.recorded:
             return
         usage_args: list[Any] = ["", 0, 0, 0, ""]
         if usage is not None:
-            usage_args = [
-                f"{reservation.tenant_id}|{usage.model}|",
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.images,
-                USAGE_TTL_S,
-            ]
+            usage_args = [f"{usage.model}|", usage.prompt_tokens, usage.completion_tokens, usage.images, USAGE_TTL_S]
+        tenant_id = reservation.tenant_id
         await self._state.script(
             "settle",
             keys=[
-                keys.tokens_window(reservation.tenant_id),
-                keys.daily_tokens(reservation.tenant_id, reservation.day),
-                keys.concurrency_leases(reservation.tenant_id),
-                keys.usage(reservation.day),
+                keys.tokens_window(tenant_id),
+                keys.daily_tokens(tenant_id, reservation.day),
+                keys.concurrency_leases(tenant_id),
+                keys.settled(tenant_id, reservation.lease_id),
+                keys.tenant_usage(tenant_id, reservation.day),
+                keys.usage_tenants(reservation.day),
             ],
-            args=[reservation.bucket_s, used_tokens - reservation.reserved_tokens, reservation.lease_id, *usage_args],
+            args=[
+                reservation.bucket_s,
+                used_tokens - reservation.reserved_tokens,
+                reservation.lease_id,
+                SETTLED_MARKER_TTL_S,
+                *usage_args,
+                tenant_id,
+            ],
         )
 
     async def renew(self, reservations: list[Reservation]) -> None:

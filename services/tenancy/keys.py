@@ -43,8 +43,17 @@ def daily_tokens(tenant_id: str, day: str) -> str:  # integer: tokens reserved+u
     return f"{PREFIX}:budget:{tenant_id}:{day}"
 
 
-def usage(day: str) -> str:  # hash "<tenant>|<model>|<field>" -> count
-    return f"{PREFIX}:usage:{day}"
+def settled(tenant_id: str, lease_id: str) -> str:  # string, short TTL: the request is settled
+    return f"{PREFIX}:settled:{tenant_id}:{lease_id}"
+
+
+# Usage is indexed by tenant (issue 9): a tenant's report reads only its own keys.
+def tenant_usage(tenant_id: str, day: str) -> str:  # hash "<model>|<field>" -> count
+    return f"{PREFIX}:usage:tenant:{tenant_id}:{day}"
+
+
+def usage_tenants(day: str) -> str:  # set of tenant ids with usage that day (admin view)
+    return f"{PREFIX}:usage:day:{day}:tenants"
 
 
 # Fair queue, per pool.

@@ -1,8 +1,13 @@
-"""Usage per tenant, model and UTC day: requests, prompt/completion tokens, images."""
+"""Usage per tenant, model and UTC day: requests, prompt/completion tokens, images.
+
+Indexed by tenant (issue 9, item 9): one hash per tenant and day, so a tenant's own query
+reads only its own keys, and one set per day of the tenants with usage, for the admin view.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from services.tenancy import keys
 from services.tenancy.redis_state import RedisState
@@ -30,16 +35,29 @@ class UsageLedger:
         self._state = state
 
     async def rows(self, days: list[str], *, tenant_id: str | None = None) -> list[UsageRow]:
-        """Usage rows for the given days; only `tenant_id`'s when it is set."""
+        """Usage rows for the given days; only `tenant_id`'s when it is set (then only that
+        tenant's keys are read)."""
+        if tenant_id is not None:
+            wanted = [(day, tenant_id) for day in days]
+        else:
+            members = await self._read([("smembers", keys.usage_tenants(day)) for day in days])
+            wanted = [(day, t) for day, tenants in zip(days, members, strict=True) for t in sorted(tenants)]
+        hashes = await self._read([("hgetall", keys.tenant_usage(t, day)) for day, t in wanted])
         rows = []
-        for day in days:
-            raw = await self._state.run(self._state.redis.hgetall(keys.usage(day)))
-            grouped: dict[tuple[str, str], dict[str, int]] = {}
+        for (day, tenant), raw in zip(wanted, hashes, strict=True):
+            grouped: dict[str, dict[str, int]] = {}
             for name, value in raw.items():
-                tenant, model, field = name.rsplit("|", 2)
-                if tenant_id is not None and tenant != tenant_id:
-                    continue
-                grouped.setdefault((tenant, model), dict.fromkeys(FIELDS, 0))[field] = int(value)
-            for (tenant, model), counts in sorted(grouped.items()):
+                model, field = name.rsplit("|", 1)
+                grouped.setdefault(model, dict.fromkeys(FIELDS, 0))[field] = int(value)
+            for model, counts in sorted(grouped.items()):
                 rows.append(UsageRow(day=day, tenant_id=tenant, model=model, **counts))
         return rows
+
+    async def _read(self, commands: list[tuple[str, str]]) -> list[Any]:
+        """Read-only commands in one round trip (no MULTI: a report needs no snapshot)."""
+        if not commands:
+            return []
+        pipe = self._state.redis.pipeline(transaction=False)
+        for name, key in commands:
+            getattr(pipe, name)(key)
+        return await self._state.run(pipe.execute())  # type: ignore[no-any-return]

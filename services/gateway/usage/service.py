@@ -20,6 +20,9 @@ def _days(date: str | None, days: int) -> list[str]:
         end = Date.fromisoformat(date) if date else datetime.now(UTC).date()
     except ValueError:
         raise InvalidRequest("date must look like 2026-11-27", param="date") from None
+    if (end - Date.min).days < days - 1:
+        # The calendar starts at 0001-01-01: counting back past it overflowed (a 500).
+        raise InvalidRequest(f"date minus {days - 1} days falls before 0001-01-01", param="date")
     return [(end - timedelta(days=i)).strftime("%Y%m%d") for i in range(days)]
 
 

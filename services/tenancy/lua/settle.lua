@@ -1,9 +1,17 @@
 -- Settle an admitted request to its actual usage, free its concurrency slot and add it to
--- the tenant's daily usage, in one step.
--- KEYS: 1 token window, 2 daily tokens, 3 concurrency leases, 4 usage hash of the day
+-- the tenant's daily usage, in one step. Idempotent per lease: redis-py resends a script
+-- whose reply was lost (connection error, timeout), and that must not count twice.
+-- KEYS: 1 token window, 2 daily tokens, 3 concurrency leases, 4 settle marker of the lease,
+--       5 the tenant's usage hash of the day, 6 set of tenants with usage that day
 -- ARGV: 1 bucket second of the reservation, 2 delta tokens (actual - reserved), 3 lease id,
---       4 usage field prefix "<tenant>|<model>|", 5 prompt tokens, 6 completion tokens,
---       7 images, 8 usage TTL seconds ("" when the request is not to be recorded)
+--       4 marker TTL seconds, 5 usage field prefix "<model>|", 6 prompt tokens,
+--       7 completion tokens, 8 images, 9 usage TTL seconds ("" when nothing is billed),
+--       10 tenant id
+-- Returns 1 when this call settled the lease, 0 when an earlier call already had.
+redis.call('ZREM', KEYS[3], ARGV[3])
+if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', tonumber(ARGV[4])) then
+  return 0
+end
 local delta = tonumber(ARGV[2])
 if delta ~= 0 then
   -- A bucket that already left the window keeps no weight; only adjust live ones.
@@ -14,14 +22,16 @@ if delta ~= 0 then
     redis.call('INCRBY', KEYS[2], delta)
   end
 end
-local freed = redis.call('ZREM', KEYS[3], ARGV[3])
-if ARGV[8] ~= '' then
-  redis.call('HINCRBY', KEYS[4], ARGV[4] .. 'requests', 1)
-  redis.call('HINCRBY', KEYS[4], ARGV[4] .. 'prompt_tokens', tonumber(ARGV[5]))
-  redis.call('HINCRBY', KEYS[4], ARGV[4] .. 'completion_tokens', tonumber(ARGV[6]))
-  if tonumber(ARGV[7]) > 0 then
-    redis.call('HINCRBY', KEYS[4], ARGV[4] .. 'images', tonumber(ARGV[7]))
+if ARGV[9] ~= '' then
+  local ttl = tonumber(ARGV[9])
+  redis.call('HINCRBY', KEYS[5], ARGV[5] .. 'requests', 1)
+  redis.call('HINCRBY', KEYS[5], ARGV[5] .. 'prompt_tokens', tonumber(ARGV[6]))
+  redis.call('HINCRBY', KEYS[5], ARGV[5] .. 'completion_tokens', tonumber(ARGV[7]))
+  if tonumber(ARGV[8]) > 0 then
+    redis.call('HINCRBY', KEYS[5], ARGV[5] .. 'images', tonumber(ARGV[8]))
   end
-  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[8]))
+  redis.call('EXPIRE', KEYS[5], ttl)
+  redis.call('SADD', KEYS[6], ARGV[10])
+  redis.call('EXPIRE', KEYS[6], ttl)
 end
-return freed
+return 1
