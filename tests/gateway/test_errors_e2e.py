@@ -69,7 +69,7 @@ def test_max_tokens_beyond_context_is_400_with_param(http: httpx.Client, cluster
     limit = cluster.catalog.enabled_pools[0].engine.max_model_len
     # Refused before it reaches a pool.
     _assert_error(http.post(CHAT, json=_chat(max_tokens=limit + 1)), 400, code="context_length_exceeded", param="max_tokens")
-    # Only the prompt pushes it over: the pool counts the prompt and refuses.
+    # Only the prompt pushes it over: the gateway counts the prompt and refuses before admission.
     body = _chat(max_tokens=limit - 10)
     body["messages"] = [{"role": "user", "content": "word " * 200}]
     _assert_error(http.post(CHAT, json=body), 400, code="context_length_exceeded", param="max_tokens")
