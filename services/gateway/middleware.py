@@ -145,7 +145,6 @@ class GatewayMiddleware:
                 state["status"] = 413
                 await _send_too_large(send, limit)
 
-
     def _body_limit(self, path: str) -> int:
         if path in GENERATION_PATHS:
             return self._max_body_bytes
