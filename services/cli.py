@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -92,7 +93,8 @@ def local_redis(settings: Settings) -> LocalRedis:
 
 
 def local_secrets(settings: Settings) -> Settings:
-    """Local profile: reuse or generate the admin key and the demo tenant's key.
+    """Local profile: reuse or generate the admin key, the demo tenant's key and the
+    secret of the tenants' prefix-cache salts.
 
     They are kept in .cache/local-keys.env (mode 600) so restarts keep working keys;
     `set -a; . .cache/local-keys.env` exports them for the quick start.
@@ -107,13 +109,26 @@ def local_secrets(settings: Settings) -> Settings:
     demo = settings.api_key.get_secret_value() if settings.api_key else saved.get("PHISERVE_API_KEY")
     admin = admin or new_plain_key()[1].replace("psk-", "padm-")
     demo = demo or new_plain_key()[1]
+    salt_secret = (
+        settings.cache_salt_secret.get_secret_value()
+        if settings.cache_salt_secret
+        else saved.get("PHISERVE_CACHE_SALT_SECRET")
+    ) or secrets.token_hex(32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"PHISERVE_API_KEY={demo}\nPHISERVE_ADMIN_KEY={admin}\n")
+    path.write_text(
+        f"PHISERVE_API_KEY={demo}\nPHISERVE_ADMIN_KEY={admin}\nPHISERVE_CACHE_SALT_SECRET={salt_secret}\n"
+    )
     path.chmod(0o600)
     _log(f"demo tenant key (PHISERVE_API_KEY): {demo}")
     _log(f"admin key (PHISERVE_ADMIN_KEY): {admin}")
     _log(f"both saved in {path}; export them with: set -a; . {path}; set +a")
-    return settings.model_copy(update={"admin_key": SecretStr(admin), "api_key": SecretStr(demo)})
+    return settings.model_copy(
+        update={
+            "admin_key": SecretStr(admin),
+            "api_key": SecretStr(demo),
+            "cache_salt_secret": SecretStr(salt_secret),
+        }
+    )
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> None:

@@ -28,6 +28,7 @@ CLUSTER_READY_TIMEOUT_S = 900.0
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 DEMO_KEY = "psk-demo0000-test-demo-key-for-the-suite"
 AUTH = {"Authorization": f"Bearer {DEMO_KEY}"}
+CACHE_SALT_SECRET = "test-cache-salt-secret-0123456789"
 
 
 def free_port() -> int:
@@ -130,6 +131,7 @@ def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[
         redis_url=redis_server.url,
         admin_key=SecretStr(ADMIN_KEY),
         api_key=SecretStr(DEMO_KEY),
+        cache_salt_secret=SecretStr(CACHE_SALT_SECRET),
         # Two gateway replicas: limits and fairness must hold across replicas.
         gateway_replicas=2,
         lease_ttl_s=10.0,

@@ -36,6 +36,7 @@ from services.gateway.tokens import TokenCounter
 from services.gateway.usage.router import router as usage_router
 from services.settings import Settings
 from services.tenancy.admission import Admission
+from services.tenancy.cache_salt import CacheSalts
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import PriorityClass, Tenant, TenantsFile
 from services.tenancy.redis_state import RedisState
@@ -86,7 +87,8 @@ def build_services(
         metrics,
         queue_timeout_s=settings.queue_timeout_s,
     )
-    runner = GenerationRunner(router, gate, metrics)
+    secret = settings.cache_salt_secret.get_secret_value() if settings.cache_salt_secret else None
+    runner = GenerationRunner(router, gate, metrics, cache_salts=CacheSalts.from_secret(secret))
     images = ImageLoader(
         allow_remote=settings.allow_remote_image_urls,
         max_bytes=settings.max_request_body_bytes,

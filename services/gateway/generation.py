@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from services.catalog.models import PoolConfig
@@ -20,6 +20,7 @@ from services.gateway.gate import Admitted, TenantGate
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pools import PoolRouter
 from services.pools.engine import GenerationChunk, GenerationRequest, GenerationResult
+from services.tenancy.cache_salt import CacheSalts
 from services.tenancy.models import Tenant
 
 logger = logging.getLogger(__name__)
@@ -32,14 +33,17 @@ class ResponseShape(Protocol):
 
     def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> Any: ...
 
-    def usage_chunk(self, usage: dict[str, int]) -> Any: ...
+    def usage_chunk(self, usage: dict[str, Any]) -> Any: ...
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens` are prompt tokens served from the tenant's
+    own prefix cache (never another tenant's: the pools salt the cache per tenant)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -107,16 +111,30 @@ class GenerationStream:
 
 
 class GenerationRunner:
-    def __init__(self, router: PoolRouter, gate: TenantGate, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        router: PoolRouter,
+        gate: TenantGate,
+        metrics: GatewayMetrics,
+        *,
+        cache_salts: CacheSalts | None = None,
+    ) -> None:
         self._router = router
         self._gate = gate
         self._metrics = metrics
         self._settling: set[asyncio.Task[None]] = set()  # streams dropped unstarted
+        # Never unsalted: without a configured secret, a per-process one still isolates.
+        self._cache_salts = cache_salts or CacheSalts.ephemeral()
+
+    def _salted(self, caller: Caller, request: GenerationRequest) -> GenerationRequest:
+        """The tenant's own prefix-cache salt, set here for every path (REST, gRPC, batch)."""
+        return replace(request, cache_salt=self._cache_salts.for_tenant(caller.tenant.id))
 
     async def complete(
         self, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape
     ) -> tuple[Any, dict[str, str]]:
         caller.labels["model"] = pool.served_names[0]
+        request = self._salted(caller, request)
         admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
         try:
             result = await self._router.generate(pool, admitted.request)
@@ -141,6 +159,7 @@ class GenerationRunner:
         normal error status) if the first chunk fails. A failure after that is raised from
         the iterator; the transport (SSE, gRPC) renders it."""
         caller.labels["model"] = pool.served_names[0]
+        request = self._salted(caller, request)
         admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
         chunks = self._router.stream(pool, admitted.request)
         try:
@@ -182,7 +201,7 @@ class GenerationRunner:
                 last = chunk
                 yield shape.chunk(chunk.text, chunk.finish_reason, first=False)
             if include_usage:
-                yield shape.usage_chunk(usage(last.prompt_tokens, last.completion_tokens))
+                yield shape.usage_chunk(usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens))
             if last.completion_tokens > first.completion_tokens:
                 itl = (time.perf_counter() - first_at) / (last.completion_tokens - first.completion_tokens)
                 self._metrics.inter_token_latency.observe(itl, tags={"model": admitted.pool.served_names[0]})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import re
 import time
+import uuid
 from typing import Any
 
 from pydantic import ValidationError
@@ -186,20 +187,27 @@ def finish(reason: str | None) -> common_pb2.FinishReason:
 
 
 class _Ids:
-    """What every response message of one request repeats."""
+    """What every response message of one request repeats: the client's request id
+    (echoed) and a response id of the server's own, never derived from the client's
+    (issue 9, item 1)."""
 
-    def __init__(self, id_: str, request_id: str, model: str) -> None:
-        self.id, self.request_id, self.model, self.created = id_, request_id, model, int(time.time())
+    def __init__(self, prefix: str, request_id: str, model: str) -> None:
+        self.id = f"{prefix}{uuid.uuid4().hex}"
+        self.request_id, self.model, self.created = request_id, model, int(time.time())
 
     def fields(self) -> dict[str, Any]:
         return {"id": self.id, "request_id": self.request_id, "model": self.model, "created": self.created}
 
 
-def usage(totals: dict[str, int]) -> common_pb2.Usage:
+def usage(totals: dict[str, Any]) -> common_pb2.Usage:
+    """The REST usage object (`services.gateway.generation.usage`) as a message."""
     return common_pb2.Usage(
         prompt_tokens=totals["prompt_tokens"],
         completion_tokens=totals["completion_tokens"],
         total_tokens=totals["total_tokens"],
+        prompt_tokens_details=common_pb2.PromptTokensDetails(
+            cached_tokens=totals.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        ),
     )
 
 
@@ -208,6 +216,7 @@ def _result_usage(result: GenerationResult) -> common_pb2.Usage:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
+        prompt_tokens_details=common_pb2.PromptTokensDetails(cached_tokens=result.cached_tokens),
     )
 
 
@@ -215,7 +224,7 @@ class ChatShape:
     """`ResponseShape` of Chat / ChatStream: ChatResponse and ChatStreamResponse messages."""
 
     def __init__(self, request_id: str, model: str) -> None:
-        self._ids = _Ids(f"chatcmpl-{request_id}", request_id, model)
+        self._ids = _Ids("chatcmpl-", request_id, model)
 
     def response(self, result: GenerationResult) -> pb.ChatResponse:
         message = chat_pb2.ChatMessage(role=chat_pb2.ROLE_ASSISTANT, text=result.text)
@@ -227,7 +236,7 @@ class ChatShape:
         choice = chat_pb2.ChatStreamChoice(index=0, delta=delta, finish_reason=finish(finish_reason))
         return pb.ChatStreamResponse(**self._ids.fields(), choices=[choice])
 
-    def usage_chunk(self, totals: dict[str, int]) -> pb.ChatStreamResponse:
+    def usage_chunk(self, totals: dict[str, Any]) -> pb.ChatStreamResponse:
         return pb.ChatStreamResponse(**self._ids.fields(), usage=usage(totals))
 
 
@@ -235,7 +244,7 @@ class CompletionShape:
     """`ResponseShape` of Complete / CompleteStream."""
 
     def __init__(self, request_id: str, model: str, *, echo_prefix: str = "") -> None:
-        self._ids = _Ids(f"cmpl-{request_id}", request_id, model)
+        self._ids = _Ids("cmpl-", request_id, model)
         self._echo_prefix = echo_prefix
 
     def response(self, result: GenerationResult) -> pb.CompleteResponse:
@@ -250,7 +259,7 @@ class CompletionShape:
         choice = completion_pb2.CompletionChoice(index=0, text=text, finish_reason=finish(finish_reason))
         return pb.CompleteStreamResponse(**self._ids.fields(), choices=[choice])
 
-    def usage_chunk(self, totals: dict[str, int]) -> pb.CompleteStreamResponse:
+    def usage_chunk(self, totals: dict[str, Any]) -> pb.CompleteStreamResponse:
         return pb.CompleteStreamResponse(**self._ids.fields(), usage=usage(totals))
 
 
@@ -263,7 +272,7 @@ class Collector:
     def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> tuple[str, str | None]:
         return text, finish_reason
 
-    def usage_chunk(self, totals: dict[str, int]) -> dict[str, int]:
+    def usage_chunk(self, totals: dict[str, Any]) -> dict[str, Any]:
         return totals
 
 

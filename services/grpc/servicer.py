@@ -248,7 +248,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
         texts: list[str] = []
         finish_reason: str | None = None
-        totals: dict[str, int] = {}
+        totals: dict[str, Any] = {}
         try:
             async for item in chunks:
                 if isinstance(item, dict):
@@ -264,6 +264,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             prompt_tokens=totals.get("prompt_tokens", 0),
             completion_tokens=totals.get("completion_tokens", 0),
             finish_reason=finish_reason or "stop",
+            cached_tokens=totals.get("prompt_tokens_details", {}).get("cached_tokens", 0),
         )
         await call.send_headers(headers)
         return shape.response(result)

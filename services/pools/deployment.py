@@ -57,6 +57,7 @@ class PoolReplica:
             else:
                 pending.text += chunk.text
                 pending.completion_tokens = chunk.completion_tokens
+                pending.cached_tokens = chunk.cached_tokens
                 pending.finish_reason = chunk.finish_reason
             now = time.monotonic()
             if chunk.finish_reason or now - last_sent >= self._coalesce_interval_s:

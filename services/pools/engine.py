@@ -37,7 +37,12 @@ class ChatMessage:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """One generation. Exactly one of `prompt` (completions) or `messages` (chat) is set."""
+    """One generation. Exactly one of `prompt` (completions) or `messages` (chat) is set.
+
+    `request_id` is the client's x-request-id (or one the gateway made up): for logs and
+    tracing only. It is not unique and not trusted, so it never names the engine's request;
+    the engine makes its own id for every generation (see `Engine`).
+    """
 
     request_id: str
     model: str
@@ -47,6 +52,9 @@ class GenerationRequest:
     images: tuple[bytes, ...] = ()
     # vLLM request priority: lower runs first (scheduling_policy="priority").
     priority: int = 0
+    # The tenant's prefix-cache salt, set by the gateway (never by the client): requests
+    # with different salts never share cached blocks (services/tenancy/cache_salt.py).
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True)
@@ -57,6 +65,8 @@ class GenerationChunk:
     completion_tokens: int
     prompt_tokens: int
     finish_reason: str | None = None
+    # Prompt tokens served from the prefix cache (OpenAI's prompt_tokens_details.cached_tokens).
+    cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -65,6 +75,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    cached_tokens: int = 0
 
 
 class Engine(ABC):
@@ -79,6 +90,9 @@ class Engine(ABC):
       beyond the context, an image the model cannot take) raises an
       `services.errors.InvalidRequest` subclass *before the first chunk*, so the gateway
       can still answer with a 4xx instead of a broken stream.
+    * **Request ids**: the engine names each generation with an id of its own, fresh per
+      call, and aborts only that one. `GenerationRequest.request_id` comes from the client
+      and may be reused by anyone (issue 9, item 1).
     * **Cancellation**: when the consumer stops iterating (the generator is closed or
       the task is cancelled, e.g. because the HTTP client went away or its deadline
       passed), the engine request is aborted and its KV cache freed before the
@@ -113,6 +127,7 @@ class Engine(ABC):
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             finish_reason=last.finish_reason or "stop",
+            cached_tokens=last.cached_tokens,
         )
 
     @abstractmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -61,6 +62,8 @@ class VLLMEngine(Engine):
         assert self._renderer is not None, "start() was not awaited"
         prompt_text = self._renderer.render(request)
         engine_input: dict[str, Any] = {"prompt": prompt_text}
+        if request.cache_salt:
+            engine_input["cache_salt"] = request.cache_salt
         if request.images:
             if self._pool.modality is not Modality.vision:
                 raise InvalidRequest("this model does not accept images", param="messages")
@@ -85,9 +88,14 @@ class VLLMEngine(Engine):
         max_model_len = self._pool.engine.max_model_len
         prompt_tokens = 0
         completion_tokens = 0
+        cached_tokens = 0
         finished = False
+        # The engine's request id is ours, fresh for every generation. vLLM aborts by this
+        # id; were it the client's x-request-id, another tenant sending the same id would
+        # abort this generation when it left (issue 9, item 1).
+        engine_request_id = uuid.uuid4().hex
         outputs = self._engine.generate(
-            engine_input, params, request.request_id, priority=request.priority
+            engine_input, params, engine_request_id, priority=request.priority
         )
         try:
             async for out in outputs:
@@ -101,6 +109,8 @@ class VLLMEngine(Engine):
                             "completion). Please reduce the prompt or max_tokens.",
                             param="max_tokens",
                         )
+                # Known from the first output on (prefill); kept on every chunk.
+                cached_tokens = max(cached_tokens, out.num_cached_tokens or 0)
                 completion = out.outputs[0]
                 completion_tokens += len(completion.token_ids)
                 finished = out.finished
@@ -109,6 +119,7 @@ class VLLMEngine(Engine):
                     completion_tokens=completion_tokens,
                     prompt_tokens=prompt_tokens,
                     finish_reason=completion.finish_reason if finished else None,
+                    cached_tokens=cached_tokens,
                 )
         except (asyncio.CancelledError, GeneratorExit, PhiserveError):
             raise
@@ -121,13 +132,18 @@ class VLLMEngine(Engine):
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         except Exception as exc:
-            logger.exception("pool %s: generation %s failed", self._pool.name, request.request_id)
+            logger.exception(
+                "pool %s: generation %s (request %s) failed",
+                self._pool.name,
+                engine_request_id,
+                request.request_id,
+            )
             raise GenerationFailed("the engine failed to generate a response") from exc
         finally:
             if not finished:
                 # Caller went away (disconnect, deadline) or validation failed after
                 # admission: free the sequence's KV blocks now.
-                await self._engine.abort(request.request_id)
+                await self._engine.abort(engine_request_id)
 
     async def check_health(self) -> None:
         if self._engine is None or self._engine.errored:

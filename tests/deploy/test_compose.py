@@ -12,18 +12,22 @@ from tests.deploy.tooling import (
     DOCKERFILE,
     PROMETHEUS_DIR,
     TEST_ADMIN_KEY,
+    TEST_CACHE_SALT_SECRET,
     byte_size,
     compose_binary,
     run,
     tool,
 )
 
+# The secrets compose requires (outside the local profile phiserve refuses to start without them).
+SECRETS = {"PHISERVE_ADMIN_KEY": TEST_ADMIN_KEY, "PHISERVE_CACHE_SALT_SECRET": TEST_CACHE_SALT_SECRET}
+
 # --------------------------------------------------------------------- compose, Dockerfile
 
 
 def test_compose_config_with_the_real_compose_parser() -> None:
     binary = compose_binary()
-    env = {**os.environ, "PHISERVE_ADMIN_KEY": TEST_ADMIN_KEY}
+    env = {**os.environ, **SECRETS}
     run([binary, "-f", str(COMPOSE_FILE), "config", "-q"], env=env)
     services = run(
         [binary, "-f", str(COMPOSE_FILE), "--profile", "gpu", "config", "--services"], env=env
@@ -59,7 +63,7 @@ def test_compose_redis_refuses_writes_before_it_is_oom_killed() -> None:
     set through the environment, checked on what the real Compose parser resolves."""
     binary = compose_binary()
     for overrides, expected in (({}, None), ({"PHISERVE_REDIS_MAXMEMORY": "300mb"}, "300mb")):
-        env = {**os.environ, "PHISERVE_ADMIN_KEY": TEST_ADMIN_KEY, **overrides}
+        env = {**os.environ, **SECRETS, **overrides}
         resolved = yaml.safe_load(run([binary, "-f", str(COMPOSE_FILE), "config"], env=env))
         redis = resolved["services"]["redis"]
         command = redis["command"]

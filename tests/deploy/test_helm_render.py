@@ -24,6 +24,7 @@ from tests.deploy.tooling import (
     RELEASE,
     REPO,
     TEST_ADMIN_KEY,
+    TEST_CACHE_SALT_SECRET,
     byte_size,
     env_of,
     find,
@@ -90,8 +91,10 @@ def test_serve_config_builds_the_phiserve_app(docs: list[dict[str, Any]]) -> Non
         mounts = {m["mountPath"] for m in ray_container(group)["volumeMounts"]}
         assert args["files_dir"] in mounts, f"{name}: files_dir {args['files_dir']} is not mounted"
     assert set(args) <= set(Settings.model_fields), set(args) - set(Settings.model_fields)
-    # The pods' env supplies the admin key; the args must validate as phiserve's Settings.
-    settings = Settings(**args, admin_key=SecretStr(TEST_ADMIN_KEY))
+    # The pods' env supplies the secrets; the args must validate as phiserve's Settings.
+    settings = Settings(
+        **args, admin_key=SecretStr(TEST_ADMIN_KEY), cache_salt_secret=SecretStr(TEST_CACHE_SALT_SECRET)
+    )
     assert settings.profile == CATALOG_PATH and not settings.is_local
     assert config["http_options"]["port"] == 8000 and config["http_options"]["host"] == "0.0.0.0"
     # The whole document is what `serve deploy` accepts (Ray Serve's own schema; no Ray start).
@@ -189,6 +192,9 @@ def test_ray_pods_get_settings_from_secrets(docs: list[dict[str, Any]], values_n
         else:
             assert redis["value"] == f"redis://{RELEASE}-redis:6379/0"
             assert admin["name"] in secrets and admin["key"] in secrets[admin["name"]]["data"]
+        # Each tenant's prefix-cache salt is keyed by a secret the chart keeps (issue 9, item 6).
+        salt = env["PHISERVE_CACHE_SALT_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert salt["name"] in secrets and salt["key"] in secrets[salt["name"]]["data"]
         tenants_file = env["PHISERVE_TENANTS_FILE"]["value"]
         mounts = {m["name"]: m["mountPath"] for m in ray_container(group)["volumeMounts"]}
         assert tenants_file.startswith(mounts["tenants"] + "/"), name
@@ -279,7 +285,9 @@ def test_gateway_and_batch_replicas_never_run_on_the_ray_head(docs: list[dict[st
 
     rayservice = one(docs, "RayService")
     args = serve_config(rayservice)["applications"][0]["args"]
-    settings = Settings(**args, admin_key=SecretStr(TEST_ADMIN_KEY))
+    settings = Settings(
+        **args, admin_key=SecretStr(TEST_ADMIN_KEY), cache_salt_secret=SecretStr(TEST_CACHE_SALT_SECRET)
+    )
     gateway = build_app(settings, rendered_catalog(docs))._bound_deployment
     worker = gateway.init_kwargs["batch_worker"]._bound_deployment
     groups = dict(ray_groups(rayservice))

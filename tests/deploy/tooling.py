@@ -54,6 +54,7 @@ VALUES_FILES: dict[str, list[str]] = {
 BUILTIN_GROUPS = {"", "apps", "batch", "policy", "autoscaling"}
 CATALOG_PATH = "/etc/phiserve/catalog/catalog.yaml"
 TEST_ADMIN_KEY = "k" * 32
+TEST_CACHE_SALT_SECRET = "s" * 32
 
 # The metrics contract (services/*/metrics.py, Ray adds the ray_ prefix); histograms also
 # expose _bucket, _sum and _count. Ray Serve's own ray_serve_* metrics are allowed too.

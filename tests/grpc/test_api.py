@@ -30,7 +30,7 @@ def _png() -> bytes:
 def test_unary_and_streaming_chat(grpc_client: Client, model: str) -> None:
     messages = [system("Be brief."), user("Hello there")]
     whole = grpc_client.chat(model, messages, max_tokens=12, temperature=0, ignore_eos=True)
-    assert whole.model == model and whole.id == f"chatcmpl-{whole.request_id}"
+    assert whole.model == model and whole.id.startswith("chatcmpl-") and whole.request_id not in whole.id
     choice = whole.choices[0]
     assert choice.message.role == chat_pb2.ROLE_ASSISTANT
     assert choice.finish_reason == LENGTH
@@ -100,7 +100,7 @@ def test_parity_with_rest(grpc_client: Client, openai_client: OpenAI) -> None:
 
 def test_completions_and_echo(grpc_client: Client) -> None:
     plain = grpc_client.complete("phi-3.5-mini", "def fibonacci(n):", max_tokens=10, temperature=0, ignore_eos=True)
-    assert plain.id == f"cmpl-{plain.request_id}"
+    assert plain.id.startswith("cmpl-") and plain.request_id not in plain.id
     assert plain.choices[0].finish_reason == LENGTH and plain.usage.completion_tokens == 10
     echoed = grpc_client.complete(
         "phi-3.5-mini", "def fibonacci(n):", echo=True, max_tokens=10, temperature=0, ignore_eos=True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,8 +20,12 @@ from services.tenancy.models import Tenant
 
 
 class ChatShape:
-    def __init__(self, request_id: str, model: str) -> None:
-        self._id = f"chatcmpl-{request_id}"
+    """OpenAI's chat.completion objects. `response_id` is the server's (a fresh uuid, or
+    a batch line's `<batch>-<line>`), never the client's x-request-id: two tenants sending
+    the same x-request-id must not get the same response id (issue 9, item 1)."""
+
+    def __init__(self, response_id: str, model: str) -> None:
+        self._id = f"chatcmpl-{response_id}"
         self._model = model
         self._created = int(time.time())
 
@@ -37,7 +42,7 @@ class ChatShape:
                 "finish_reason": result.finish_reason,
             }
         ]
-        body["usage"] = usage(result.prompt_tokens, result.completion_tokens)
+        body["usage"] = usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
         return body
 
     def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> dict[str, Any]:
@@ -46,7 +51,7 @@ class ChatShape:
         body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
         return body
 
-    def usage_chunk(self, totals: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, totals: dict[str, Any]) -> dict[str, Any]:
         body = self._base("chat.completion.chunk")
         body["choices"] = []
         body["usage"] = totals
@@ -92,14 +97,14 @@ class ChatService:
         self, caller: Caller, body: ChatCompletionRequest, request_id: str
     ) -> tuple[dict[str, Any], dict[str, str]]:
         pool, request = await self.prepare(body, request_id, tenant=caller.tenant)
-        return await self._runner.complete(caller, pool, request, ChatShape(request_id, body.model))
+        return await self._runner.complete(caller, pool, request, ChatShape(uuid.uuid4().hex, body.model))
 
     async def create_stream(
         self, caller: Caller, body: ChatCompletionRequest, request_id: str
     ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, str]]:
         pool, request = await self.prepare(body, request_id, tenant=caller.tenant)
         return await self._runner.open_stream(
-            caller, pool, request, ChatShape(request_id, body.model), include_usage=body.include_usage()
+            caller, pool, request, ChatShape(uuid.uuid4().hex, body.model), include_usage=body.include_usage()
         )
 
     async def _messages(

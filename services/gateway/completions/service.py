@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,8 +17,10 @@ from services.pools.engine import GenerationRequest, GenerationResult
 
 
 class CompletionShape:
-    def __init__(self, request_id: str, model: str, *, echo_prefix: str = "") -> None:
-        self._id = f"cmpl-{request_id}"
+    """OpenAI's text_completion objects; `response_id` is the server's (see `ChatShape`)."""
+
+    def __init__(self, response_id: str, model: str, *, echo_prefix: str = "") -> None:
+        self._id = f"cmpl-{response_id}"
         self._model = model
         self._created = int(time.time())
         self._echo_prefix = echo_prefix
@@ -35,7 +38,7 @@ class CompletionShape:
         body = self._body(
             [{"index": 0, "text": self._echo_prefix + result.text, "logprobs": None, "finish_reason": result.finish_reason}]
         )
-        body["usage"] = usage(result.prompt_tokens, result.completion_tokens)
+        body["usage"] = usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
         return body
 
     def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> dict[str, Any]:
@@ -43,7 +46,7 @@ class CompletionShape:
             text = self._echo_prefix + text
         return self._body([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
 
-    def usage_chunk(self, totals: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, totals: dict[str, Any]) -> dict[str, Any]:
         body = self._body([])
         body["usage"] = totals
         return body
@@ -55,7 +58,11 @@ class CompletionService:
         self._runner = runner
         self._platform = platform
 
-    def prepare(self, body: CompletionRequest, request_id: str) -> tuple[PoolConfig, GenerationRequest, CompletionShape]:
+    def prepare(
+        self, body: CompletionRequest, request_id: str, *, response_id: str | None = None
+    ) -> tuple[PoolConfig, GenerationRequest, CompletionShape]:
+        """`request_id` is the client's (logs only); the response id is `response_id` (a
+        batch line's) or a fresh one."""
         pool = self._router.resolve(body.model)
         prompt = body.prompt
         if isinstance(prompt, list):
@@ -70,7 +77,9 @@ class CompletionService:
             sampling=sampling_options(body, pool, self._platform),
             prompt=prompt,
         )
-        shape = CompletionShape(request_id, body.model, echo_prefix=prompt if body.echo else "")
+        shape = CompletionShape(
+            response_id or uuid.uuid4().hex, body.model, echo_prefix=prompt if body.echo else ""
+        )
         return pool, request, shape
 
     async def create(

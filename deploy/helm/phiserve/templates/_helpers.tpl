@@ -63,6 +63,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-admin-key" (include "phiserve.fullname" .)) .Values.adminKey.existingSecret }}
 {{- end }}
 
+{{- define "phiserve.cacheSaltSecretName" -}}
+{{- default (printf "%s-cache-salt" (include "phiserve.fullname" .)) .Values.cacheSaltSecret.existingSecret }}
+{{- end }}
+
 {{- define "phiserve.tenantsSecretName" -}}
 {{- default (printf "%s-tenants" (include "phiserve.fullname" .)) .Values.tenants.existingSecret }}
 {{- end }}
@@ -149,6 +153,11 @@ containers:
           secretKeyRef:
             name: {{ include "phiserve.adminKeySecretName" $root }}
             key: {{ $v.adminKey.existingSecretKey }}
+      - name: PHISERVE_CACHE_SALT_SECRET
+        valueFrom:
+          secretKeyRef:
+            name: {{ include "phiserve.cacheSaltSecretName" $root }}
+            key: {{ $v.cacheSaltSecret.existingSecretKey }}
       {{- if $v.tenants.enabled }}
       - name: PHISERVE_TENANTS_FILE
         value: {{ printf "%s/%s" (include "phiserve.tenantsDir" $root) $v.tenants.existingSecretKey | quote }}
