@@ -2,36 +2,37 @@
 
 `up` starts a local Ray head (unless PHISERVE_RAY_ADDRESS names a cluster), builds
 the tiny models the catalog needs, deploys the application, waits until every pool
-answers, and prints the URL and a ready line. `down` undeploys and stops local Ray.
+answers, and prints the URL and a ready line. `down` stops the local cluster's processes
+(services/local_ray.py; bounded, never another cluster's) and the local Redis, or shuts
+Serve down on PHISERVE_RAY_ADDRESS. `status` prints pools, replicas, queue depth and
+the progress of active batches.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import asyncio
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from urllib.parse import urlparse
 
 from pydantic import SecretStr
 
 from services.catalog.loader import CatalogError, load_catalog
 from services.catalog.models import Catalog
-from services.ray_env import ray_process_env
+from services.local_ray import AUTH_ENV, cluster_folder, gcs_address, start_local_ray, stop_cluster
 from services.settings import Settings
 from services.tenancy.local_redis import LocalRedis
 from services.tenancy.store import new_plain_key
 
 READY_TIMEOUT_S = 600.0
+# A remote cluster that does not answer must not hang `down` or `status` (ray.init blocks).
+REMOTE_TIMEOUT_S = 60.0
 
 
 
@@ -45,31 +46,6 @@ def ensure_tiny_models(settings: Settings, catalog: Catalog) -> None:
     from services.catalog.tiny import build_tiny_models
 
     build_tiny_models(settings.model_dir, log=_log)
-
-
-def _ray_binary() -> str:
-    candidate = Path(sys.executable).with_name("ray")
-    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
-
-
-def start_local_ray(settings: Settings) -> None:
-    cmd = [
-        _ray_binary(),
-        "start",
-        "--head",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        f"--metrics-export-port={settings.metrics_export_port}",
-    ]
-    if settings.ray_num_cpus:
-        cmd.append(f"--num-cpus={settings.ray_num_cpus}")
-    # Read by every Ray process at import: it must be in the environment of `ray start`.
-    state_dir = Path(tempfile.gettempdir()) / f"phiserve-hp-{os.getuid()}"
-    state_dir.mkdir(exist_ok=True)
-    env = {**os.environ, **ray_process_env(settings.proxy_mode, state_dir)}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if result.returncode != 0 and "already running" not in (result.stdout + result.stderr):
-        raise SystemExit(f"phiserve: `ray start` failed:\n{result.stdout}{result.stderr}")
 
 
 def wait_ready(url: str, timeout_s: float) -> None:
@@ -145,9 +121,11 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
         if not redis.is_up():
             redis.start()
             _log(f"started a private Redis (AOF on) at {redis.url}, data in {redis.directory}")
-    if settings.ray_address is None:
-        start_local_ray(settings)
-    ray.init(address=settings.ray_address or "auto", log_to_driver=False)
+    address = settings.ray_address
+    if address is None:
+        address = start_local_ray(settings)
+        os.environ.update(AUTH_ENV)
+    ray.init(address=address, log_to_driver=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     _log(f"deploying {len(catalog.enabled_pools)} pool(s) from profile {settings.profile!r}")
     serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
@@ -165,45 +143,63 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> None:
-    import ray
-    from ray import serve
-
-    engine_pids: list[int] = []
-    try:
-        ray.init(address=settings.ray_address or "auto", log_to_driver=False)
-        engine_pids = _engine_pids(settings)
-        serve.shutdown()
-    except ConnectionError:
-        _log("no running cluster found")
     if settings.ray_address is None:
-        subprocess.run([_ray_binary(), "stop", "--force"], capture_output=True)
-        # vLLM's engine core is a child of its pool replica; a replica stopped hard
-        # would leave it running (about 1 GB each).
-        for pid in engine_pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # No connection to Ray: it blocks on a half-stopped cluster (services/local_ray.py).
+        folder = cluster_folder(settings)
+        found = stop_cluster(folder)
+        _log(f"stopped {found} local cluster process(es)" if found else f"no local cluster in {folder}")
+    else:
+        _shutdown_remote_serve(settings.ray_address)
     if settings.is_local:
         local_redis(settings).stop()
     _log("stopped")
 
 
-def _engine_pids(settings: Settings) -> list[int]:
-    from ray import serve
+_REMOTE_SHUTDOWN = (
+    "import sys, ray; from ray import serve; "
+    "ray.init(address=sys.argv[1], log_to_driver=False); serve.shutdown()"
+)
 
-    from services.app import APP_NAME, pool_deployment_name
 
-    pids: list[int] = []
+def _shutdown_remote_serve(address: str) -> None:
+    """Serve's shutdown on a cluster phiserve did not start, in a child process with a
+    deadline: an unreachable cluster gets a message, not a hang."""
     try:
-        catalog = load_catalog(settings.profile)
-    except CatalogError:
-        return pids
-    for pool in catalog.enabled_pools:
-        try:
-            handle = serve.get_deployment_handle(pool_deployment_name(pool), app_name=APP_NAME)
-            pids += handle.diagnostics.remote().result(timeout_s=10)["engine_pids"]
-        except Exception:  # not deployed or not answering: nothing to collect
-            continue
-    return pids
+        result = subprocess.run(
+            [sys.executable, "-c", _REMOTE_SHUTDOWN, address],
+            capture_output=True, text=True, timeout=REMOTE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        _log(f"Ray at {address} did not answer within {REMOTE_TIMEOUT_S:.0f} s; nothing stopped there")
+        return
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        _log(f"could not shut Serve down at {address}: {last}")
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
+    import threading
+
+    import ray
+
+    from services.status import cluster_status
+
+    address = settings.ray_address
+    if address is None:
+        address = gcs_address(cluster_folder(settings))
+        if address is None:
+            raise SystemExit(f"phiserve: no local cluster in {cluster_folder(settings)} (run `phiserve up`)")
+        os.environ.update(AUTH_ENV)
+    # ray.init blocks on a cluster that is half-stopped or unreachable: give it a deadline
+    # (a daemon thread; the process exits with the message if it never returns).
+    connected = threading.Event()
+    threading.Thread(
+        target=lambda: (ray.init(address=address, log_to_driver=False), connected.set()), daemon=True
+    ).start()
+    if not connected.wait(REMOTE_TIMEOUT_S):
+        raise SystemExit(f"phiserve: Ray at {address} did not answer within {REMOTE_TIMEOUT_S:.0f} s")
+    report = asyncio.run(cluster_status(settings, load_catalog(settings.profile)))
+    print("\n".join(report.lines()), flush=True)
 
 
 def cmd_build_tiny_models(settings: Settings, args: argparse.Namespace) -> None:
@@ -229,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the cluster and deploy")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops it")
-    sub.add_parser("down", help="undeploy and stop local Ray")
+    sub.add_parser("down", help="stop the local cluster and Redis (or Serve on PHISERVE_RAY_ADDRESS)")
+    sub.add_parser("status", help="pools, replicas, queue depth and batch progress")
     tiny = sub.add_parser("build-tiny-models", help="build the offline tiny models")
     tiny.add_argument("--force", action="store_true", help="rebuild even if present")
     sub.add_parser("check-catalog", help="validate the catalog profile and list its pools")
@@ -244,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     handlers = {
         "up": cmd_up,
         "down": cmd_down,
+        "status": cmd_status,
         "build-tiny-models": cmd_build_tiny_models,
         "check-catalog": cmd_check_catalog,
     }

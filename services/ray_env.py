@@ -38,7 +38,8 @@ sections='/^(listen stats|frontend prometheus)$/,/^[^[:space:]]/'
 if [ -n "$config" ]; then
   to_loopback='s/^([[:space:]]*)bind[[:space:]]+[^[:space:]]*:([0-9]+)/\1bind 127.0.0.1:\2/'
   sed -i -E "$sections $to_loopback" "$config"
-  if sed -n -E "$sections p" "$config" | grep -E '^[[:space:]]*bind[[:space:]]' | grep -qv '127\.0\.0\.1:'; then
+  binds=$(sed -n -E "$sections p" "$config" | grep -E '^[[:space:]]*bind[[:space:]]' || true)
+  if printf '%s\n' "$binds" | grep -E 'bind' | grep -qv 'bind 127\.0\.0\.1:'; then
     echo "phiserve: HAProxy's stats/metrics listeners are not on 127.0.0.1 in $config" >&2
     exit 1
   fi

@@ -68,6 +68,25 @@ def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.5, what: st
     raise TimeoutError(f"{what} not reached within {timeout_s} s (last error: {last_exc!r})")
 
 
+def init_private_ray(metrics_port: int) -> None:
+    """A Ray cluster of its own, even beside `phiserve up` or another test session on this
+    machine: "local" never attaches to an existing cluster (issue 9, item 10), and a private
+    temp folder keeps its sockets and logs apart (short: socket paths are limited)."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(
+        address="local",
+        _temp_dir=tempfile.mkdtemp(prefix="rt", dir="/tmp"),
+        namespace=f"phiserve-tests-{os.getpid()}",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 2000},
+    )
+
+
 @dataclass(frozen=True)
 class Cluster:
     url: str
@@ -144,20 +163,7 @@ def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[
     )
     catalog = load_catalog("local")
     metrics_port = free_port()
-    # A Ray cluster of its own, even beside `phiserve up` or another test session on this
-    # machine: "local" never attaches to an existing cluster (issue 9, item 10), and a
-    # private temp folder keeps its sockets and logs apart (short: socket paths are limited).
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(
-        address="local",
-        _temp_dir=tempfile.mkdtemp(prefix="rt", dir="/tmp"),
-        namespace=f"phiserve-tests-{os.getpid()}",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 2000},
-    )
+    init_private_ray(metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
