@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from services.ray_env import ray_process_env
-from tests.conftest import free_port, wait_until
+from tests.conftest import _HAPROXY_DIR, Cluster, free_port, wait_until
 
 # What Ray Serve's HAProxy manager does on each node (serve/_private/haproxy.py): render the
 # config from the RAY_SERVE_HAPROXY_* environment and start the binary it resolves.
@@ -47,6 +47,18 @@ def _listening(port: int) -> set[str]:
     return found
 
 
+def _binds(config: str, section: str) -> list[str]:
+    """The addresses a section of an HAProxy config binds (up to the next section)."""
+    lines = config.split("\n")
+    binds = []
+    for line in lines[lines.index(section) + 1 :]:
+        if line[:1].strip():
+            break
+        if line.split()[:1] == ["bind"]:
+            binds.append(line.split()[1])
+    return binds
+
+
 LOOPBACK = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
 
 
@@ -77,3 +89,15 @@ def test_haproxy_stats_and_metrics_listen_on_loopback_only() -> None:
             proc.stdin.close()
         proc.wait(timeout=30)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_the_test_clusters_haproxy_listens_on_loopback_only(cluster: Cluster) -> None:
+    """The session cluster runs HAProxy as `phiserve up` does (tests/conftest.py)."""
+    (config,) = _HAPROXY_DIR.glob("*/haproxy.cfg")  # one node: <node id>/haproxy.cfg
+    text = config.read_text()
+    for section in ("listen stats", "frontend prometheus"):
+        binds = _binds(text, section)
+        assert binds and all(b.startswith("127.0.0.1:") for b in binds), (section, binds)
+    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        port = int(os.environ[name])
+        assert _listening(port) == {LOOPBACK}, f"{name} {port} listens on {_listening(port)}"
