@@ -139,6 +139,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
+            ray.shutdown()  # leave the cluster before stopping it (no reconnect attempts)
             cmd_down(settings, args)
 
 
