@@ -2,13 +2,17 @@
 
 Bytes go to a `FileStore` (a local directory by default; an object store implements the
 same four methods). Metadata and ownership live in Redis. Another tenant's file id gets
-the same 404 as a missing one.
+the same 404 as a missing one. Files are kept until deleted (as OpenAI), so each tenant
+has a quota of files and bytes (issue 9, item 2); an upload that fails part of the way
+leaves neither a temp file, nor a file without its record, nor a quota place taken.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -19,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from services.batch.models import BATCH_ENDPOINTS, FileObject
-from services.errors import InvalidRequest, RequestTooLarge, ResourceNotFound
+from services.batch.quotas import Quota, TenantQuotas
+from services.errors import InvalidRequest, RequestTooLarge, ResourceNotFound, ServiceUnavailable
 from services.tenancy import keys
 from services.tenancy.redis_state import RedisState
 
@@ -29,6 +34,8 @@ MAX_CUSTOM_ID_LENGTH = 512
 MAX_JSON_DEPTH = 64
 ERRORS_SHOWN = 5
 UPLOAD_PURPOSES = ("batch",)
+
+logger = logging.getLogger(__name__)
 
 
 class FileStore(ABC):
@@ -52,13 +59,19 @@ class LocalFileStore(FileStore):
     def put(self, owner: str, file_id: str, data: bytes) -> None:
         path = self._path(owner, file_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: a reader never sees half a file, a crash leaves none.
+        # Write then rename: a reader never sees half a file; a failed write (disk full,
+        # quota, I/O error) removes its temp file.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def get(self, owner: str, file_id: str) -> bytes:
         try:
@@ -160,10 +173,14 @@ class FileService:
         *,
         max_bytes: int,
         max_lines: int,
+        max_files: int = 1000,
+        max_stored_bytes: int = 2 * 1024**3,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._state = state
         self._store = store
+        self._quotas = TenantQuotas(state)
+        self._quota = Quota(max_files, max_stored_bytes, "files", "bytes of files")
         self._max_bytes = max_bytes
         self._max_lines = max_lines
         self._clock = clock
@@ -174,11 +191,20 @@ class FileService:
         if len(data) > self._max_bytes:
             raise RequestTooLarge(f"the file is larger than {self._max_bytes} bytes", param="file")
         await parse_batch_jsonl(data, max_lines=self._max_lines)
-        return await self.save(tenant_id, filename=filename, purpose=purpose, data=data)
+        return await self.save(tenant_id, filename=filename, purpose=purpose, data=data, check_quota=True)
 
     async def save(
-        self, tenant_id: str, *, filename: str, purpose: str, data: bytes, file_id: str | None = None
+        self,
+        tenant_id: str,
+        *,
+        filename: str,
+        purpose: str,
+        data: bytes,
+        file_id: str | None = None,
+        check_quota: bool = False,
     ) -> FileObject:
+        """Store and record a file. Uploads check the tenant's quota; a batch's own output
+        files are only counted (they must be written for the batch to finish)."""
         file = FileObject(
             id=file_id or f"file-{secrets.token_hex(12)}",
             bytes=len(data),
@@ -186,12 +212,33 @@ class FileService:
             filename=filename[:255] or "upload.jsonl",
             purpose=purpose,
         )
-        await asyncio.to_thread(self._store.put, tenant_id, file.id, data)  # write + fsync
-        async with self._state.pipeline() as pipe:
-            pipe.set(keys.file_record(file.id), json.dumps({"tenant_id": tenant_id, "file": file.model_dump()}))
-            pipe.zadd(keys.tenant_files(tenant_id), {file.id: int(self._clock() * 1000)})
-            await pipe.execute()
+        quota_key = keys.tenant_file_bytes(tenant_id)
+        if check_quota:
+            await self._quotas.reserve(quota_key, file.id, file.bytes, self._quota)
+        else:
+            await self._quotas.record(quota_key, file.id, file.bytes)
+        try:
+            try:
+                await asyncio.to_thread(self._store.put, tenant_id, file.id, data)  # write + fsync
+            except OSError as exc:
+                logger.error("storing file %s failed: %s", file.id, exc)
+                raise ServiceUnavailable("file storage failed; retry shortly", code="file_storage_unavailable") from exc
+            async with self._state.pipeline() as pipe:
+                pipe.set(keys.file_record(file.id), json.dumps({"tenant_id": tenant_id, "file": file.model_dump()}))
+                pipe.zadd(keys.tenant_files(tenant_id), {file.id: int(self._clock() * 1000)})
+                await pipe.execute()
+        except BaseException:
+            # Shielded: a client that leaves mid-upload must not leave bytes without a record.
+            await asyncio.shield(self._discard(tenant_id, file.id))
+            raise
         return file
+
+    async def _discard(self, tenant_id: str, file_id: str) -> None:
+        try:
+            await asyncio.to_thread(self._store.delete, tenant_id, file_id)
+            await self._quotas.release(keys.tenant_file_bytes(tenant_id), file_id)
+        except Exception as exc:  # Redis down as well: the place is freed when the file is deleted
+            logger.warning("cleaning up file %s failed: %s", file_id, exc)
 
     async def get(self, tenant_id: str, file_id: str) -> FileObject:
         raw = await self._state.run(self._state.redis.get(keys.file_record(file_id)))
@@ -209,6 +256,7 @@ class FileService:
         async with self._state.pipeline() as pipe:
             pipe.delete(keys.file_record(file_id))
             pipe.zrem(keys.tenant_files(tenant_id), file_id)
+            pipe.hdel(keys.tenant_file_bytes(tenant_id), file_id)
             await pipe.execute()
         self._store.delete(tenant_id, file_id)
         return file

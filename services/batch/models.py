@@ -5,9 +5,13 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+# OpenAI's bounds on a batch's metadata: it is stored with the batch in Redis (issue 9, item 2).
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
 
 
 class BatchStatus(str, Enum):
@@ -75,7 +79,25 @@ class CreateBatchRequest(BaseModel):
     input_file_id: str = Field(..., min_length=1, max_length=128)
     endpoint: str = Field(..., description="/v1/chat/completions or /v1/completions")
     completion_window: Literal["24h"] = Field("24h", description="Only 24h is offered (as OpenAI).")
-    metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs.")
+    metadata: dict[str, str] | None = Field(
+        None,
+        description=f"Up to {MAX_METADATA_PAIRS} string pairs; keys of at most "
+        f"{MAX_METADATA_KEY_CHARS} characters, values of at most {MAX_METADATA_VALUE_CHARS}.",
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs (got {len(value)})")
+        for key, item in value.items():
+            if len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"keys are at most {MAX_METADATA_KEY_CHARS} characters ('{key[:20]}...')")
+            if len(item) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(f"values are at most {MAX_METADATA_VALUE_CHARS} characters (key '{key}')")
+        return value
 
 
 class BatchList(BaseModel):

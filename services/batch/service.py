@@ -1,14 +1,23 @@
-"""Batches: create (validate + enqueue atomically), read, list, cancel, and finalize.
+"""Batches: create (validate, reserve quota, enqueue), read, list, cancel, and finalize.
 
-A batch is a Redis hash with live counts; its items go into the per-pool streams in the
-same MULTI that creates it, so an accepted batch never has half its items. Finalizing is
-idempotent (deterministic output file ids, a short lock), so any worker may do it and a
-worker that dies while doing it is simply followed by the next sweep.
+A batch is a Redis hash with live counts. Redis is shared by every tenant (issue 9,
+item 2), so a tenant has a quota of unfinished batches and queued items, and a batch's
+items are added in chunks of `enqueue_chunk` (one MULTI each, never one giant transaction
+that stalls Redis). Until the last chunk is in, the record says `validating` and workers
+hold its items untried; a create that fails part of the way removes what it added, and
+one whose process died is failed by the sweep after `STALE_VALIDATING_S`.
+
+Finalizing is idempotent (deterministic output file ids, a short lock), so any worker may
+do it and a worker that dies while doing it is simply followed by the next sweep. It
+moves the results out of Redis into the output and error files, frees the tenant's quota,
+and lets the record expire after `retention_s`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -24,6 +33,7 @@ from services.batch.models import (
     RequestCounts,
 )
 from services.batch.queue import item_fields
+from services.batch.quotas import Quota, TenantQuotas
 from services.errors import InvalidRequest, ModelNotFound, PhiserveError, ResourceNotFound
 from services.gateway.errors import error_payload
 from services.gateway.pools import PoolRouter
@@ -31,8 +41,10 @@ from services.tenancy import keys
 from services.tenancy.redis_state import RedisState
 
 COMPLETION_WINDOW_S = 24 * 3600
-MAX_METADATA_PAIRS = 16
 FINALIZE_LOCK_S = 120
+STALE_VALIDATING_S = 600  # a create still enqueueing after this long has died
+
+logger = logging.getLogger(__name__)
 
 
 def error_line(item_id: str, custom_id: str, exc: PhiserveError) -> dict[str, Any]:
@@ -62,18 +74,24 @@ class BatchService:
         files: FileService,
         router: PoolRouter,
         *,
+        max_active: int = 10,
+        max_queued_items: int = 50_000,
+        enqueue_chunk: int = 500,
+        retention_s: float = 7 * 24 * 3600,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._state = state
         self._files = files
         self._router = router
+        self._quotas = TenantQuotas(state)
+        self._quota = Quota(max_active, max_queued_items, "unfinished batches", "queued items")
+        self._enqueue_chunk = enqueue_chunk
+        self._retention_s = retention_s
         self._clock = clock
 
     async def create(self, tenant_id: str, req: CreateBatchRequest) -> BatchObject:
         if req.endpoint not in BATCH_ENDPOINTS:
             raise InvalidRequest(f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}", param="endpoint")
-        if req.metadata and len(req.metadata) > MAX_METADATA_PAIRS:
-            raise InvalidRequest(f"metadata takes at most {MAX_METADATA_PAIRS} pairs", param="metadata")
         file = await self._files.get(tenant_id, req.input_file_id)
         if file.purpose != "batch":
             raise InvalidRequest("input_file_id must name a file uploaded with purpose=batch", param="input_file_id")
@@ -83,17 +101,45 @@ class BatchService:
             raise InvalidRequest(
                 f"lines {mismatched[:5]} have a url other than the batch endpoint {req.endpoint}", param="endpoint"
             )
-        now = int(self._clock())
+        if len(items) > self._quota.max_sum:
+            raise InvalidRequest(
+                f"the batch has {len(items)} requests; a tenant's unfinished batches may hold "
+                f"{self._quota.max_sum} in all",
+                param="input_file_id",
+            )
         batch_id = f"batch_{secrets.token_hex(12)}"
+        quota_key = keys.tenant_active_batches(tenant_id)
+        await self._quotas.reserve(quota_key, batch_id, len(items), self._quota)
+        added: dict[str, list[str]] = {}
+        try:
+            unroutable = await self._enqueue(tenant_id, batch_id, file.id, req, items, added)
+        except BaseException:
+            # Shielded: a client that leaves mid-create must not leave half a batch.
+            await asyncio.shield(self._discard(tenant_id, batch_id, added))
+            raise
+        if unroutable == len(items):
+            await self.finalize(batch_id)
+        return await self.get(tenant_id, batch_id)
+
+    async def _enqueue(
+        self,
+        tenant_id: str,
+        batch_id: str,
+        file_id: str,
+        req: CreateBatchRequest,
+        items: list[dict[str, Any]],
+        added: dict[str, list[str]],
+    ) -> int:
+        """Record (not ready), items chunk by chunk (ids noted in `added`), then ready."""
+        now = int(self._clock())
         record = {
             "id": batch_id,
             "tenant_id": tenant_id,
             "endpoint": req.endpoint,
-            "input_file_id": file.id,
+            "input_file_id": file_id,
             "completion_window": req.completion_window,
-            "status": BatchStatus.in_progress.value,
+            "status": BatchStatus.validating.value,
             "created_at": now,
-            "in_progress_at": now,
             "expires_at": now + COMPLETION_WINDOW_S,
             "total": len(items),
             "completed": 0,
@@ -104,24 +150,51 @@ class BatchService:
             pipe.hset(keys.batch_record(batch_id), mapping=record)
             # Millisecond scores: batches created within one second still list in order.
             pipe.zadd(keys.tenant_batches(tenant_id), {batch_id: int(self._clock() * 1000)})
+            # Entries older than any record that can still exist (window + retention) go.
+            horizon = (self._clock() - COMPLETION_WINDOW_S - self._retention_s) * 1000
+            pipe.zremrangebyscore(keys.tenant_batches(tenant_id), "-inf", horizon)
             pipe.sadd(keys.ACTIVE_BATCHES, batch_id)
-            unroutable = 0
-            for item in items:
-                try:
-                    pool = self._router.resolve(item["body"]["model"])
-                except ModelNotFound as exc:
-                    # Refused item by item, as OpenAI does: the rest of the batch runs.
-                    line = error_line(f"{batch_id}-{item['line']}", item["custom_id"], exc)
-                    pipe.hsetnx(keys.batch_results(batch_id), item["line"], json.dumps({"ok": False, "line": line}))
-                    unroutable += 1
-                    continue
-                pipe.xadd(keys.batch_stream(pool.name), item_fields(batch_id, item))
-            if unroutable:
-                pipe.hset(keys.batch_record(batch_id), "failed", unroutable)
             await pipe.execute()
-        if unroutable == len(items):
-            await self.finalize(batch_id)
-        return await self.get(tenant_id, batch_id)
+        unroutable = 0
+        for start in range(0, len(items), self._enqueue_chunk):
+            pools: list[str | None] = []
+            async with self._state.pipeline() as pipe:
+                for item in items[start : start + self._enqueue_chunk]:
+                    try:
+                        pool = self._router.resolve(item["body"]["model"])
+                    except ModelNotFound as exc:
+                        # Refused item by item, as OpenAI does: the rest of the batch runs.
+                        line = error_line(f"{batch_id}-{item['line']}", item["custom_id"], exc)
+                        pipe.hsetnx(keys.batch_results(batch_id), item["line"], json.dumps({"ok": False, "line": line}))
+                        pools.append(None)
+                        unroutable += 1
+                        continue
+                    pipe.xadd(keys.batch_stream(pool.name), item_fields(batch_id, item))
+                    pools.append(pool.name)
+                replies = await pipe.execute()
+            for pool_name, reply in zip(pools, replies, strict=True):
+                if pool_name is not None:
+                    added.setdefault(pool_name, []).append(reply)
+        ready = {"status": BatchStatus.in_progress.value, "in_progress_at": int(self._clock()), "failed": unroutable}
+        await self._state.run(self._state.redis.hset(keys.batch_record(batch_id), mapping=ready))
+        return unroutable
+
+    async def _discard(self, tenant_id: str, batch_id: str, added: dict[str, list[str]]) -> None:
+        """Undo a create that failed part of the way (best effort: Redis may be the cause;
+        then the sweep fails the batch later and workers drop its items)."""
+        # One command at a time, no MULTI: under maxmemory Redis refuses anything queued in a
+        # transaction, but still runs deletions on their own.
+        redis = self._state.redis
+        try:
+            for pool, entry_ids in added.items():
+                for start in range(0, len(entry_ids), self._enqueue_chunk):
+                    await self._state.run(redis.xdel(keys.batch_stream(pool), *entry_ids[start : start + self._enqueue_chunk]))
+            await self._state.run(redis.delete(keys.batch_record(batch_id), keys.batch_results(batch_id)))
+            await self._state.run(redis.zrem(keys.tenant_batches(tenant_id), batch_id))
+            await self._state.run(redis.srem(keys.ACTIVE_BATCHES, batch_id))
+            await self._state.run(redis.hdel(keys.tenant_active_batches(tenant_id), batch_id))
+        except Exception as exc:
+            logger.warning("cleaning up batch %s after a failed create: %s", batch_id, exc)
 
     async def record(self, batch_id: str) -> dict[str, str]:
         return dict(await self._state.run(self._state.redis.hgetall(keys.batch_record(batch_id))))
@@ -140,12 +213,20 @@ class BatchService:
             if after not in ids:
                 raise InvalidRequest(f"after: no batch '{after}'", param="after")
             ids = ids[ids.index(after) + 1 :]
-        page = ids[: limit + 1]
-        batches = [await self.get(tenant_id, batch_id) for batch_id in page[:limit]]
-        return batches, len(page) > limit
+        batches: list[BatchObject] = []
+        for index, batch_id in enumerate(ids):
+            if len(batches) == limit:
+                return batches, True
+            try:
+                batches.append(await self.get(tenant_id, batch_id))
+            except ResourceNotFound:  # its record expired after the retention: forget it
+                await self._state.run(self._state.redis.zrem(keys.tenant_batches(tenant_id), batch_id))
+        return batches, False
 
     async def cancel(self, tenant_id: str, batch_id: str) -> BatchObject:
         batch = await self.get(tenant_id, batch_id)
+        if batch.status is BatchStatus.validating:
+            raise InvalidRequest(f"batch {batch_id} is still being created; retry in a moment", param="batch_id")
         if batch.status.final or batch.status is BatchStatus.finalizing:
             raise InvalidRequest(f"batch {batch_id} is already {batch.status.value}", param="batch_id")
         await self._state.run(
@@ -192,7 +273,9 @@ class BatchService:
                 data=("\n".join(errors) + "\n").encode(), file_id=f"file-{batch_id}-errors",
             )
             update["error_file_id"] = err.id
-        if previous is BatchStatus.cancelling:
+        if previous is BatchStatus.validating:  # its create died part of the way
+            final = BatchStatus.failed
+        elif previous is BatchStatus.cancelling:
             final = BatchStatus.cancelled
         elif raw.get("expiring"):
             final = BatchStatus.expired
@@ -202,7 +285,11 @@ class BatchService:
         update[f"{final.value}_at"] = int(self._clock())
         async with self._state.pipeline() as pipe:
             pipe.hset(keys.batch_record(batch_id), mapping=update)
+            # The results now live in the files; the record stays readable for a while.
+            pipe.delete(keys.batch_results(batch_id))
+            pipe.expire(keys.batch_record(batch_id), int(self._retention_s))
             pipe.srem(keys.ACTIVE_BATCHES, batch_id)
+            pipe.hdel(keys.tenant_active_batches(tenant_id), batch_id)
             pipe.delete(keys.batch_finalize_lock(batch_id))
             await pipe.execute()
 
@@ -214,6 +301,10 @@ class BatchService:
                 await self._state.run(self._state.redis.srem(keys.ACTIVE_BATCHES, batch_id))
                 continue
             status = BatchStatus(raw["status"])
+            if status is BatchStatus.validating:
+                if int(raw["created_at"]) < self._clock() - STALE_VALIDATING_S:
+                    await self.finalize(batch_id)  # failed: workers drop its items
+                continue
             if status is BatchStatus.in_progress and int(raw["expires_at"]) < self._clock():
                 # Workers now answer its remaining items with batch_expired.
                 await self._state.run(self._state.redis.hset(keys.batch_record(batch_id), "expiring", 1))

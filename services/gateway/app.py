@@ -99,6 +99,8 @@ def build_services(
         LocalFileStore(settings.batch_files_dir),
         max_bytes=settings.max_batch_file_bytes,
         max_lines=settings.max_batch_lines,
+        max_files=settings.tenant_max_files,
+        max_stored_bytes=settings.tenant_max_file_bytes,
     )
     services = GatewayServices(
         catalog=catalog,
@@ -110,7 +112,15 @@ def build_services(
         tenants=TenantStore(redis, tenant_cache_ttl_s=settings.tenant_cache_ttl_s),
         usage=usage,
         files=files,
-        batches=BatchService(redis, files, router),
+        batches=BatchService(
+            redis,
+            files,
+            router,
+            max_active=settings.tenant_max_active_batches,
+            max_queued_items=settings.tenant_max_queued_items,
+            enqueue_chunk=settings.batch_enqueue_chunk,
+            retention_s=settings.batch_retention_s,
+        ),
         batch_worker=batch_worker,
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         api_limiter=ApiRequestLimiter(admission, metrics),

@@ -106,6 +106,15 @@ def tenant_batches(tenant_id: str) -> str:  # zset batch id -> created_at
     return f"{PREFIX}:tenant:{tenant_id}:batches"
 
 
+# Per-tenant quotas (issue 9, item 2): hashes whose entries are counted and summed.
+def tenant_active_batches(tenant_id: str) -> str:  # hash unfinished batch id -> its item count
+    return f"{PREFIX}:tenant:{tenant_id}:active-batches"
+
+
+def tenant_file_bytes(tenant_id: str) -> str:  # hash stored file id -> its size in bytes
+    return f"{PREFIX}:tenant:{tenant_id}:file-bytes"
+
+
 def batch_results(batch_id: str) -> str:  # hash line number -> result JSON (HSETNX: once)
     return f"{PREFIX}:batch:{batch_id}:results"
 

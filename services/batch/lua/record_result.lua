@@ -6,11 +6,18 @@
 -- ARGV: 1 consumer group, 2 key prefix, then per item two strings:
 --       "<batch id>|<line>|<completed or failed>|<entry id>" and the result JSON
 -- Returns per item: new (0/1), completed, failed, total (the batch's counts after this call)
+local FINAL = {completed = true, failed = true, cancelled = true, expired = true}
 local news, batches, entries, added = {}, {}, {}, {}
 for i = 3, #ARGV, 2 do
   local batch, line, outcome, entry = string.match(ARGV[i], '^([^|]+)|([^|]+)|([^|]+)|([^|]+)$')
   local batch_key = ARGV[2] .. ':batch:' .. batch
-  local new = redis.call('HSETNX', batch_key .. ':results', line, ARGV[i + 1])
+  -- A finished (or expired) batch's results have left Redis for its files: a late duplicate
+  -- must not bring the hash back nor count twice.
+  local status = redis.call('HGET', batch_key, 'status')
+  local new = 0
+  if status and not FINAL[status] then
+    new = redis.call('HSETNX', batch_key .. ':results', line, ARGV[i + 1])
+  end
   if new == 1 then
     local counter = batch_key .. '\0' .. outcome
     added[counter] = (added[counter] or 0) + 1
