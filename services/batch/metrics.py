@@ -21,7 +21,7 @@ class BatchMetrics:
         )
         self.items = metrics.Counter(
             "phiserve_batch_items_total",
-            description="Batch items by outcome: completed, failed, retried, reclaimed.",
+            description="Batch items by outcome: completed, failed, retried, reclaimed, dead_lettered.",
             tag_keys=("outcome",),
         )
         self.batch_duration = metrics.Histogram(
