@@ -78,12 +78,13 @@ class ChatService:
         """`tenant`: checked for the model and its image limit before any image is fetched or
         decoded (the gate checks again, for callers that pass none)."""
         pool = self._router.resolve(body.model)
+        image_count = _check_image_parts(body, pool)
         if tenant is not None:
-            check_access(tenant, pool, model=body.model, images=_image_parts(body))
+            check_access(tenant, pool, model=body.model, images=image_count)
         if body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
         sampling = sampling_options(body, pool, self._platform)
-        messages, images = await self._messages(body, pool)
+        messages, images = await self._messages(body)
         request = GenerationRequest(
             request_id=request_id,
             model=body.model,
@@ -107,9 +108,7 @@ class ChatService:
             caller, pool, request, ChatShape(uuid.uuid4().hex, body.model), include_usage=body.include_usage()
         )
 
-    async def _messages(
-        self, body: ChatCompletionRequest, pool: PoolConfig
-    ) -> tuple[tuple[ChatMessage, ...], tuple[bytes, ...]]:
+    async def _messages(self, body: ChatCompletionRequest) -> tuple[tuple[ChatMessage, ...], tuple[bytes, ...]]:
         messages: list[ChatMessage] = []
         images: list[bytes] = []
         for i, message in enumerate(body.messages):
@@ -124,29 +123,35 @@ class ChatService:
                     texts.append(part.text)
                     continue
                 assert isinstance(part, ImagePart)
-                param = f"messages[{i}].content[{j}].image_url"
-                if pool.modality is not Modality.vision:
-                    raise UnsupportedContent(
-                        f"model '{body.model}' accepts text only; send images to a vision model "
-                        "such as phi-3.5-vision",
-                        param=param,
-                    )
-                if len(images) >= pool.max_images_per_request:
-                    raise InvalidRequest(
-                        f"too many images: model '{body.model}' takes at most "
-                        f"{pool.max_images_per_request} image(s) per request",
-                        param=param,
-                    )
-                images.append(await self._images.load(part.image_url.url, param=f"{param}.url"))
+                param = f"messages[{i}].content[{j}].image_url.url"
+                images.append(await self._images.load(part.image_url.url, param=param))
                 count += 1
             messages.append(ChatMessage(role=message.role, text="\n".join(texts), image_count=count))
         return tuple(messages), tuple(images)
 
 
-def _image_parts(body: ChatCompletionRequest) -> int:
-    return sum(
-        isinstance(part, ImagePart)
-        for message in body.messages
-        if isinstance(message.content, list)
-        for part in message.content
-    )
+def _check_image_parts(body: ChatCompletionRequest, pool: PoolConfig) -> int:
+    """The pool's own image rules, naming the offending part; nothing fetched or decoded yet.
+    Returns the number of images."""
+    count = 0
+    for i, message in enumerate(body.messages):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            if not isinstance(part, ImagePart):
+                continue
+            param = f"messages[{i}].content[{j}].image_url"
+            if pool.modality is not Modality.vision:
+                raise UnsupportedContent(
+                    f"model '{body.model}' accepts text only; send images to a vision model "
+                    "such as phi-3.5-vision",
+                    param=param,
+                )
+            if count >= pool.max_images_per_request:
+                raise InvalidRequest(
+                    f"too many images: model '{body.model}' takes at most "
+                    f"{pool.max_images_per_request} image(s) per request",
+                    param=param,
+                )
+            count += 1
+    return count
