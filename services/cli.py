@@ -25,7 +25,14 @@ from pydantic import SecretStr
 
 from services.catalog.loader import CatalogError, load_catalog
 from services.catalog.models import Catalog
-from services.local_ray import AUTH_ENV, cluster_folder, gcs_address, start_local_ray, stop_cluster
+from services.local_ray import (
+    AUTH_ENV,
+    cluster_folder,
+    gcs_address,
+    has_raylet,
+    start_local_ray,
+    stop_cluster,
+)
 from services.settings import Settings
 from services.tenancy.local_redis import LocalRedis
 from services.tenancy.store import new_plain_key
@@ -187,18 +194,31 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
 
     address = settings.ray_address
     if address is None:
-        address = gcs_address(cluster_folder(settings))
+        folder = cluster_folder(settings)
+        address = gcs_address(folder)
         if address is None:
-            raise SystemExit(f"phiserve: no local cluster in {cluster_folder(settings)} (run `phiserve up`)")
+            raise SystemExit(f"phiserve: no local cluster in {folder} (run `phiserve up`)")
+        if not has_raylet(folder):
+            raise SystemExit("phiserve: the local cluster is half-stopped (no raylet); run `phiserve down`")
         os.environ.update(AUTH_ENV)
     # ray.init blocks on a cluster that is half-stopped or unreachable: give it a deadline
     # (a daemon thread; the process exits with the message if it never returns).
     connected = threading.Event()
-    threading.Thread(
-        target=lambda: (ray.init(address=address, log_to_driver=False), connected.set()), daemon=True
-    ).start()
+    failure: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except BaseException as exc:  # reported below, in the main thread
+            failure.append(exc)
+        finally:
+            connected.set()
+
+    threading.Thread(target=connect, daemon=True).start()
     if not connected.wait(REMOTE_TIMEOUT_S):
         raise SystemExit(f"phiserve: Ray at {address} did not answer within {REMOTE_TIMEOUT_S:.0f} s")
+    if failure:
+        raise SystemExit(f"phiserve: could not connect to Ray at {address}: {failure[0]}")
     report = asyncio.run(cluster_status(settings, load_catalog(settings.profile)))
     print("\n".join(report.lines()), flush=True)
 

@@ -91,6 +91,17 @@ def start_local_ray(settings: Settings) -> str:
     raise SystemExit(f"phiserve: `ray start` failed:\n{result.stdout}{result.stderr}")
 
 
+def has_raylet(folder: Path) -> bool:
+    """A cluster without its raylet (killed, crashed) cannot take a driver: ray.init blocks."""
+    for pid in cluster_pids(folder):
+        try:
+            if b"/raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def cluster_pids(folder: Path) -> list[int]:
     """This user's processes that carry the cluster's marker (never this process)."""
     needle = f"{MARKER}={folder}".encode()

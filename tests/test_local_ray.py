@@ -136,6 +136,11 @@ def test_down_stops_a_half_stopped_cluster_quickly_and_nothing_else(head: Head) 
         os.kill(raylet, 9)  # the half-stopped state: no raylet, GCS and HAProxy alive
         wait_until(lambda: raylet not in cluster_pids(head.folder), timeout_s=10, interval_s=0.1, what="raylet")
         assert {gcs, haproxy} <= set(cluster_pids(head.folder))
+        status = subprocess.run(
+            [sys.executable, "-m", "services.cli", "status"],
+            env={**os.environ, **head.env}, cwd=REPO, capture_output=True, text=True, timeout=DOWN_BOUND_S,
+        )
+        assert status.returncode != 0 and "half-stopped" in status.stderr, status.stderr
 
         started = time.monotonic()
         down = subprocess.run(
