@@ -126,8 +126,10 @@ class Settings(BaseSettings):
     )
     fail_open_limits: bool = Field(
         False,
-        description="When Redis is down, admit authenticated requests without limits. "
-        "Authentication always fails closed.",
+        description="When tenant state cannot be written (Redis refusing writes at maxmemory, "
+        "or lost between authentication and admission), admit authenticated requests without "
+        "rate limits and without the fair queue. Authentication always fails closed: with "
+        "Redis unreachable no key can be checked, so every request gets 503 whatever this says.",
     )
     queue_timeout_s: float = Field(
         30.0, gt=0, description="Longest wait in the fair queue before 429 overloaded."
@@ -139,6 +141,19 @@ class Settings(BaseSettings):
     )
     max_waiting_per_pool: int = Field(
         2000, ge=1, description="Requests that may wait per pool; more get 429 at once."
+    )
+    max_waiting_per_tenant: int = Field(
+        256,
+        ge=1,
+        description="Requests one tenant may have waiting per pool; more get 429 "
+        "rate_limit_exceeded at once, so no tenant fills the pool's waiting room.",
+    )
+    queue_ticket_ttl_s: float = Field(
+        10.0,
+        gt=0,
+        description="Lease of a waiting request's place in the fair queue, renewed by its waiter "
+        "three times per lease; a waiter that died (its process killed) loses its place, and any "
+        "grant pushed to it, within this time.",
     )
     tenant_cache_ttl_s: float = Field(
         1.0, ge=0, description="How long a gateway replica reuses a tenant record (limits, "

@@ -154,7 +154,9 @@ class PoolConfig(_Strict):
         None,
         ge=1,
         description="Requests the fair queue lets into the pool at once; beyond it they wait "
-        "in tenant-fair order. Default: replicas (max_replicas when autoscaling) x max_num_seqs.",
+        "in tenant-fair order. Default: live replicas x max_num_seqs (the gateway follows an "
+        "autoscaled pool's running replicas; keep target_ongoing_requests below max_num_seqs "
+        "so a full pool still asks the autoscaler for more).",
     )
     engine: EngineConfig
     deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig.model_validate({}))
@@ -187,11 +189,21 @@ class PoolConfig(_Strict):
 
     @property
     def capacity(self) -> int:
+        """The capacity before any replica count is known: the replicas Serve starts with."""
+        return self.capacity_for(None)
+
+    def capacity_for(self, live_replicas: int | None) -> int:
+        """Grants the fair queue allows at once with this many replicas running. Never
+        max_replicas: an autoscaled pool at its minimum would take far more than its
+        replicas can run, bypassing the fair queue into Serve's queue (issue 9)."""
         if self.max_in_flight is not None:
             return self.max_in_flight
         dep = self.deployment
-        replicas = dep.autoscaling.max_replicas if dep.autoscaling else (dep.num_replicas or 1)
-        return replicas * self.engine.max_num_seqs
+        if live_replicas is None:
+            live_replicas = dep.autoscaling.min_replicas if dep.autoscaling else (dep.num_replicas or 1)
+        # At least one replica's worth: a pool scaled to zero (or restarting) still lets
+        # requests reach Serve, whose queue is what scales it back up.
+        return max(live_replicas, 1) * self.engine.max_num_seqs
 
     def resolve_model_path(self, model_dir: Path) -> str:
         if self.model.startswith(TINY_MODEL_SCHEME):

@@ -23,11 +23,13 @@ from services.gateway.completions.service import CompletionService
 from services.gateway.deps import GatewayServices
 from services.gateway.errors import install_error_handlers
 from services.gateway.files.router import router as files_router
+from services.gateway.capacity import LiveReplicas, PoolCapacity, serve_live_replicas
+from services.gateway.disconnect import CancelOnDisconnect
 from services.gateway.gate import LeaseKeeper, TenantGate
 from services.gateway.generation import GenerationRunner
 from services.gateway.images import ImageLoader
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.middleware import GatewayMiddleware
+from services.gateway.middleware import GENERATION_PATHS, GatewayMiddleware
 from services.gateway.models.router import router as models_router
 from services.gateway.models.service import ModelsService
 from services.gateway.pools import PoolRouter
@@ -58,7 +60,12 @@ class GatewayState:
 
 
 def build_services(
-    catalog: Catalog, handles: dict[str, Any], settings: Settings, *, batch_worker: Any = None
+    catalog: Catalog,
+    handles: dict[str, Any],
+    settings: Settings,
+    *,
+    batch_worker: Any = None,
+    live_replicas: LiveReplicas | None = None,
 ) -> tuple[GatewayServices, GatewayState]:
     redis = RedisState(settings.redis_url)
     router = PoolRouter(catalog, handles, assign_timeout_s=settings.pool_ready_timeout_s)
@@ -68,7 +75,10 @@ def build_services(
         {pool.name: pool.capacity for pool in catalog.enabled_pools},
         max_waiting=settings.max_waiting_per_pool,
         lease_ttl_s=settings.lease_ttl_s,
+        ticket_ttl_s=settings.queue_ticket_ttl_s,
+        max_waiting_per_tenant=settings.max_waiting_per_tenant,
         policy=settings.queue_policy,
+        fail_open=settings.fail_open_limits,
     )
     usage = UsageLedger(redis)
     metrics = GatewayMetrics()
@@ -78,6 +88,7 @@ def build_services(
         metrics,
         pools=[pool.name for pool in catalog.enabled_pools],
         interval_s=settings.lease_ttl_s / 3,
+        capacity=PoolCapacity(catalog.enabled_pools, fair_queue, live_replicas or serve_live_replicas(handles)),
     )
     gate = TenantGate(
         admission,
@@ -166,6 +177,8 @@ def create_app(services: GatewayServices, state: GatewayState, settings: Setting
         chat_router, completions_router, models_router, usage_router, files_router, batches_router, admin_router
     ):
         app.include_router(router)
+    # Inside GatewayMiddleware (added after, so outermost): a client gone is a 499 there.
+    app.add_middleware(CancelOnDisconnect, paths=GENERATION_PATHS)
     app.add_middleware(
         GatewayMiddleware,
         max_body_bytes=settings.max_request_body_bytes,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from services.catalog.models import PoolConfig
 from services.errors import ContextLengthExceeded, InvalidRequest, Overloaded, PermissionDenied, RateLimited
+from services.gateway.capacity import PoolCapacity
 from services.gateway.metrics import GatewayMetrics, tenant_label
 from services.gateway.tokens import TokenCounter
 from services.pools.engine import GenerationRequest
@@ -51,10 +52,12 @@ class LeaseKeeper:
         *,
         pools: list[str],
         interval_s: float,
+        capacity: PoolCapacity | None = None,
     ) -> None:
         self._admission = admission
         self._fair_queue = fair_queue
         self._metrics = metrics
+        self._capacity = capacity
         self._pools = pools
         self._interval_s = interval_s
         self._active: dict[int, Admitted] = {}
@@ -72,6 +75,8 @@ class LeaseKeeper:
 
     async def _run(self) -> None:
         while True:
+            if self._capacity is not None:  # follow the pools' live replicas (issue 9)
+                await self._capacity.refresh()
             await asyncio.sleep(self._interval_s)
             active = list(self._active.values())
             try:
@@ -134,7 +139,7 @@ class TenantGate:
                 timeout_s=max(timeout, 0.05),
             )
         except BaseException as exc:
-            if isinstance(exc, Overloaded):
+            if isinstance(exc, (Overloaded, RateLimited)):  # queue full or timed out, tenant's waiting cap
                 self._metrics.rejected.inc(tags={"reason": exc.param or "queue_timeout"})
             await self._admission.settle(admitted.reservation, 0)
             raise
