@@ -167,3 +167,29 @@ def test_cancel_stops_new_items(openai_client: OpenAI) -> None:
     assert len(ok) < 60
     with pytest.raises(openai.BadRequestError):
         openai_client.batches.cancel(batch.id)
+
+
+def test_metadata_is_bounded_and_results_leave_redis(openai_client: OpenAI, cluster: Cluster) -> None:
+    # Issue 9, item 2: metadata is stored in Redis with the batch (OpenAI's bounds), and a
+    # finished batch's results move from Redis into its files.
+    import redis
+
+    from services.tenancy import keys
+
+    upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(batch_file(3))), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"k": "v" * 513}
+        )
+    assert info.value.status_code == 400 and info.value.body["param"] == "metadata"  # type: ignore[index]
+    batch = openai_client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_final(openai_client, batch.id)
+    assert done.status == "completed"
+    ok, _ = assert_exactly_once(openai_client, done, 3)
+    assert len(ok) == 3
+    client = redis.Redis.from_url(cluster.redis.url, decode_responses=True)
+    assert client.exists(keys.batch_results(batch.id)) == 0
+    assert 0 < client.ttl(keys.batch_record(batch.id)) <= cluster.settings.batch_retention_s
+    assert client.hlen(keys.tenant_active_batches("demo")) == len(
+        [b for b in openai_client.batches.list(limit=100).data if b.status not in FINAL]
+    )
