@@ -150,7 +150,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.UploadFileRequest, context: grpc.aio.ServicerContext
     ) -> pb.UploadFileResponse:
         async def run(call: _Call) -> pb.UploadFileResponse:
-            tenant = await self._tenant(call)
+            tenant = await self._limited_tenant(call)
             file = await self._services.files.upload(
                 tenant.id, filename=request.filename, purpose=request.purpose or "batch", data=request.data
             )
@@ -163,7 +163,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GetFileRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetFileResponse:
         async def run(call: _Call) -> pb.GetFileResponse:
-            tenant = await self._tenant(call)
+            tenant = await self._limited_tenant(call)
             file = await self._services.files.get(tenant.id, request.file_id)
             await call.send_headers({})
             return pb.GetFileResponse(file=convert.file_message(file))
@@ -174,7 +174,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GetFileContentRequest, context: grpc.aio.ServicerContext
     ) -> None:
         async def run(call: _Call) -> None:
-            tenant = await self._tenant(call)
+            tenant = await self._limited_tenant(call)
             data = await self._services.files.content(tenant.id, request.file_id)
             await call.send_headers({})
             for start in range(0, len(data), FILE_CHUNK_BYTES):
@@ -186,7 +186,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.CreateBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateBatchResponse:
         async def run(call: _Call) -> pb.CreateBatchResponse:
-            tenant = await self._tenant(call)
+            tenant = await self._limited_tenant(call)
             batch = await self._services.batches.create(tenant.id, convert.create_batch_body(request))
             await call.send_headers({})
             return pb.CreateBatchResponse(batch=convert.batch_message(batch))
@@ -197,7 +197,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GetBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetBatchResponse:
         async def run(call: _Call) -> pb.GetBatchResponse:
-            tenant = await self._tenant(call)
+            tenant = await self._limited_tenant(call)
             batch = await self._services.batches.get(tenant.id, request.batch_id)
             await call.send_headers({})
             return pb.GetBatchResponse(batch=convert.batch_message(batch))
@@ -208,7 +208,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.ListBatchesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListBatchesResponse:
         async def run(call: _Call) -> pb.ListBatchesResponse:
-            tenant = await self._tenant(call)
+            tenant = await self._limited_tenant(call)
             batches, has_more = await self._services.batches.list(
                 tenant.id, after=request.after or None, limit=request.limit or convert.DEFAULT_BATCH_PAGE
             )
@@ -221,7 +221,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.CancelBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelBatchResponse:
         async def run(call: _Call) -> pb.CancelBatchResponse:
-            tenant = await self._tenant(call)
+            tenant = await self._limited_tenant(call)
             batch = await self._services.batches.cancel(tenant.id, request.batch_id)
             await call.send_headers({})
             return pb.CancelBatchResponse(batch=convert.batch_message(batch))
@@ -233,6 +233,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def _tenant(self, call: _Call) -> Tenant:
         tenant, _ = await self._services.tenants.authenticate(presented_key(call.metadata))
         call.labels["tenant"] = tenant_label(tenant.id, tenant.metrics_label)
+        return tenant
+
+    async def _limited_tenant(self, call: _Call) -> Tenant:
+        """Files and batches count against the tenant's RPM, as on REST (issue 9, item 4)."""
+        tenant = await self._tenant(call)
+        await self._services.api_limiter.count(tenant)
         return tenant
 
     async def _caller(self, call: _Call) -> Caller:

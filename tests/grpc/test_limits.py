@@ -94,3 +94,32 @@ async def test_a_message_over_the_body_limit_is_refused_unread(small_server: Grp
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.UploadFile(big, timeout=10)  # no key either: the size is refused first
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_file_and_batch_rpcs_count_against_rpm(small_server: GrpcServer, redis_server: LocalRedis) -> None:
+    from services.tenancy.models import Tenant, TenantLimits
+    from services.tenancy.redis_state import RedisState
+    from services.tenancy.store import TenantStore
+
+    state = RedisState(redis_server.url)
+    try:
+        store = TenantStore(state)
+        await store.put_tenant(Tenant(id="grpc-rpm", limits=TenantLimits(rpm=2)))
+        key, _ = await store.create_key("grpc-rpm", name="t")
+    finally:
+        await state.close()
+    metadata = (("authorization", f"Bearer {key}"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{small_server.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        await stub.ListBatches(pb.ListBatchesRequest(), metadata=metadata, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.GetFile(pb.GetFileRequest(file_id="file-none"), metadata=metadata, timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # counted, then answered
+        for call in (
+            stub.ListBatches(pb.ListBatchesRequest(), metadata=metadata, timeout=10),
+            stub.GetFile(pb.GetFileRequest(file_id="file-none"), metadata=metadata, timeout=10),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "requests per minute" in (info.value.details() or "")
