@@ -40,8 +40,9 @@ def _error(resp: httpx.Response, status: int) -> dict:  # type: ignore[type-arg]
 def test_prompt_beyond_context_is_refused_before_admission_and_not_billed(
     cluster: Cluster, admin: httpx.Client
 ) -> None:
-    # rpm=1: if the oversized prompt were admitted, the tenant's next request would be 429.
-    with _tenant(cluster, admin, rpm=1) as client:
+    # The usage route counts against RPM as well (issue 9, item 4): 3 = two usage reads and
+    # one generation. Had any refused prompt been admitted, a later call would be a 429.
+    with _tenant(cluster, admin, rpm=3) as client:
         huge = [{"role": "user", "content": "word " * 40_000}]  # ~40,000 tokens, context 2,048
         err = _error(client.post(CHAT, json={"model": "phi-3.5-mini", "messages": huge}), 400)
         assert (err["code"], err["param"]) == ("context_length_exceeded", "messages")
