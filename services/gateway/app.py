@@ -88,7 +88,9 @@ def build_services(
         metrics,
         pools=[pool.name for pool in catalog.enabled_pools],
         interval_s=settings.lease_ttl_s / 3,
-        capacity=PoolCapacity(catalog.enabled_pools, fair_queue, live_replicas or serve_live_replicas(handles)),
+        capacity=PoolCapacity(
+            catalog.enabled_pools, fair_queue, live_replicas or serve_live_replicas(handles)
+        ),
     )
     gate = TenantGate(
         admission,

@@ -182,7 +182,8 @@ class GenerationRunner:
                     admitted, prompt_tokens=first.prompt_tokens, completion_tokens=first.completion_tokens
                 )
 
-        return GenerationStream(payloads, settle_unstarted, self._settling), admitted.headers  # type: ignore[arg-type]
+        stream = GenerationStream(payloads, settle_unstarted, self._settling)  # type: ignore[arg-type]
+        return stream, admitted.headers
 
     async def _payloads(
         self,

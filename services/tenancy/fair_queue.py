@@ -117,7 +117,8 @@ class FairQueue:
     ) -> Grant:
         started = time.monotonic()
         ticket = secrets.token_hex(8)
-        args = [ticket, tenant_id, cost, weight, priority, self._max_waiting, self._max_waiting_per_tenant, self._policy]
+        caps = [self._max_waiting, self._max_waiting_per_tenant]
+        args = [ticket, tenant_id, cost, weight, priority, *caps, self._policy]
         try:
             outcome = await self._step(pool, "acquire", args)
             if outcome == QUEUED:
@@ -178,7 +179,9 @@ class FairQueue:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            logger.warning("fair queue: could not withdraw ticket %s of pool %s (it expires): %s", ticket, pool, exc)
+            logger.warning(
+                "fair queue: could not withdraw ticket %s of pool %s (it expires): %s", ticket, pool, exc
+            )
 
     async def release(self, grant: Grant) -> None:
         if grant.recorded:

@@ -17,7 +17,9 @@ def _autoscaled() -> PoolConfig:
     text = load_catalog("local").enabled_pools[0]
     return text.model_copy(
         update={
-            "deployment": DeploymentConfig(num_replicas=None, autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=4)),
+            "deployment": DeploymentConfig(
+                num_replicas=None, autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=4)
+            ),
             "engine": text.engine.model_copy(update={"max_num_seqs": 2}),
         }
     )

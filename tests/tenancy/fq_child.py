@@ -36,7 +36,7 @@ async def main(mode: str, url: str, arg: str) -> None:
     if mode == "waiters":
         n = int(arg)
         tasks = [
-            asyncio.create_task(fq.acquire("p", tenant_id="dead", cost=1, weight=1, priority=1, timeout_s=120))
+            asyncio.create_task(fq.acquire("p", tenant_id="dead", cost=1, weight=1, priority=1, timeout_s=99))
             for _ in range(n)
         ]
         while await state.redis.zcard(keys.pool_waiting("p")) < n:

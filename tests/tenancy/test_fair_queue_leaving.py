@@ -84,7 +84,9 @@ def _release_blocking(url: str, grant: Grant) -> None:
     thread.join()
 
 
-async def test_grant_that_raced_the_cancel_is_handed_back(state: RedisState, redis_server: LocalRedis) -> None:
+async def test_grant_that_raced_the_cancel_is_handed_back(
+    state: RedisState, redis_server: LocalRedis
+) -> None:
     """The holder releases (granting the waiter) and the waiter is cancelled before it reads
     its grant: the grant is handed back, not held by nobody."""
     fq = _fq(state)
@@ -188,7 +190,9 @@ def _child(mode: str, url: str, arg: str) -> list[str]:
     return out.stdout.split()
 
 
-async def test_a_gateway_with_a_slow_clock_keeps_its_slot(state: RedisState, redis_server: LocalRedis) -> None:
+async def test_a_gateway_with_a_slow_clock_keeps_its_slot(
+    state: RedisState, redis_server: LocalRedis
+) -> None:
     """Leases run on Redis's clock: a gateway whose clock is two minutes behind takes a slot
     that the others still see as held (it used to look expired at once: over capacity)."""
     fq = _fq(state)
@@ -199,7 +203,9 @@ async def test_a_gateway_with_a_slow_clock_keeps_its_slot(state: RedisState, red
     assert (await fq.depth("p"))[0] == 1
 
 
-async def test_a_gateway_with_a_fast_clock_keeps_the_rate_window(state: RedisState, redis_server: LocalRedis) -> None:
+async def test_a_gateway_with_a_fast_clock_keeps_the_rate_window(
+    state: RedisState, redis_server: LocalRedis
+) -> None:
     """Rate windows run on Redis's clock: a gateway two minutes ahead used to drop the
     other gateways' buckets as stale and admit past the tenant's RPM."""
     from services.tenancy.admission import Admission
