@@ -58,10 +58,12 @@ def test_status_shows_pools_replicas_queue_depth_and_batch_progress(
     for thread in streams:
         thread.start()
     try:
-        report = wait_until(
-            lambda: next(p for p in (r := _status(cluster)).pools if p.name == "text").in_flight > 0 and r,
-            timeout_s=60, interval_s=0.2, what="a generation in flight in the status",
-        )
+        def text_busy():  # type: ignore[no-untyped-def]
+            status = _status(cluster)
+            text = next(p for p in status.pools if p.name == "text")
+            return status if text.in_flight > 0 else None
+
+        report = wait_until(text_busy, timeout_s=60, interval_s=0.2, what="a generation in flight in the status")
         # Served from the function `phiserve status` calls, and from the command itself.
         cli = subprocess.run(
             [sys.executable, "-m", "services.cli", "status"],
