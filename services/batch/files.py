@@ -237,7 +237,7 @@ class FileService:
         try:
             await asyncio.to_thread(self._store.delete, tenant_id, file_id)
             await self._quotas.release(keys.tenant_file_bytes(tenant_id), file_id)
-        except Exception as exc:  # Redis down as well: the place is freed when the file is deleted
+        except Exception as exc:  # noqa: BLE001  # Redis down as well: freed when the file is deleted
             logger.warning("cleaning up file %s failed: %s", file_id, exc)
 
     async def get(self, tenant_id: str, file_id: str) -> FileObject:

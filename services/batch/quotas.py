@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.errors import RateLimited
-from services.tenancy import keys
 from services.tenancy.redis_state import RedisState
 
 RESERVE = (Path(__file__).parent / "lua" / "reserve.lua").read_text()

@@ -175,7 +175,11 @@ class BatchService:
             for pool_name, reply in zip(pools, replies, strict=True):
                 if pool_name is not None:
                     added.setdefault(pool_name, []).append(reply)
-        ready = {"status": BatchStatus.in_progress.value, "in_progress_at": int(self._clock()), "failed": unroutable}
+        ready: dict[str, Any] = {
+            "status": BatchStatus.in_progress.value,
+            "in_progress_at": int(self._clock()),
+            "failed": unroutable,
+        }
         await self._state.run(self._state.redis.hset(keys.batch_record(batch_id), mapping=ready))
         return unroutable
 
@@ -193,7 +197,7 @@ class BatchService:
             await self._state.run(redis.zrem(keys.tenant_batches(tenant_id), batch_id))
             await self._state.run(redis.srem(keys.ACTIVE_BATCHES, batch_id))
             await self._state.run(redis.hdel(keys.tenant_active_batches(tenant_id), batch_id))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # the sweep fails the batch later
             logger.warning("cleaning up batch %s after a failed create: %s", batch_id, exc)
 
     async def record(self, batch_id: str) -> dict[str, str]:

@@ -24,8 +24,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.batch.metrics import BatchMetrics
-from services.batch.queue import BatchQueue, QueueItem, ResultWriter
 from services.batch.models import BatchStatus
+from services.batch.queue import BatchQueue, QueueItem, ResultWriter
 from services.batch.service import BatchService, error_line, output_line
 from services.errors import (
     GenerationFailed,

@@ -13,6 +13,7 @@ has TCP keepalive so a dead peer is noticed even between commands.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import socket
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -94,7 +95,7 @@ class RedisState:
         refused with a 503 (cancelling it drops its connection: redis-py disconnects)."""
         try:
             return await self.run(asyncio.wait_for(awaitable, block_s + self._blocking_margin_s))
-        except asyncio.TimeoutError:
+        except builtins.TimeoutError:
             raise TenancyUnavailable(
                 f"Redis did not answer within {block_s + self._blocking_margin_s:.1f} s; retry shortly",
                 retry_after_s=2,

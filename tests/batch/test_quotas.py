@@ -20,7 +20,6 @@ import pytest
 from pydantic import ValidationError
 
 from services.batch.models import BatchStatus, CreateBatchRequest
-from services.batch.queue import BatchQueue
 from services.errors import InvalidRequest, PhiserveError, RateLimited, ServiceUnavailable
 from services.gateway.errors import error_payload, invalid_request_from
 from services.tenancy import keys
