@@ -59,6 +59,9 @@ async def test_a_tenant_creating_batches_in_a_loop_hits_its_quota_and_another_st
     assert accepted == 3
     assert _status(info.value) == (429, "quota_exceeded")
     assert "3 of 3" in info.value.message
+    from services.gateway.errors import grpc_status
+
+    assert grpc_status(info.value)[0].name == "RESOURCE_EXHAUSTED"  # the gRPC CreateBatch answer
     assert await worker.state.redis.xlen(keys.batch_stream("text")) == 600  # nothing of the 4th
     # Another tenant is not affected.
     other = await _create(worker, "polite", 5)
@@ -108,6 +111,16 @@ def test_oversized_metadata_is_a_400(metadata: dict[str, str]) -> None:
         CreateBatchRequest(input_file_id="file-x", endpoint="/v1/completions", metadata=metadata)
     error = invalid_request_from(info.value.errors())
     assert _status(error)[0] == 400 and error.param == "metadata"
+    # gRPC's CreateBatch validates with the same model: INVALID_ARGUMENT naming the field.
+    import grpc
+
+    from services.gateway.errors import grpc_status
+    from services.grpc import convert
+    from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
+
+    with pytest.raises(InvalidRequest) as refused:
+        convert.create_batch_body(pb.CreateBatchRequest(input_file_id="f", endpoint="/v1/completions", metadata=metadata))
+    assert grpc_status(refused.value)[0] is grpc.StatusCode.INVALID_ARGUMENT and refused.value.param == "metadata"
     # The largest allowed metadata passes.
     CreateBatchRequest(input_file_id="f", endpoint="/v1/completions", metadata={f"{i:064d}": "v" * 512 for i in range(16)})
 
