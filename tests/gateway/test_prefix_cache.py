@@ -42,9 +42,8 @@ def test_a_tenant_cannot_hit_another_tenants_prefix_cache(cluster: Cluster, admi
         assert other.status_code == 200, other.text
         assert _cached(other.json()["usage"]) == 0
         # B's own repeat hits B's cache; the streamed usage chunk reports it too.
-        with b.stream(
-            "POST", "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
-        ) as resp:
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with b.stream("POST", "/v1/completions", json=streamed) as resp:
             events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
         assert _cached(events[-1]["usage"]) >= MIN_PROMPT_TOKENS - 128
 

@@ -62,7 +62,9 @@ class _Victim(threading.Thread):
             self.done.set()
 
 
-def test_another_tenant_reusing_a_request_id_cannot_abort_the_stream(cluster: Cluster, admin: httpx.Client) -> None:
+def test_another_tenant_reusing_a_request_id_cannot_abort_the_stream(
+    cluster: Cluster, admin: httpx.Client
+) -> None:
     _, victim_key, _ = _new_tenant(admin)
     _, attacker_key, _ = _new_tenant(admin)
     shared_id = f"shared-{uuid.uuid4().hex[:8]}"

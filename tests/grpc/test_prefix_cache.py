@@ -10,7 +10,9 @@ from tests.gateway.test_prefix_cache import MIN_PROMPT_TOKENS, _long_prompt
 from tests.grpc.conftest import new_tenant
 
 
-def test_cached_tokens_are_reported_and_never_another_tenants(grpc_channel: grpc.Channel, admin: httpx.Client) -> None:
+def test_cached_tokens_are_reported_and_never_another_tenants(
+    grpc_channel: grpc.Channel, admin: httpx.Client
+) -> None:
     _, a_key = new_tenant(admin)
     _, b_key = new_tenant(admin)
     a = Client(api_key=a_key, channel=grpc_channel, timeout_s=60)
@@ -23,5 +25,7 @@ def test_cached_tokens_are_reported_and_never_another_tenants(grpc_channel: grpc
     assert again.usage.prompt_tokens_details.cached_tokens >= MIN_PROMPT_TOKENS - 128
     other = b.complete("phi-3.5-mini", prompt, max_tokens=1, temperature=0)
     assert other.usage.prompt_tokens_details.cached_tokens == 0
-    streamed = list(b.complete_stream("phi-3.5-mini", prompt, include_usage=True, max_tokens=1, temperature=0))
+    streamed = list(
+        b.complete_stream("phi-3.5-mini", prompt, include_usage=True, max_tokens=1, temperature=0)
+    )
     assert streamed[-1].usage.prompt_tokens_details.cached_tokens >= MIN_PROMPT_TOKENS - 128
