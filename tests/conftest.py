@@ -75,16 +75,25 @@ def init_private_ray(metrics_port: int) -> None:
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(
-        address="local",
-        _temp_dir=tempfile.mkdtemp(prefix="rt", dir="/tmp"),
-        namespace=f"phiserve-tests-{os.getpid()}",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 2000},
-    )
+    # Ray gives a new node a fixed 30 s to register with its GCS; on a machine loaded by
+    # other work that can pass, and the node start is simply tried again.
+    for attempt in range(3):
+        try:
+            ray.init(
+                address="local",
+                _temp_dir=tempfile.mkdtemp(prefix="rt", dir="/tmp"),
+                namespace=f"phiserve-tests-{os.getpid()}",
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                _metrics_export_port=metrics_port,
+                _system_config={"metrics_report_interval_ms": 2000},
+            )
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            ray.shutdown()
 
 
 @dataclass(frozen=True)
