@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from services.catalog.models import PoolConfig
 from services.errors import ContextLengthExceeded, InvalidRequest, Overloaded, PermissionDenied, RateLimited
@@ -118,6 +119,12 @@ class TenantGate:
         self, tenant: Tenant, pool: PoolConfig, request: GenerationRequest, *, deadline_s: float | None
     ) -> Admitted:
         request = self._apply_policy(tenant, pool, request)
+        if self._counter.cannot_fit(pool, request):
+            self._refuse_context(
+                pool.engine.max_model_len,
+                "However, your prompt is longer in characters than that many tokens could be.",
+                param="prompt" if request.messages is None else "messages",
+            )
         prompt_tokens = await self._counter.count(pool, request)  # long prompts: off the loop
         self._check_context(pool, request, prompt_tokens)
         max_tokens = request.sampling.max_tokens or max(pool.engine.max_model_len - prompt_tokens, 1)
@@ -215,6 +222,9 @@ class TenantGate:
             param = "max_tokens"
         else:
             return
+        self._refuse_context(limit, reason, param=param)
+
+    def _refuse_context(self, limit: int, reason: str, *, param: str) -> NoReturn:
         self._metrics.rejected.inc(tags={"reason": "context_length_exceeded"})
         raise ContextLengthExceeded(f"This model's maximum context length is {limit} tokens. {reason}", param=param)
 

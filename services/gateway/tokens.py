@@ -61,6 +61,13 @@ class TokenCounter:
         self._off_loop_chars = off_loop_chars
         # Threads start on first use; the tokenizers library releases the GIL while encoding.
         self._executor = ThreadPoolExecutor(max_workers=COUNTING_THREADS, thread_name_prefix="tokens")
+        # The longest vocabulary entry bounds the characters one token can cover: a prompt
+        # longer than max_model_len of them cannot fit, and is refused without tokenising
+        # (encoding costs ~10 us per character here; a 16 MiB prompt would hold a thread
+        # for minutes).
+        self._longest_token = {
+            name: max(map(len, tok.get_vocab())) for name, tok in tokenizers.items() if tok is not None
+        }
 
     @classmethod
     def for_pools(cls, pools: list[PoolConfig], model_dir: Path) -> TokenCounter:
@@ -78,6 +85,11 @@ class TokenCounter:
                 self._executor, self.prompt_tokens, pool, request
             )
         return self.prompt_tokens(pool, request)
+
+    def cannot_fit(self, pool: PoolConfig, request: GenerationRequest) -> bool:
+        """True when the prompt has more characters than the context could hold as tokens."""
+        longest = self._longest_token.get(pool.name)
+        return longest is not None and _text_length(request) > longest * pool.engine.max_model_len
 
     def exact(self, pool: PoolConfig) -> bool:
         """Counted with the model's own tokenizer (not estimated from the text's length)."""
