@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -124,6 +125,20 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedi
     try:
         yield server
     finally:
+        server.stop()
+
+
+@pytest.fixture
+def pausable_redis(tmp_path: Path) -> Iterator[tuple[LocalRedis, int]]:
+    """A redis-server of the test's own (no AOF) and its pid, so the test can SIGSTOP it to
+    stand for a hung or half-open Redis; it is resumed and stopped afterwards."""
+    server = LocalRedis(port=free_port(), directory=tmp_path / "redis")
+    server.start(appendonly=False)
+    pid = int(server.pidfile.read_text())
+    try:
+        yield server, pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
         server.stop()
 
 

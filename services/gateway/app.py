@@ -16,15 +16,15 @@ from services.catalog.models import Catalog
 from services.gateway.admin.router import router as admin_router
 from services.gateway.api_limits import ApiRequestLimiter
 from services.gateway.batches.router import router as batches_router
+from services.gateway.capacity import LiveReplicas, PoolCapacity, serve_live_replicas
 from services.gateway.chat.router import router as chat_router
 from services.gateway.chat.service import ChatService
 from services.gateway.completions.router import router as completions_router
 from services.gateway.completions.service import CompletionService
 from services.gateway.deps import GatewayServices
+from services.gateway.disconnect import CancelOnDisconnect
 from services.gateway.errors import install_error_handlers
 from services.gateway.files.router import router as files_router
-from services.gateway.capacity import LiveReplicas, PoolCapacity, serve_live_replicas
-from services.gateway.disconnect import CancelOnDisconnect
 from services.gateway.gate import LeaseKeeper, TenantGate
 from services.gateway.generation import GenerationRunner
 from services.gateway.images import ImageLoader

@@ -12,8 +12,8 @@ from services.batch.files import FileService
 from services.batch.service import BatchService
 from services.catalog.models import Catalog
 from services.errors import AuthenticationFailed, PermissionDenied
-from services.gateway.chat.service import ChatService
 from services.gateway.api_limits import ApiRequestLimiter
+from services.gateway.chat.service import ChatService
 from services.gateway.completions.service import CompletionService
 from services.gateway.gate import client_deadline_s
 from services.gateway.generation import Caller, GenerationRunner

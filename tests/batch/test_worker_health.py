@@ -8,28 +8,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from services.tenancy.local_redis import LocalRedis
 from tests.batch.harness import build_worker, running, worker_settings
-from tests.conftest import free_port
 
 STALL_S = 2.0
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[LocalRedis, int]]:
-    server = LocalRedis(port=free_port(), directory=tmp_path / "redis")
-    server.start(appendonly=False)
-    pid = int(server.pidfile.read_text())
-    try:
-        yield server, pid
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        server.stop()
 
 
 async def _health(worker, timeout_s: float, *, healthy: bool) -> float:  # type: ignore[no-untyped-def]
@@ -49,11 +33,11 @@ async def _health(worker, timeout_s: float, *, healthy: bool) -> float:  # type:
 
 
 async def test_health_fails_while_the_loop_is_stuck(
-    own_redis: tuple[LocalRedis, int], tiny_models: dict[str, Path], tmp_path: Path
+    pausable_redis: tuple[LocalRedis, int], tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     import asyncio
 
-    server, pid = own_redis
+    server, pid = pausable_redis
     worker = build_worker(worker_settings(server.url, tmp_path / "files", batch_loop_stall_s=STALL_S))
     async with running(worker):
         # A turning loop stays healthy.

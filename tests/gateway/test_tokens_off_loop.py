@@ -7,8 +7,6 @@ loop (standing in for every other request on the replica) must keep running.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,7 @@ from services.tenancy.admission import Admission
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import Tenant
 from services.tenancy.redis_state import RedisState
-
-TICK_S = 0.005
+from tests.helpers import LoopStallMeter
 
 
 def _text_gate(state: RedisState, tiny_models: dict[str, Path]) -> tuple[TenantGate, Any]:
@@ -70,28 +67,12 @@ async def test_a_huge_prompt_is_counted_off_the_loop(
         sampling=SamplingOptions(max_tokens=16),
         messages=(ChatMessage(role="user", text=words),),
     )
-    longest_gap = 0.0
-    done = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal longest_gap
-        last = time.perf_counter()
-        while not done.is_set():
-            await asyncio.sleep(TICK_S)
-            now = time.perf_counter()
-            longest_gap = max(longest_gap, now - last)
-            last = now
-
-    ticking = asyncio.create_task(ticker())
-    await asyncio.sleep(0.05)
-    started = time.perf_counter()
-    try:
-        admitted = await gate.enter(Tenant(id="bulk"), text_pool, request, deadline_s=None)
-        await gate.leave(admitted, prompt_tokens=0, completion_tokens=0)
-    except InvalidRequest:
-        pass  # beyond the model's context: refused after counting, which is what is timed
-    took = time.perf_counter() - started
-    done.set()
-    await ticking
+    async with LoopStallMeter() as meter:
+        try:
+            admitted = await gate.enter(Tenant(id="bulk"), text_pool, request, deadline_s=None)
+            await gate.leave(admitted, prompt_tokens=0, completion_tokens=0)
+        except InvalidRequest:
+            pass  # beyond the model's context: refused after counting, which is what is timed
+    longest_gap, took = meter.longest_gap, meter.took
     assert took > 0.15, f"counting took {took:.2f} s: too small a prompt to show anything"
     assert longest_gap < max(0.15, took / 4), f"loop stalled {longest_gap:.2f} s of {took:.2f} s"

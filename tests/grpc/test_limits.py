@@ -19,8 +19,8 @@ from pydantic import SecretStr
 
 from services.catalog.loader import load_catalog
 from services.gateway.app import build_services
-from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
+from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
 from services.grpc.server import GrpcServer, start_grpc_server
 from services.settings import Settings
 from services.tenancy.local_redis import LocalRedis

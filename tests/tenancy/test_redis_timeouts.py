@@ -11,30 +11,15 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from services.batch.queue import BatchQueue
 from services.tenancy.local_redis import LocalRedis
 from services.tenancy.redis_state import RedisState, TenancyUnavailable
-from tests.conftest import free_port
 
 MARGIN_S = 1.0
 HANG_GUARD_S = 10.0  # the test's own bound: today's code would wait forever
-
-
-@pytest.fixture
-def paused_redis(tmp_path: Path) -> Iterator[tuple[LocalRedis, int]]:
-    server = LocalRedis(port=free_port(), directory=tmp_path / "redis")
-    server.start(appendonly=False)
-    pid = int(server.pidfile.read_text())
-    try:
-        yield server, pid
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        server.stop()
 
 
 async def _bounded(awaitable: object) -> float:
@@ -44,8 +29,8 @@ async def _bounded(awaitable: object) -> float:
     return time.monotonic() - started
 
 
-async def test_blpop_errors_within_its_block_time_when_redis_hangs(paused_redis: tuple[LocalRedis, int]) -> None:
-    server, pid = paused_redis
+async def test_blpop_errors_within_its_block_time_when_redis_hangs(pausable_redis: tuple[LocalRedis, int]) -> None:
+    server, pid = pausable_redis
     state = RedisState(server.url, blocking_margin_s=MARGIN_S)
     try:
         assert await state.blpop("k", 0.2) is None  # connected and working
@@ -57,8 +42,8 @@ async def test_blpop_errors_within_its_block_time_when_redis_hangs(paused_redis:
         await state.close()
 
 
-async def test_xreadgroup_errors_within_its_block_time_when_redis_hangs(paused_redis: tuple[LocalRedis, int]) -> None:
-    server, pid = paused_redis
+async def test_xreadgroup_errors_within_its_block_time_when_redis_hangs(pausable_redis: tuple[LocalRedis, int]) -> None:
+    server, pid = pausable_redis
     state = RedisState(server.url, blocking_margin_s=MARGIN_S)
     queue = BatchQueue(state, ["p"], visibility_timeout_s=60)
     try:
@@ -72,8 +57,8 @@ async def test_xreadgroup_errors_within_its_block_time_when_redis_hangs(paused_r
         await state.close()
 
 
-async def test_every_redis_connection_has_tcp_keepalive(paused_redis: tuple[LocalRedis, int]) -> None:
-    server, _ = paused_redis
+async def test_every_redis_connection_has_tcp_keepalive(pausable_redis: tuple[LocalRedis, int]) -> None:
+    server, _ = pausable_redis
     state = RedisState(server.url)
     try:
         for client in (state.redis, state.blocking):
