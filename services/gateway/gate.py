@@ -148,7 +148,8 @@ class TenantGate:
         except BaseException as exc:
             if isinstance(exc, (Overloaded, RateLimited)):  # queue full or timed out, tenant's waiting cap
                 self._metrics.rejected.inc(tags={"reason": exc.param or "queue_timeout"})
-            await self._admission.settle(admitted.reservation, 0)
+            # Shielded: a second cancel here would leak the concurrency lease until it expires.
+            await asyncio.shield(self._admission.settle(admitted.reservation, 0))
             raise
         self._metrics.queue_wait.observe(admitted.grant.waited_s, tags={"pool": pool.name})
         self._keeper.add(admitted)
