@@ -98,6 +98,8 @@ def test_the_test_clusters_haproxy_listens_on_loopback_only(cluster: Cluster) ->
     for section in ("listen stats", "frontend prometheus"):
         binds = _binds(text, section)
         assert binds and all(b.startswith("127.0.0.1:") for b in binds), (section, binds)
+    # Shared server connections hide a client's disconnect from the replica (ray_env.py).
+    assert "http-reuse never" in text and "http-reuse always" not in text
     for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         port = int(os.environ[name])
         assert _listening(port) == {LOOPBACK}, f"{name} {port} listens on {_listening(port)}"

@@ -40,6 +40,11 @@ def test_client_timeout_on_unary_request_aborts_engine_request(cluster: Cluster)
         "max_tokens": 2000,
         "ignore_eos": True,
     }
+    # A few requests first, so that HAProxy has open connections to the gateway replicas: a
+    # shared one hid the disconnect from the replica and the generation ran to its end.
+    for _ in range(4):
+        small = {"model": "phi-3.5-mini", "prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(f"{cluster.base_url}/completions", json=small, timeout=60, headers=AUTH).status_code == 200
     try:
         httpx.post(f"{cluster.base_url}/completions", json=body, timeout=1.0, headers=AUTH)
     except httpx.TimeoutException:
