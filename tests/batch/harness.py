@@ -73,9 +73,10 @@ async def running(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         worker.processor.stop()
         task.cancel()
+        # Bounded: a worker step shielded from the cancel must not hold the test forever.
+        await asyncio.wait({task}, timeout=5)
         with contextlib.suppress(BaseException):
-            await task
-        await worker.state.close()
+            await asyncio.wait_for(worker.state.close(), 5)
 
 
 @contextlib.asynccontextmanager
@@ -96,8 +97,9 @@ async def full_pool(worker: Worker, pool: str = POOL) -> AsyncIterator[None]:
         yield
     finally:
         waiter.cancel()
-        with contextlib.suppress(BaseException):
-            await waiter
+        # Bounded: when `running` closed the worker's Redis clients first, the waiter's
+        # shielded withdraw has no connection to finish on.
+        await asyncio.wait({waiter}, timeout=5)
         for grant in grants:
             with contextlib.suppress(Exception):
                 await queue.release(grant)
