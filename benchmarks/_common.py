@@ -3,10 +3,8 @@ phiserve cluster (in-process Ray, Serve on a port, the local profile's text pool
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -74,21 +72,13 @@ def deploy(settings: Any, catalog: Any, *, timeout_s: float = 600) -> str:
 def serve_session(port: int) -> Iterator[None]:
     """In-process Ray on 2 CPUs with Serve's HTTP port at `port`; shut down on exit.
 
-    A cluster of its own even beside `phiserve up` or a test session (issue 9, item 10):
-    "local" never attaches to a running cluster (which refuses num_cpus), and a private
-    temp folder keeps its sockets and logs apart (short: socket paths are limited)."""
+    A cluster of its own even beside `phiserve up` or a test session (issue 9, item 10)."""
     import ray
     from ray import serve
 
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(
-        address="local",
-        _temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"),
-        namespace=f"phiserve-bench-{os.getpid()}",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    from services.local_ray import init_private_ray
+
+    init_private_ray("bench")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield

@@ -146,3 +146,30 @@ def _wait_gone(folder: Path, timeout_s: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def init_private_ray(name: str, **init_kwargs: object) -> None:
+    """An in-process Ray cluster of its own (tests, benchmarks), even beside `phiserve up` or
+    another session on this machine: "local" never attaches to a running cluster (which
+    refuses num_cpus), and a private temp folder keeps its sockets and logs apart (short:
+    socket paths are limited). Ray gives a new node a fixed 30 s to register with its GCS;
+    on a loaded machine that can pass, and the start is tried again."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    for attempt in range(3):
+        try:
+            ray.init(
+                address="local",
+                _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"),
+                namespace=f"phiserve-{name}-{os.getpid()}",
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                **init_kwargs,  # type: ignore[arg-type]
+            )
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            ray.shutdown()

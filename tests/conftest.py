@@ -70,31 +70,10 @@ def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.5, what: st
 
 
 def init_private_ray(metrics_port: int) -> None:
-    """A Ray cluster of its own, even beside `phiserve up` or another test session on this
-    machine: "local" never attaches to an existing cluster (issue 9, item 10), and a private
-    temp folder keeps its sockets and logs apart (short: socket paths are limited)."""
-    import ray
+    """The session's own Ray cluster (issue 9, item 10), exporting metrics on `metrics_port`."""
+    from services.local_ray import init_private_ray as start
 
-    os.environ.pop("RAY_ADDRESS", None)
-    # Ray gives a new node a fixed 30 s to register with its GCS; on a machine loaded by
-    # other work that can pass, and the node start is simply tried again.
-    for attempt in range(3):
-        try:
-            ray.init(
-                address="local",
-                _temp_dir=tempfile.mkdtemp(prefix="rt", dir="/tmp"),
-                namespace=f"phiserve-tests-{os.getpid()}",
-                num_cpus=2,
-                include_dashboard=False,
-                log_to_driver=False,
-                _metrics_export_port=metrics_port,
-                _system_config={"metrics_report_interval_ms": 2000},
-            )
-            return
-        except Exception as exc:
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            ray.shutdown()
+    start("tests", _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 2000})
 
 
 @dataclass(frozen=True)
