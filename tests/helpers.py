@@ -1,11 +1,11 @@
-"""Shared test helpers: images, pool handles, event-loop stalls."""
+"""Shared test helpers: images, pool handles, work kept off the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
-import time
+import threading
 from typing import Any
 
 
@@ -29,35 +29,38 @@ def pool_diagnostics(pool_name: str) -> dict:  # type: ignore[type-arg]
     return handle.diagnostics.remote().result(timeout_s=30)
 
 
-class LoopStallMeter:
-    """Measures the longest gap between ticks of a task on the running event loop, which
-    stands in for every other request a replica serves while the measured work runs."""
+class OffLoopProbe:
+    """Wraps a blocking function to show whether it runs off the event loop.
 
-    TICK_S = 0.005
+    Each call, before doing the real work, asks the loop to run a coroutine and waits for
+    it. That only succeeds when the call runs on another thread while the loop is free,
+    which is what every other request on the replica needs. A call on the loop's own
+    thread is recorded instead (waiting there would deadlock). No timing is involved, so
+    a fast or slow machine gives the same answer.
+    """
 
-    def __init__(self) -> None:
-        self.longest_gap = 0.0
-        self.took = 0.0
-        self._done = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._started = 0.0
+    def __init__(self, fn: Any, loop: asyncio.AbstractEventLoop, *, wait_s: float = 30.0) -> None:
+        self._fn = fn
+        self._loop = loop
+        self._wait_s = wait_s
+        self._loop_thread = threading.get_ident()  # built on the loop's thread, in the test
+        self.calls = 0
+        self.calls_on_loop = 0
+        self.loop_ran_during_call = 0
 
-    async def _tick(self) -> None:
-        last = time.perf_counter()
-        while not self._done.is_set():
-            await asyncio.sleep(self.TICK_S)
-            now = time.perf_counter()
-            self.longest_gap = max(self.longest_gap, now - last)
-            last = now
+    async def _ping(self) -> bool:
+        return True
 
-    async def __aenter__(self) -> LoopStallMeter:
-        self._task = asyncio.create_task(self._tick())
-        await asyncio.sleep(0.05)
-        self._started = time.perf_counter()
-        return self
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if threading.get_ident() == self._loop_thread:
+            self.calls_on_loop += 1
+        else:
+            ran = asyncio.run_coroutine_threadsafe(self._ping(), self._loop).result(timeout=self._wait_s)
+            self.loop_ran_during_call += int(ran)
+        return self._fn(*args, **kwargs)
 
-    async def __aexit__(self, *exc: Any) -> None:
-        self.took = time.perf_counter() - self._started
-        self._done.set()
-        assert self._task is not None
-        await self._task
+    def assert_off_loop(self) -> None:
+        assert self.calls > 0, "the wrapped work never ran"
+        assert self.calls_on_loop == 0, f"{self.calls_on_loop} of {self.calls} calls ran on the event loop"
+        assert self.loop_ran_during_call == self.calls
