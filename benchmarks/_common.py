@@ -22,7 +22,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_http(url: str, timeout_s: float, what: str = "service", proc: subprocess.Popen | None = None) -> None:  # type: ignore[type-arg]
+def wait_http(
+    url: str, timeout_s: float, what: str = "service", proc: subprocess.Popen | None = None
+) -> None:  # type: ignore[type-arg]
     """Poll `url` until it answers 200 (or `proc` exits, or the deadline passes)."""
     deadline, last = time.monotonic() + timeout_s, ""
     while time.monotonic() < deadline:
@@ -76,7 +78,7 @@ def serve_session(port: int) -> Iterator[None]:
     import ray
     from ray import serve
 
-    from services.local_ray import init_private_ray
+    from services.local.ray_cluster import init_private_ray
 
     init_private_ray("bench")
     try:

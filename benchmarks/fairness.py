@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
-from services.catalog.tiny import build_tiny_models  # noqa: E402
+from services.local.redis_server import LocalRedis  # noqa: E402
+from services.local.tiny_models import build_tiny_models  # noqa: E402
 from services.settings import Settings  # noqa: E402
-from services.tenancy.local_redis import LocalRedis  # noqa: E402
 
 ADMIN_KEY = "fairness-bench-admin-key-0123456789"
 MAX_TOKENS = 32
@@ -69,7 +69,11 @@ class Phase:
 
     def in_window(self, tenant: str | None = None) -> list[Record]:
         lo, hi = self.window
-        return [r for r in self.records if lo <= r.ended <= hi and r.status == 200 and (tenant is None or r.tenant == tenant)]
+        return [
+            r
+            for r in self.records
+            if lo <= r.ended <= hi and r.status == 200 and (tenant is None or r.tenant == tenant)
+        ]
 
     def tokens(self, tenant: str | None = None) -> int:
         return sum(r.tokens for r in self.in_window(tenant))
@@ -79,7 +83,15 @@ class Phase:
         return lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan")
 
 
-async def worker(session: aiohttp.ClientSession, url: str, key: str, tenant: str, think_s: float, stop: float, out: list[Record]) -> None:
+async def worker(
+    session: aiohttp.ClientSession,
+    url: str,
+    key: str,
+    tenant: str,
+    think_s: float,
+    stop: float,
+    out: list[Record],
+) -> None:
     body = {
         "model": "phi-3.5-mini",
         "messages": [{"role": "user", "content": f"Tell me about {tenant}"}],
@@ -98,20 +110,32 @@ async def worker(session: aiohttp.ClientSession, url: str, key: str, tenant: str
             await asyncio.sleep(think_s)
 
 
-async def run_phase(url: str, keys: dict[str, str], capacity: int, seconds: float, *, with_load: bool) -> Phase:
+async def run_phase(
+    url: str, keys: dict[str, str], capacity: int, seconds: float, *, with_load: bool
+) -> Phase:
     phase = Phase()
     start = time.monotonic()
     stop = start + WARMUP_S + seconds
     phase.window = (start + WARMUP_S, stop)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
-        tasks = [asyncio.create_task(worker(session, url, keys["light"], "light", LIGHT_THINK_S, stop, phase.records))]
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=300)
+    ) as session:
+        tasks = [
+            asyncio.create_task(
+                worker(session, url, keys["light"], "light", LIGHT_THINK_S, stop, phase.records)
+            )
+        ]
         if with_load:
             total_weight = sum(w for w, _, _ in TENANTS.values())
             for name, (weight, multiple, think) in TENANTS.items():
                 share = capacity * weight / total_weight
                 for _ in range(max(1, round(share * multiple))):
-                    tasks.append(asyncio.create_task(worker(session, url, keys[name], name, think, stop, phase.records)))
+                    tasks.append(
+                        asyncio.create_task(
+                            worker(session, url, keys[name], name, think, stop, phase.records)
+                        )
+                    )
         await asyncio.gather(*tasks)
     return phase
 
@@ -123,7 +147,9 @@ def create_tenants(url: str) -> dict[str, str]:
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     for name in [*TENANTS, "light"]:
         weight = TENANTS.get(name, (1, 0, 0))[0]
-        httpx.post(f"{url}/admin/tenants", json={"id": name, "weight": weight}, headers=admin).raise_for_status()
+        httpx.post(
+            f"{url}/admin/tenants", json={"id": name, "weight": weight}, headers=admin
+        ).raise_for_status()
         keys[name] = httpx.post(f"{url}/admin/tenants/{name}/keys", json={}, headers=admin).json()["key"]
     return keys
 
@@ -141,8 +167,16 @@ def main() -> None:
     redis.start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    base = dict(port=port, grpc_port=None, cache_dir=cache, redis_url=redis.url, admin_key=SecretStr(ADMIN_KEY),
-                batch_workers=0, files_dir=tmp / "files", queue_timeout_s=120.0)
+    base = dict(
+        port=port,
+        grpc_port=None,
+        cache_dir=cache,
+        redis_url=redis.url,
+        admin_key=SecretStr(ADMIN_KEY),
+        batch_workers=0,
+        files_dir=tmp / "files",
+        queue_timeout_s=120.0,
+    )
     catalog = text_catalog(max_in_flight=args.capacity)
     try:
         with serve_session(port):
@@ -169,13 +203,19 @@ def main() -> None:
     light_ratio = fair.p99("light") / alone.p99("light")
     fair_tps = fair.tokens() / args.seconds
     fcfs_tps = fcfs.tokens() / args.seconds
-    print(f"light p99: alone {alone.p99('light') * 1000:.0f} ms, with the flood {fair.p99('light') * 1000:.0f} ms "
-          f"(fcfs {fcfs.p99('light') * 1000:.0f} ms)")
+    print(
+        f"light p99: alone {alone.p99('light') * 1000:.0f} ms, with the flood {fair.p99('light') * 1000:.0f} ms "
+        f"(fcfs {fcfs.p99('light') * 1000:.0f} ms)"
+    )
     print(f"throughput: fair {fair_tps:.0f} tok/s, fcfs {fcfs_tps:.0f} tok/s")
     refused = sum(1 for r in fair.records + fcfs.records if r.status != 200)
-    print(f"non-200 answers: {refused}; light median alone {statistics.median(r.ended - r.started for r in alone.in_window('light')) * 1000:.0f} ms")
-    print(f"RESULT fairness max_share_error={max(errors):.3f} light_p99_ratio={light_ratio:.2f} "
-          f"throughput_vs_fcfs={fair_tps / fcfs_tps:.2f}")
+    print(
+        f"non-200 answers: {refused}; light median alone {statistics.median(r.ended - r.started for r in alone.in_window('light')) * 1000:.0f} ms"
+    )
+    print(
+        f"RESULT fairness max_share_error={max(errors):.3f} light_p99_ratio={light_ratio:.2f} "
+        f"throughput_vs_fcfs={fair_tps / fcfs_tps:.2f}"
+    )
 
 
 if __name__ == "__main__":

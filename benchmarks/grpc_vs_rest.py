@@ -55,8 +55,12 @@ class Rest:
 
     async def one(self, stream: bool) -> tuple[float, float | None]:
         body: dict[str, Any] = {
-            "model": SERVED, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "ignore_eos": True, "stream": stream,
+            "model": SERVED,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": stream,
         }
         if stream:
             body["stream_options"] = {"include_usage": True}
@@ -105,7 +109,9 @@ class Grpc:
         messages = [user(PROMPT)]
         t0, ttft = time.perf_counter(), None
         if not stream:
-            response = await self._client.chat(SERVED, messages, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+            response = await self._client.chat(
+                SERVED, messages, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True
+            )
             usage = response.usage
         else:
             usage = None
@@ -121,7 +127,9 @@ class Grpc:
         return time.perf_counter() - t0, ttft
 
 
-async def run_block(transport: Any, count: int, concurrency: int, stream: bool, out: dict[str, list[float]]) -> None:
+async def run_block(
+    transport: Any, count: int, concurrency: int, stream: bool, out: dict[str, list[float]]
+) -> None:
     left = [count]
 
     async def worker() -> None:
@@ -150,11 +158,18 @@ async def bench(transports: list[Any], args: argparse.Namespace) -> list[dict[st
             await t.close()
         for t in transports:
             s = samples[t.name]
-            rows.append({
-                "transport": t.name, "stream": stream, "concurrency": concurrency, "n": len(s["latency"]),
-                "p50_ms": pct(s["latency"], 0.5), "p99_ms": pct(s["latency"], 0.99),
-                "ttft_p50_ms": pct(s["ttft"], 0.5), "ttft_p99_ms": pct(s["ttft"], 0.99),
-            })
+            rows.append(
+                {
+                    "transport": t.name,
+                    "stream": stream,
+                    "concurrency": concurrency,
+                    "n": len(s["latency"]),
+                    "p50_ms": pct(s["latency"], 0.5),
+                    "p99_ms": pct(s["latency"], 0.99),
+                    "ttft_p50_ms": pct(s["ttft"], 0.5),
+                    "ttft_p99_ms": pct(s["ttft"], 0.99),
+                }
+            )
         print(f"  mode stream={stream} c={concurrency}: {time.monotonic() - t0:.1f} s", flush=True)
     return rows
 
@@ -167,11 +182,15 @@ def report(rows: list[dict[str, Any]]) -> tuple[float, float]:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         mode = "stream" if r["stream"] else "unary"
-        print(f"| {r['transport']} | {mode} | {r['concurrency']} | {r['n']} | {fmt(r['p50_ms'])} | "
-              f"{fmt(r['p99_ms'])} | {fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p99_ms'])} |")
+        print(
+            f"| {r['transport']} | {mode} | {r['concurrency']} | {r['n']} | {fmt(r['p50_ms'])} | "
+            f"{fmt(r['p99_ms'])} | {fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p99_ms'])} |"
+        )
 
     def get(transport: str, stream: bool, key: str) -> float:
-        row = next(r for r in rows if r["transport"] == transport and r["stream"] == stream and r["concurrency"] == 1)
+        row = next(
+            r for r in rows if r["transport"] == transport and r["stream"] == stream and r["concurrency"] == 1
+        )
         return float(row[key])
 
     p50_ratio = get("grpc", False, "p50_ms") / get("rest", False, "p50_ms")
@@ -180,7 +199,9 @@ def report(rows: list[dict[str, Any]]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=200, help="measured requests per mode and transport")
     parser.add_argument("--block", type=int, default=20, help="requests per alternating block")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up requests per mode and transport")
@@ -189,9 +210,9 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.chdir(REPO)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    from services.catalog.tiny import build_tiny_models
+    from services.local.redis_server import LocalRedis
+    from services.local.tiny_models import build_tiny_models
     from services.settings import Settings
-    from services.tenancy.local_redis import LocalRedis
     from services.tenancy.store import new_plain_key
 
     build_tiny_models(REPO / ".cache" / "models")
@@ -201,13 +222,21 @@ def main() -> None:
     key = new_plain_key()[1]
     port, grpc_port = free_port(), free_port()
     settings = Settings(
-        port=port, grpc_port=grpc_port, cache_dir=REPO / ".cache", redis_url=redis.url, api_key=key, batch_workers=0
+        port=port,
+        grpc_port=grpc_port,
+        cache_dir=REPO / ".cache",
+        redis_url=redis.url,
+        api_key=key,
+        batch_workers=0,
     )
     try:
         with serve_session(port):
             base = deploy(settings, text_catalog())
-            print(f"phiserve ready: REST {base}, gRPC 127.0.0.1:{grpc_port}; {args.requests} requests per mode "
-                  f"and transport, blocks of {args.block}", flush=True)
+            print(
+                f"phiserve ready: REST {base}, gRPC 127.0.0.1:{grpc_port}; {args.requests} requests per mode "
+                f"and transport, blocks of {args.block}",
+                flush=True,
+            )
             transports = [Rest(base, key), Grpc(f"127.0.0.1:{grpc_port}", key)]
             rows = asyncio.run(bench(transports, args))
     finally:

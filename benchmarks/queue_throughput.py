@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog  # noqa: E402
 
 from services.batch.queue import BatchQueue, ResultWriter, item_fields  # noqa: E402
+from services.local.redis_server import LocalRedis  # noqa: E402
 from services.tenancy import keys  # noqa: E402
-from services.tenancy.local_redis import LocalRedis  # noqa: E402
 from services.tenancy.redis_state import RedisState  # noqa: E402
 
 READ_COUNT = 64
@@ -41,8 +41,15 @@ ENQUEUE_CHUNK = 1000
 
 
 def _items(n: int) -> list[dict]:  # type: ignore[type-arg]
-    body = {"model": "phi-3.5-mini", "messages": [{"role": "user", "content": "Summarise the report."}], "max_tokens": 32}
-    return [{"line": i + 1, "custom_id": f"req-{i}", "url": "/v1/chat/completions", "body": body} for i in range(n)]
+    body = {
+        "model": "phi-3.5-mini",
+        "messages": [{"role": "user", "content": "Summarise the report."}],
+        "max_tokens": 32,
+    }
+    return [
+        {"line": i + 1, "custom_id": f"req-{i}", "url": "/v1/chat/completions", "body": body}
+        for i in range(n)
+    ]
 
 
 async def queue_path(state: RedisState, n: int) -> float:
@@ -64,7 +71,10 @@ async def queue_path(state: RedisState, n: int) -> float:
         batch = await queue.read("bench", count=READ_COUNT, block_ms=1000)
 
         async def process(item):  # type: ignore[no-untyped-def]
-            result = {"ok": True, "line": {"custom_id": item.custom_id, "response": {"status_code": 200, "body": item.body}}}
+            result = {
+                "ok": True,
+                "line": {"custom_id": item.custom_id, "response": {"status_code": 200, "body": item.body}},
+            }
             await writer.write(item, result, ok=True)
 
         await asyncio.gather(*(process(item) for item in batch))
@@ -119,7 +129,7 @@ def end_to_end(items: int) -> float:
     from openai import OpenAI
     from pydantic import SecretStr
 
-    from services.catalog.tiny import build_tiny_models
+    from services.local.tiny_models import build_tiny_models
     from services.settings import Settings
 
     cache = CACHE_DIR
@@ -130,8 +140,14 @@ def end_to_end(items: int) -> float:
     port = free_port()
     key = "psk-bench000-queue-benchmark-key"
     settings = Settings(
-        port=port, grpc_port=None, cache_dir=cache, redis_url=redis.url, api_key=SecretStr(key),
-        admin_key=SecretStr("bench-admin-key-0123456789"), files_dir=tmp / "files", batch_concurrency=32,
+        port=port,
+        grpc_port=None,
+        cache_dir=cache,
+        redis_url=redis.url,
+        api_key=SecretStr(key),
+        admin_key=SecretStr("bench-admin-key-0123456789"),
+        files_dir=tmp / "files",
+        batch_concurrency=32,
     )
     try:
         with serve_session(port):
@@ -144,15 +160,32 @@ def end_to_end(items: int) -> float:
 def _run_batch(client: Any, items: int) -> float:
     """A batch of `items` 8-token chats through the running cluster; items per second."""
     lines = [
-        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": "phi-3.5-mini", "messages": [{"role": "user", "content": f"q{i}"}],
-                             "max_tokens": 8, "ignore_eos": True}})
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "phi-3.5-mini",
+                    "messages": [{"role": "user", "content": f"q{i}"}],
+                    "max_tokens": 8,
+                    "ignore_eos": True,
+                },
+            }
+        )
         for i in range(items)
     ]
     upload = client.files.create(file=("b.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
     started = time.perf_counter()
-    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
-    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled", "expired"):
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    while (batch := client.batches.retrieve(batch.id)).status not in (
+        "completed",
+        "failed",
+        "cancelled",
+        "expired",
+    ):
         time.sleep(0.2)
     elapsed = time.perf_counter() - started
     assert batch.status == "completed" and batch.request_counts.completed == items, batch

@@ -9,7 +9,7 @@ from ray.serve import Application
 
 from services.batch.deployment import BatchWorker
 from services.catalog.models import Catalog, PoolConfig
-from services.gateway.ingress import GatewayIngress
+from services.ingress import GatewayIngress
 from services.pools.deployment import PoolReplica
 from services.settings import Settings
 

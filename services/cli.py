@@ -3,7 +3,7 @@
 `up` starts a local Ray head (unless PHISERVE_RAY_ADDRESS names a cluster), builds
 the tiny models the catalog needs, deploys the application, waits until every pool
 answers, and prints the URL and a ready line. `down` stops the local cluster's processes
-(services/local_ray.py; bounded, never another cluster's) and the local Redis, or shuts
+(services/local/ray_cluster.py; bounded, never another cluster's) and the local Redis, or shuts
 Serve down on PHISERVE_RAY_ADDRESS. `status` prints pools, replicas, queue depth and
 the progress of active batches.
 """
@@ -25,7 +25,7 @@ from pydantic import SecretStr
 
 from services.catalog.loader import CatalogError, load_catalog
 from services.catalog.models import Catalog
-from services.local_ray import (
+from services.local.ray_cluster import (
     AUTH_ENV,
     cluster_folder,
     gcs_address,
@@ -33,14 +33,13 @@ from services.local_ray import (
     start_local_ray,
     stop_cluster,
 )
+from services.local.redis_server import LocalRedis
 from services.settings import Settings
-from services.tenancy.local_redis import LocalRedis
 from services.tenancy.store import new_plain_key
 
 READY_TIMEOUT_S = 600.0
 # A remote cluster that does not answer must not hang `down` or `status` (ray.init blocks).
 REMOTE_TIMEOUT_S = 60.0
-
 
 
 def _log(message: str) -> None:
@@ -50,7 +49,7 @@ def _log(message: str) -> None:
 def ensure_tiny_models(settings: Settings, catalog: Catalog) -> None:
     if not catalog.tiny_models():
         return
-    from services.catalog.tiny import build_tiny_models
+    from services.local.tiny_models import build_tiny_models
 
     build_tiny_models(settings.model_dir, log=_log)
 
@@ -152,7 +151,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> None:
     if settings.ray_address is None:
-        # No connection to Ray: it blocks on a half-stopped cluster (services/local_ray.py).
+        # No connection to Ray: it blocks on a half-stopped cluster (services/local/ray_cluster.py).
         folder = cluster_folder(settings)
         found = stop_cluster(folder)
         _log(f"stopped {found} local cluster process(es)" if found else f"no local cluster in {folder}")
@@ -175,7 +174,9 @@ def _shutdown_remote_serve(address: str) -> None:
     try:
         result = subprocess.run(
             [sys.executable, "-c", _REMOTE_SHUTDOWN, address],
-            capture_output=True, text=True, timeout=REMOTE_TIMEOUT_S,
+            capture_output=True,
+            text=True,
+            timeout=REMOTE_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
         _log(f"Ray at {address} did not answer within {REMOTE_TIMEOUT_S:.0f} s; nothing stopped there")
@@ -224,7 +225,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_build_tiny_models(settings: Settings, args: argparse.Namespace) -> None:
-    from services.catalog.tiny import build_tiny_models
+    from services.local.tiny_models import build_tiny_models
 
     paths = build_tiny_models(settings.model_dir, force=args.force, log=_log)
     for name, path in paths.items():

@@ -95,9 +95,7 @@ class Settings(BaseSettings):
         "direct-ingress gateway replicas (least CPU per request), Serve's Python proxy, or "
         "direct ingress alone. See services/ray_env.py and docs/benchmarks.md.",
     )
-    ray_num_cpus: int | None = Field(
-        None, ge=1, description="CPUs for a locally started Ray (default: all)."
-    )
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray (default: all).")
 
     redis_url: str = Field(
         "redis://127.0.0.1:6390/0",
@@ -111,8 +109,7 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         None,
-        description="Local profile only: the demo tenant's API key (generated and printed "
-        "when unset).",
+        description="Local profile only: the demo tenant's API key (generated and printed when unset).",
     )
     cache_salt_secret: SecretStr | None = Field(
         None,
@@ -156,8 +153,10 @@ class Settings(BaseSettings):
         "grant pushed to it, within this time.",
     )
     tenant_cache_ttl_s: float = Field(
-        1.0, ge=0, description="How long a gateway replica reuses a tenant record (limits, "
-        "weight) before reading it again; key revocation is always immediate."
+        1.0,
+        ge=0,
+        description="How long a gateway replica reuses a tenant record (limits, "
+        "weight) before reading it again; key revocation is always immediate.",
     )
     lease_ttl_s: float = Field(
         60.0, ge=5, description="Concurrency and queue leases expire after this unless renewed."
@@ -191,39 +190,54 @@ class Settings(BaseSettings):
         2.0, gt=0, description="How often workers reclaim, expire and finalize batches."
     )
     batch_retry_max_backoff_s: float = Field(
-        30.0, gt=0, description="Longest wait between two tries of a batch item (jittered "
-        "exponential backoff, also while the pool is overloaded)."
+        30.0,
+        gt=0,
+        description="Longest wait between two tries of a batch item (jittered "
+        "exponential backoff, also while the pool is overloaded).",
     )
     batch_max_deliveries: int = Field(
-        5, ge=1, description="An item handed to workers this many times without a result (its "
-        "worker kept dying on it) goes to the error file as max_deliveries_exceeded."
+        5,
+        ge=1,
+        description="An item handed to workers this many times without a result (its "
+        "worker kept dying on it) goes to the error file as max_deliveries_exceeded.",
     )
     batch_loop_stall_s: float = Field(
-        120.0, gt=0, description="A batch worker whose loop has not turned for this long "
-        "reports unhealthy (Serve replaces it)."
+        120.0,
+        gt=0,
+        description="A batch worker whose loop has not turned for this long "
+        "reports unhealthy (Serve replaces it).",
     )
     batch_enqueue_chunk: int = Field(
-        500, ge=1, description="Batch items added to the streams per Redis transaction (a "
-        "large batch is enqueued in several; workers run none until all are in)."
+        500,
+        ge=1,
+        description="Batch items added to the streams per Redis transaction (a "
+        "large batch is enqueued in several; workers run none until all are in).",
     )
     batch_retention_s: float = Field(
-        7 * 24 * 3600.0, gt=0, description="How long a finished batch's record stays readable "
-        "before it expires from Redis (its output and error files stay until deleted)."
+        7 * 24 * 3600.0,
+        gt=0,
+        description="How long a finished batch's record stays readable "
+        "before it expires from Redis (its output and error files stay until deleted).",
     )
     tenant_max_active_batches: int = Field(
         10, ge=1, description="Unfinished batches a tenant may have; more get 429 quota_exceeded."
     )
     tenant_max_queued_items: int = Field(
-        50_000, ge=1, description="Items in a tenant's unfinished batches, all together; a batch "
-        "that would go beyond gets 429 quota_exceeded."
+        50_000,
+        ge=1,
+        description="Items in a tenant's unfinished batches, all together; a batch "
+        "that would go beyond gets 429 quota_exceeded.",
     )
     tenant_max_files: int = Field(
-        1000, ge=1, description="Files a tenant may store (uploads and batch outputs); uploads "
-        "beyond get 429 quota_exceeded."
+        1000,
+        ge=1,
+        description="Files a tenant may store (uploads and batch outputs); uploads "
+        "beyond get 429 quota_exceeded.",
     )
     tenant_max_file_bytes: int = Field(
-        2 * 1024**3, ge=1024, description="Bytes of files a tenant may store; uploads beyond get "
-        "429 quota_exceeded."
+        2 * 1024**3,
+        ge=1024,
+        description="Bytes of files a tenant may store; uploads beyond get 429 quota_exceeded.",
     )
 
     @model_validator(mode="after")

@@ -17,9 +17,9 @@ from pydantic import SecretStr
 
 from services.catalog.loader import load_catalog
 from services.catalog.models import Catalog
+from services.local.redis_server import LocalRedis
 from services.ray_env import ray_process_env
 from services.settings import Settings
-from services.tenancy.local_redis import LocalRedis
 from services.tenancy.redis_state import RedisState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.5, what: st
 
 def init_private_ray(metrics_port: int) -> None:
     """The session's own Ray cluster (issue 9, item 10), exporting metrics on `metrics_port`."""
-    from services.local_ray import init_private_ray as start
+    from services.local.ray_cluster import init_private_ray as start
 
     start("tests", _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 2000})
 
@@ -91,7 +91,7 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
-    from services.catalog.tiny import build_tiny_models
+    from services.local.tiny_models import build_tiny_models
 
     return build_tiny_models(CACHE_DIR / "models")
 
@@ -177,7 +177,9 @@ def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[
         what="all pools ready",
     )
     try:
-        yield Cluster(url=url, settings=settings, catalog=catalog, redis=redis_server, metrics_port=metrics_port)
+        yield Cluster(
+            url=url, settings=settings, catalog=catalog, redis=redis_server, metrics_port=metrics_port
+        )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -194,11 +196,15 @@ def openai_client(cluster: Cluster):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def http(cluster: Cluster) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cluster.url, timeout=120, headers={"Authorization": f"Bearer {DEMO_KEY}"}) as client:
+    with httpx.Client(
+        base_url=cluster.url, timeout=120, headers={"Authorization": f"Bearer {DEMO_KEY}"}
+    ) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
 def admin(cluster: Cluster) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cluster.url, timeout=60, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+    with httpx.Client(
+        base_url=cluster.url, timeout=60, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as client:
         yield client

@@ -58,12 +58,15 @@ def test_status_shows_pools_replicas_queue_depth_and_batch_progress(
     for thread in streams:
         thread.start()
     try:
+
         def text_busy():  # type: ignore[no-untyped-def]
             status = _status(cluster)
             text = next(p for p in status.pools if p.name == "text")
             return status if text.in_flight > 0 else None
 
-        report = wait_until(text_busy, timeout_s=60, interval_s=0.2, what="a generation in flight in the status")
+        report = wait_until(
+            text_busy, timeout_s=60, interval_s=0.2, what="a generation in flight in the status"
+        )
         # Served from the function `phiserve status` calls, and from the command itself.
         cli = subprocess.run(
             [sys.executable, "-m", "services.cli", "status"],
@@ -73,7 +76,10 @@ def test_status_shows_pools_replicas_queue_depth_and_batch_progress(
                 "PHISERVE_REDIS_URL": cluster.settings.redis_url,
                 "RAY_AUTH_MODE": "token",  # the session cluster's, as for any driver
             },
-            cwd=REPO, capture_output=True, text=True, timeout=120,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         done.set()

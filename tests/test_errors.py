@@ -10,9 +10,7 @@ import pytest
 import services.errors as errors
 from services.errors import PhiserveError, ServiceUnavailable
 
-ALL_ERRORS = [
-    obj for _, obj in inspect.getmembers(errors, inspect.isclass) if issubclass(obj, PhiserveError)
-]
+ALL_ERRORS = [obj for _, obj in inspect.getmembers(errors, inspect.isclass) if issubclass(obj, PhiserveError)]
 
 
 def test_public_surface_lists_every_error() -> None:

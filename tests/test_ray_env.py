@@ -75,7 +75,10 @@ def test_haproxy_stats_and_metrics_listen_on_loopback_only() -> None:
     }
     proc = subprocess.Popen(
         [sys.executable, "-c", _START_HAPROXY, str(http)],
-        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None

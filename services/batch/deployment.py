@@ -8,28 +8,32 @@ from typing import Any
 
 from ray import serve
 
+from services.batch.api import build_batch_api
 from services.batch.autoscaling import BACKLOG_METRIC
 from services.batch.metrics import BatchMetrics
 from services.batch.queue import BatchQueue
 from services.batch.worker import BatchProcessor
 from services.catalog.models import Catalog
-from services.gateway.app import build_services
+from services.inference.core import build_core
 from services.settings import Settings
 
 
 class BatchWorker:
     async def __init__(self, catalog: Catalog, settings: Settings, pool_handles: dict[str, Any]) -> None:
         logging.basicConfig(level=logging.INFO)
-        services, self._state = build_services(catalog, pool_handles, settings)
+        self._core = build_core(settings, catalog, pool_handles)
+        _, batches = build_batch_api(self._core, settings)
         context = serve.get_replica_context()
         consumer = f"worker-{context.replica_id.unique_id}"
         queue = BatchQueue(
-            self._state.redis,
+            self._core.redis,
             [pool.name for pool in catalog.enabled_pools],
             visibility_timeout_s=settings.batch_visibility_timeout_s,
         )
-        self._processor = BatchProcessor.from_settings(services, queue, BatchMetrics(), settings, consumer=consumer)
-        self._state.keeper.start()
+        self._processor = BatchProcessor.from_settings(
+            self._core, queue, batches, BatchMetrics(), settings, consumer=consumer
+        )
+        self._core.start()
         self._task = asyncio.get_running_loop().create_task(self._processor.run())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.batch.models import BATCH_ENDPOINTS, FileObject
 from services.batch.quotas import Quota, TenantQuotas
 from services.errors import InvalidRequest, RequestTooLarge, ResourceNotFound, ServiceUnavailable
+from services.inference.protocol.batches import BATCH_ENDPOINTS, FileObject
 from services.tenancy import keys
 from services.tenancy.redis_state import RedisState
 
@@ -222,9 +222,13 @@ class FileService:
                 await asyncio.to_thread(self._store.put, tenant_id, file.id, data)  # write + fsync
             except OSError as exc:
                 logger.error("storing file %s failed: %s", file.id, exc)
-                raise ServiceUnavailable("file storage failed; retry shortly", code="file_storage_unavailable") from exc
+                raise ServiceUnavailable(
+                    "file storage failed; retry shortly", code="file_storage_unavailable"
+                ) from exc
             async with self._state.pipeline() as pipe:
-                pipe.set(keys.file_record(file.id), json.dumps({"tenant_id": tenant_id, "file": file.model_dump()}))
+                pipe.set(
+                    keys.file_record(file.id), json.dumps({"tenant_id": tenant_id, "file": file.model_dump()})
+                )
                 pipe.zadd(keys.tenant_files(tenant_id), {file.id: int(self._clock() * 1000)})
                 await pipe.execute()
         except BaseException:

@@ -41,7 +41,13 @@ class QueueItem:
 
 def item_fields(batch_id: str, item: dict[str, Any]) -> dict[str, str]:
     # One field holding the item: one encode per item for redis-py, one decode for workers.
-    payload = {"batch": batch_id, "line": item["line"], "custom_id": item["custom_id"], "url": item["url"], "body": item["body"]}
+    payload = {
+        "batch": batch_id,
+        "line": item["line"],
+        "custom_id": item["custom_id"],
+        "url": item["url"],
+        "body": item["body"],
+    }
     return {"item": json.dumps(payload, separators=(",", ":"))}
 
 
@@ -70,7 +76,9 @@ class BatchQueue:
         for pool in self._pools:
             try:
                 await self._state.run(
-                    self._state.redis.xgroup_create(keys.batch_stream(pool), keys.BATCH_GROUP, id="0", mkstream=True)
+                    self._state.redis.xgroup_create(
+                        keys.batch_stream(pool), keys.BATCH_GROUP, id="0", mkstream=True
+                    )
                 )
             except Exception as exc:  # BUSYGROUP: it exists already
                 if "BUSYGROUP" not in str(exc.__cause__ or exc):
@@ -80,7 +88,9 @@ class BatchQueue:
         streams = {keys.batch_stream(pool): ">" for pool in self._pools}
         try:
             reply = await self._state.blocking_call(
-                self._state.blocking.xreadgroup(keys.BATCH_GROUP, consumer, streams, count=count, block=block_ms),
+                self._state.blocking.xreadgroup(
+                    keys.BATCH_GROUP, consumer, streams, count=count, block=block_ms
+                ),
                 block_s=block_ms / 1000,
             )
         except Exception as exc:
@@ -100,13 +110,22 @@ class BatchQueue:
         for pool in self._pools:
             reply = await self._state.run(
                 self._state.redis.xautoclaim(
-                    keys.batch_stream(pool), keys.BATCH_GROUP, consumer, self._visibility_ms, "0-0", count=count
+                    keys.batch_stream(pool),
+                    keys.BATCH_GROUP,
+                    consumer,
+                    self._visibility_ms,
+                    "0-0",
+                    count=count,
                 )
             )
             # Redis 6.2 answers [cursor, entries]; 7.x adds a third element (deleted ids).
-            entries = [(entry_id, fields) for entry_id, fields in (reply[1] if len(reply) >= 2 else []) if fields]
+            entries = [
+                (entry_id, fields) for entry_id, fields in (reply[1] if len(reply) >= 2 else []) if fields
+            ]
             counts = await self._deliveries(pool, [entry_id for entry_id, _ in entries])
-            items.extend(_parse(pool, entry_id, fields, counts.get(entry_id, 1)) for entry_id, fields in entries)
+            items.extend(
+                _parse(pool, entry_id, fields, counts.get(entry_id, 1)) for entry_id, fields in entries
+            )
         return items
 
     async def _deliveries(self, pool: str, entry_ids: list[str]) -> dict[str, int]:
@@ -114,7 +133,9 @@ class BatchQueue:
             return {}
         async with self._state.pipeline() as pipe:
             for entry_id in entry_ids:
-                pipe.xpending_range(keys.batch_stream(pool), keys.BATCH_GROUP, min=entry_id, max=entry_id, count=1)
+                pipe.xpending_range(
+                    keys.batch_stream(pool), keys.BATCH_GROUP, min=entry_id, max=entry_id, count=1
+                )
             replies = await pipe.execute()
         return {row["message_id"]: int(row["times_delivered"]) for reply in replies for row in reply}
 
@@ -130,10 +151,14 @@ class BatchQueue:
         for pool in {item.pool for item in items}:
             ids = [item.entry_id for item in items if item.pool == pool]
             await self._state.run(
-                self._state.redis.xclaim(keys.batch_stream(pool), keys.BATCH_GROUP, consumer, 0, ids, justid=True)
+                self._state.redis.xclaim(
+                    keys.batch_stream(pool), keys.BATCH_GROUP, consumer, 0, ids, justid=True
+                )
             )
 
-    async def record(self, item: QueueItem, result: dict[str, Any], *, ok: bool) -> tuple[bool, int, int, int]:
+    async def record(
+        self, item: QueueItem, result: dict[str, Any], *, ok: bool
+    ) -> tuple[bool, int, int, int]:
         """Write the result once and ack; returns (new, completed, failed, total)."""
         return (await self.record_many([(item, result, ok)]))[0]
 
@@ -153,7 +178,6 @@ class BatchQueue:
                 new, completed, failed, total = flat[4 * n : 4 * n + 4]
                 answers[i] = (bool(new), int(completed), int(failed), int(total))
         return [answers[i] for i in range(len(results))]
-
 
     async def lag_s(self, pool: str, now_ms: float) -> float:
         """Age of the oldest entry still in the pool's stream (acknowledged ones are deleted)."""

@@ -46,8 +46,7 @@ class TenantQuotas:
             )
         if verdict == TOO_LARGE:
             raise RateLimited(
-                f"quota: the tenant has {total} of {quota.max_sum} {quota.amounts}; this needs "
-                f"{amount} more",
+                f"quota: the tenant has {total} of {quota.max_sum} {quota.amounts}; this needs {amount} more",
                 param=quota.amounts.replace(" ", "_"),
                 code="quota_exceeded",
             )

@@ -24,7 +24,11 @@ from collections.abc import Callable
 from typing import Any
 
 from services.batch.files import FileService, parse_batch_jsonl
-from services.batch.models import (
+from services.batch.queue import item_fields
+from services.batch.quotas import Quota, TenantQuotas
+from services.errors import InvalidRequest, ModelNotFound, PhiserveError, ResourceNotFound
+from services.inference.errors import error_payload
+from services.inference.protocol.batches import (
     BATCH_ENDPOINTS,
     BatchErrors,
     BatchObject,
@@ -32,11 +36,7 @@ from services.batch.models import (
     CreateBatchRequest,
     RequestCounts,
 )
-from services.batch.queue import item_fields
-from services.batch.quotas import Quota, TenantQuotas
-from services.errors import InvalidRequest, ModelNotFound, PhiserveError, ResourceNotFound
-from services.gateway.errors import error_payload
-from services.gateway.pools import PoolRouter
+from services.inference.router import PoolRouter
 from services.tenancy import keys
 from services.tenancy.redis_state import RedisState
 
@@ -94,12 +94,15 @@ class BatchService:
             raise InvalidRequest(f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}", param="endpoint")
         file = await self._files.get(tenant_id, req.input_file_id)
         if file.purpose != "batch":
-            raise InvalidRequest("input_file_id must name a file uploaded with purpose=batch", param="input_file_id")
+            raise InvalidRequest(
+                "input_file_id must name a file uploaded with purpose=batch", param="input_file_id"
+            )
         items = await parse_batch_jsonl(await self._files.content(tenant_id, file.id), max_lines=10**9)
         mismatched = [i["line"] for i in items if i["url"] != req.endpoint]
         if mismatched:
             raise InvalidRequest(
-                f"lines {mismatched[:5]} have a url other than the batch endpoint {req.endpoint}", param="endpoint"
+                f"lines {mismatched[:5]} have a url other than the batch endpoint {req.endpoint}",
+                param="endpoint",
             )
         if len(items) > self._quota.max_sum:
             raise InvalidRequest(
@@ -165,7 +168,11 @@ class BatchService:
                     except ModelNotFound as exc:
                         # Refused item by item, as OpenAI does: the rest of the batch runs.
                         line = error_line(f"{batch_id}-{item['line']}", item["custom_id"], exc)
-                        pipe.hsetnx(keys.batch_results(batch_id), item["line"], json.dumps({"ok": False, "line": line}))
+                        pipe.hsetnx(
+                            keys.batch_results(batch_id),
+                            item["line"],
+                            json.dumps({"ok": False, "line": line}),
+                        )
                         pools.append(None)
                         unroutable += 1
                         continue
@@ -192,7 +199,9 @@ class BatchService:
         try:
             for pool, entry_ids in added.items():
                 for start in range(0, len(entry_ids), self._enqueue_chunk):
-                    await self._state.run(redis.xdel(keys.batch_stream(pool), *entry_ids[start : start + self._enqueue_chunk]))
+                    await self._state.run(
+                        redis.xdel(keys.batch_stream(pool), *entry_ids[start : start + self._enqueue_chunk])
+                    )
             await self._state.run(redis.delete(keys.batch_record(batch_id), keys.batch_results(batch_id)))
             await self._state.run(redis.zrem(keys.tenant_batches(tenant_id), batch_id))
             await self._state.run(redis.srem(keys.ACTIVE_BATCHES, batch_id))
@@ -212,7 +221,9 @@ class BatchService:
     async def list(self, tenant_id: str, *, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
         if not 1 <= limit <= 100:
             raise InvalidRequest("limit must be between 1 and 100", param="limit")
-        ids: list[str] = await self._state.run(self._state.redis.zrevrange(keys.tenant_batches(tenant_id), 0, -1))
+        ids: list[str] = await self._state.run(
+            self._state.redis.zrevrange(keys.tenant_batches(tenant_id), 0, -1)
+        )
         if after is not None:
             if after not in ids:
                 raise InvalidRequest(f"after: no batch '{after}'", param="after")
@@ -230,7 +241,9 @@ class BatchService:
     async def cancel(self, tenant_id: str, batch_id: str) -> BatchObject:
         batch = await self.get(tenant_id, batch_id)
         if batch.status is BatchStatus.validating:
-            raise InvalidRequest(f"batch {batch_id} is still being created; retry in a moment", param="batch_id")
+            raise InvalidRequest(
+                f"batch {batch_id} is still being created; retry in a moment", param="batch_id"
+            )
         if batch.status.final or batch.status is BatchStatus.finalizing:
             raise InvalidRequest(f"batch {batch_id} is already {batch.status.value}", param="batch_id")
         await self._state.run(
@@ -256,7 +269,8 @@ class BatchService:
         previous = BatchStatus(raw["status"])
         await self._state.run(
             self._state.redis.hset(
-                keys.batch_record(batch_id), mapping={"status": BatchStatus.finalizing.value, "finalizing_at": now}
+                keys.batch_record(batch_id),
+                mapping={"status": BatchStatus.finalizing.value, "finalizing_at": now},
             )
         )
         results = await self._state.run(self._state.redis.hgetall(keys.batch_results(batch_id)))
@@ -267,14 +281,20 @@ class BatchService:
         update: dict[str, Any] = {}
         if outputs:
             out = await self._files.save(
-                tenant_id, filename=f"{batch_id}_output.jsonl", purpose="batch_output",
-                data=("\n".join(outputs) + "\n").encode(), file_id=f"file-{batch_id}-output",
+                tenant_id,
+                filename=f"{batch_id}_output.jsonl",
+                purpose="batch_output",
+                data=("\n".join(outputs) + "\n").encode(),
+                file_id=f"file-{batch_id}-output",
             )
             update["output_file_id"] = out.id
         if errors:
             err = await self._files.save(
-                tenant_id, filename=f"{batch_id}_errors.jsonl", purpose="batch_output",
-                data=("\n".join(errors) + "\n").encode(), file_id=f"file-{batch_id}-errors",
+                tenant_id,
+                filename=f"{batch_id}_errors.jsonl",
+                purpose="batch_output",
+                data=("\n".join(errors) + "\n").encode(),
+                file_id=f"file-{batch_id}-errors",
             )
             update["error_file_id"] = err.id
         if previous is BatchStatus.validating:  # its create died part of the way
@@ -339,6 +359,8 @@ def _to_object(raw: dict[str, str]) -> BatchObject:
         expired_at=opt("expired_at"),
         cancelling_at=opt("cancelling_at"),
         cancelled_at=opt("cancelled_at"),
-        request_counts=RequestCounts(total=int(raw["total"]), completed=int(raw["completed"]), failed=int(raw["failed"])),
+        request_counts=RequestCounts(
+            total=int(raw["total"]), completed=int(raw["completed"]), failed=int(raw["failed"])
+        ),
         metadata=json.loads(raw.get("metadata") or "{}") or None,
     )

@@ -24,7 +24,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.batch.metrics import BatchMetrics
-from services.batch.models import BatchStatus
 from services.batch.queue import BatchQueue, QueueItem, ResultWriter
 from services.batch.service import BatchService, error_line, output_line
 from services.errors import (
@@ -36,12 +35,13 @@ from services.errors import (
     RateLimited,
     ServiceUnavailable,
 )
-from services.gateway.chat.protocol import ChatCompletionRequest
-from services.gateway.chat.service import ChatShape
-from services.gateway.completions.protocol import CompletionRequest
-from services.gateway.deps import GatewayServices
-from services.gateway.errors import invalid_request_from
-from services.gateway.generation import Caller
+from services.inference.chat import ChatShape
+from services.inference.core import Core
+from services.inference.errors import invalid_request_from
+from services.inference.generation import Caller
+from services.inference.protocol.batches import BatchStatus
+from services.inference.protocol.chat import ChatCompletionRequest
+from services.inference.protocol.completions import CompletionRequest
 from services.settings import Settings
 from services.tenancy.models import PriorityClass, Tenant
 
@@ -61,7 +61,7 @@ VALIDATING_POLL_S = 0.2
 class BatchProcessor:
     def __init__(
         self,
-        services: GatewayServices,
+        core: Core,
         queue: BatchQueue,
         batches: BatchService,
         metrics: BatchMetrics,
@@ -77,7 +77,7 @@ class BatchProcessor:
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
     ) -> None:
-        self._services = services
+        self._core = core
         self._queue = queue
         self._batches = batches
         self._metrics = metrics
@@ -94,16 +94,23 @@ class BatchProcessor:
         self._heartbeat = clock()
         self._in_flight: dict[asyncio.Task[None], QueueItem] = {}
         self._writer = ResultWriter(queue)
-        self._pools = [pool.name for pool in services.catalog.enabled_pools]
+        self._pools = [pool.name for pool in core.catalog.enabled_pools]
 
     @classmethod
     def from_settings(
-        cls, services: GatewayServices, queue: BatchQueue, metrics: BatchMetrics, settings: Settings, *, consumer: str
+        cls,
+        core: Core,
+        queue: BatchQueue,
+        batches: BatchService,
+        metrics: BatchMetrics,
+        settings: Settings,
+        *,
+        consumer: str,
     ) -> BatchProcessor:
         return cls(
-            services,
+            core,
             queue,
-            services.batches,
+            batches,
             metrics,
             consumer=consumer,
             concurrency=settings.batch_concurrency,
@@ -139,7 +146,9 @@ class BatchProcessor:
                     for item in await self._queue.read(self._consumer, count=free, block_ms=500):
                         self._start(item)
                 else:
-                    await asyncio.wait(list(self._in_flight), timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        list(self._in_flight), timeout=0.5, return_when=asyncio.FIRST_COMPLETED
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down or restarting: wait and go on
@@ -190,10 +199,14 @@ class BatchProcessor:
         if item.deliveries > self._max_deliveries:
             self._metrics.items.inc(tags={"outcome": "dead_lettered"})
             failed = item.deliveries - 1
-            return False, error_line(item_id, item.custom_id, GenerationFailed(
-                f"not run: handed to a worker {failed} times without a result (limit {self._max_deliveries})",
-                code="max_deliveries_exceeded",
-            ))
+            return False, error_line(
+                item_id,
+                item.custom_id,
+                GenerationFailed(
+                    f"not run: handed to a worker {failed} times without a result (limit {self._max_deliveries})",
+                    code="max_deliveries_exceeded",
+                ),
+            )
         attempts = tries = 0
         while True:
             stop = await self._stop_reason(item)
@@ -235,7 +248,7 @@ class BatchProcessor:
             return InvalidRequest("not run: the batch was cancelled", code="batch_cancelled")
         if record.get("expiring"):
             return InvalidRequest("not run: the batch's completion window ended", code="batch_expired")
-        tenant = await self._services.tenants.get_tenant(record["tenant_id"])
+        tenant = await self._core.tenants.get_tenant(record["tenant_id"])
         if tenant.disabled:
             return PermissionDenied("not run: the tenant is disabled", code="tenant_disabled")
         return tenant.model_copy(update={"priority_class": PriorityClass.batch})
@@ -249,18 +262,18 @@ class BatchProcessor:
 
     async def _generate(self, tenant: Tenant, item: QueueItem, item_id: str) -> dict[str, Any]:
         caller = Caller(tenant=tenant, labels={"model": "none", "tenant": "batch"})
-        services = self._services
+        core = self._core
         try:
             if item.url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(item.body)
-                pool, request = await services.chat.prepare(chat, item_id, tenant=tenant)
+                pool, request = await core.chat.prepare(chat, item_id, tenant=tenant)
                 shape: Any = ChatShape(item_id, chat.model)
             else:
                 completion = CompletionRequest.model_validate(item.body)
-                pool, request, shape = services.completions.prepare(completion, item_id, response_id=item_id)
+                pool, request, shape = core.completions.prepare(completion, item_id, response_id=item_id)
         except ValidationError as exc:
             raise invalid_request_from(exc.errors()) from None
-        body, _ = await services.runner.complete(caller, pool, request, shape)
+        body, _ = await core.runner.complete(caller, pool, request, shape)
         return dict(body)
 
     async def backlog(self) -> int:

@@ -26,9 +26,7 @@ def profile_path(profile: str) -> Path:
     if path.is_file():
         return path
     known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
-    raise CatalogError(
-        f"catalog profile {profile!r} not found: use one of {known} or a path to a YAML file"
-    )
+    raise CatalogError(f"catalog profile {profile!r} not found: use one of {known} or a path to a YAML file")
 
 
 def load_catalog(profile: str) -> Catalog:
@@ -60,7 +58,11 @@ def _field_path(loc: tuple[int | str, ...], raw: object) -> str:
     node = raw
     for item in loc:
         if isinstance(item, int):
-            name = node[item].get("name") if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) else None
+            name = (
+                node[item].get("name")
+                if isinstance(node, list) and item < len(node) and isinstance(node[item], dict)
+                else None
+            )
             parts[-1] += f"[{name or item}]"
             node = node[item] if isinstance(node, list) and item < len(node) else None
         else:

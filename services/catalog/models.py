@@ -36,12 +36,8 @@ class EngineConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight and activation dtype."
     )
-    max_model_len: int = Field(
-        ..., ge=16, description="Context window in tokens (prompt + completion)."
-    )
-    max_num_seqs: int = Field(
-        32, ge=1, description="Most sequences in one continuous batch per replica."
-    )
+    max_model_len: int = Field(..., ge=16, description="Context window in tokens (prompt + completion).")
+    max_num_seqs: int = Field(32, ge=1, description="Most sequences in one continuous batch per replica.")
     max_num_batched_tokens: int | None = Field(
         None, ge=16, description="Token budget of one scheduler step (chunked prefill)."
     )
@@ -119,8 +115,7 @@ class DeploymentConfig(_Strict):
     def _replicas_xor_autoscaling(self) -> DeploymentConfig:
         if self.autoscaling is not None and self.num_replicas is not None:
             raise ValueError(
-                "set either num_replicas or autoscaling, not both "
-                "(write num_replicas: null to autoscale)"
+                "set either num_replicas or autoscaling, not both (write num_replicas: null to autoscale)"
             )
         if self.autoscaling is None and self.num_replicas is None:
             raise ValueError("set num_replicas or autoscaling")
@@ -140,12 +135,8 @@ class PoolConfig(_Strict):
     served_names: list[str] = Field(
         ..., min_length=1, description="Model names clients use; the first is canonical."
     )
-    aliases: list[str] = Field(
-        default_factory=list, description="Extra names that route to this pool."
-    )
-    cost_factor: float = Field(
-        1.0, gt=0, description="Relative price of one token (e.g. MoE > mini)."
-    )
+    aliases: list[str] = Field(default_factory=list, description="Extra names that route to this pool.")
+    cost_factor: float = Field(1.0, gt=0, description="Relative price of one token (e.g. MoE > mini).")
     max_images_per_request: int = Field(
         0, ge=0, description="Images one request may carry (0 for text pools)."
     )
@@ -168,8 +159,7 @@ class PoolConfig(_Strict):
     def _modality_consistent(self) -> PoolConfig:
         if self.modality is Modality.text and self.max_images_per_request:
             raise ValueError(
-                "max_images_per_request must be 0 for a text pool; "
-                "set modality: vision to accept images"
+                "max_images_per_request must be 0 for a text pool; set modality: vision to accept images"
             )
         if self.modality is Modality.vision and not self.max_images_per_request:
             raise ValueError("a vision pool needs max_images_per_request >= 1")

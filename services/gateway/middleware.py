@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import PhiserveError
 from services.gateway.errors import error_body, error_payload
-from services.gateway.metrics import GatewayMetrics
+from services.inference.metrics import GatewayMetrics
 from services.tenancy.store import TenantStore
 
 Scope = dict[str, Any]

@@ -27,7 +27,9 @@ async def sse_events(payloads: AsyncIterator[dict[str, Any]]) -> AsyncIterator[s
     yield DONE_EVENT
 
 
-def sse_response(payloads: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None) -> StreamingResponse:
+def sse_response(
+    payloads: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None
+) -> StreamingResponse:
     return StreamingResponse(
         sse_events(payloads), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
     )

@@ -143,7 +143,9 @@ class AsyncClient(ClientBase):
     ) -> batch_pb2.File:
         """Store a batch input file (JSONL); a bad line is INVALID_ARGUMENT naming it."""
         request = pb.UploadFileRequest(filename=filename, data=data, purpose=purpose)
-        response: pb.UploadFileResponse = await self._call(self._stub.UploadFile, request, timeout_s, request_id)
+        response: pb.UploadFileResponse = await self._call(
+            self._stub.UploadFile, request, timeout_s, request_id
+        )
         return response.file
 
     async def get_file(self, file_id: str, *, timeout_s: float | None = None) -> batch_pb2.File:
@@ -154,7 +156,9 @@ class AsyncClient(ClientBase):
 
     async def file_content(self, file_id: str, *, timeout_s: float | None = None) -> bytes:
         """A file's whole content (input, output or error file), from its chunks."""
-        call = self._stub.GetFileContent(pb.GetFileContentRequest(file_id=file_id), **self._options(timeout_s, None))
+        call = self._stub.GetFileContent(
+            pb.GetFileContentRequest(file_id=file_id), **self._options(timeout_s, None)
+        )
         return b"".join([chunk.data async for chunk in self._iterate(call)])
 
     async def create_batch(
@@ -168,7 +172,9 @@ class AsyncClient(ClientBase):
         request_id: str | None = None,
     ) -> batch_pb2.Batch:
         request = create_batch_request(input_file_id, endpoint, completion_window, metadata)
-        response: pb.CreateBatchResponse = await self._call(self._stub.CreateBatch, request, timeout_s, request_id)
+        response: pb.CreateBatchResponse = await self._call(
+            self._stub.CreateBatch, request, timeout_s, request_id
+        )
         return response.batch
 
     async def get_batch(self, batch_id: str, *, timeout_s: float | None = None) -> batch_pb2.Batch:

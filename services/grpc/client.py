@@ -146,7 +146,9 @@ class Client(ClientBase):
         return self._iterate(self._stub.CompleteStream(request, **self._options(timeout_s, request_id)))
 
     def list_models(self, *, timeout_s: float | None = None) -> list[models_pb2.Model]:
-        response: pb.ListModelsResponse = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout_s, None)
+        response: pb.ListModelsResponse = self._call(
+            self._stub.ListModels, pb.ListModelsRequest(), timeout_s, None
+        )
         return list(response.models)
 
     # -- Batch API ------------------------------------------------------------------
@@ -173,7 +175,9 @@ class Client(ClientBase):
 
     def file_content(self, file_id: str, *, timeout_s: float | None = None) -> bytes:
         """A file's whole content (input, output or error file), from its chunks."""
-        call = self._stub.GetFileContent(pb.GetFileContentRequest(file_id=file_id), **self._options(timeout_s, None))
+        call = self._stub.GetFileContent(
+            pb.GetFileContentRequest(file_id=file_id), **self._options(timeout_s, None)
+        )
         return b"".join(chunk.data for chunk in self._iterate(call))
 
     def create_batch(
@@ -211,7 +215,9 @@ class Client(ClientBase):
         )
         return response.batch
 
-    def wait_batch(self, batch_id: str, *, poll_s: float = 1.0, wait_s: float | None = None) -> batch_pb2.Batch:
+    def wait_batch(
+        self, batch_id: str, *, poll_s: float = 1.0, wait_s: float | None = None
+    ) -> batch_pb2.Batch:
         """Poll `get_batch` every `poll_s` until the batch is final; TimeoutError after `wait_s`."""
         deadline = batch_deadline(wait_s)
         while batch_pending(batch := self.get_batch(batch_id), batch_id, deadline):
@@ -241,4 +247,3 @@ class Client(ClientBase):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

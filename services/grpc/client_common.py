@@ -77,7 +77,9 @@ def sampling(**fields: Any) -> common_pb2.SamplingParams:
 # -- building requests -------------------------------------------------------------------
 
 
-def _chat(model: str, messages: Iterable[chat_pb2.ChatMessage], user_id: str, **fields: Any) -> dict[str, Any]:
+def _chat(
+    model: str, messages: Iterable[chat_pb2.ChatMessage], user_id: str, **fields: Any
+) -> dict[str, Any]:
     return {"model": model, "messages": list(messages), "sampling": sampling(**fields), "user": user_id}
 
 
@@ -100,14 +102,21 @@ def chat_stream_request(
 def complete_request(
     model: str, prompt: str, echo: bool, user_id: str, fields: Mapping[str, Any]
 ) -> pb.CompleteRequest:
-    return pb.CompleteRequest(model=model, prompt=prompt, echo=echo, user=user_id, sampling=sampling(**fields))
+    return pb.CompleteRequest(
+        model=model, prompt=prompt, echo=echo, user=user_id, sampling=sampling(**fields)
+    )
 
 
 def complete_stream_request(
     model: str, prompt: str, echo: bool, user_id: str, include_usage: bool, fields: Mapping[str, Any]
 ) -> pb.CompleteStreamRequest:
     return pb.CompleteStreamRequest(
-        model=model, prompt=prompt, echo=echo, user=user_id, include_usage=include_usage, sampling=sampling(**fields)
+        model=model,
+        prompt=prompt,
+        echo=echo,
+        user=user_id,
+        include_usage=include_usage,
+        sampling=sampling(**fields),
     )
 
 
@@ -168,7 +177,11 @@ class PhiserveRpcError(Exception):
 
     def _read_details(self, status: status_pb2.Status) -> None:
         for packed in status.details:
-            for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
+            for cls in (
+                error_details_pb2.ErrorInfo,
+                error_details_pb2.BadRequest,
+                error_details_pb2.RetryInfo,
+            ):
                 if packed.Is(cls.DESCRIPTOR):
                     detail = cls()
                     packed.Unpack(detail)

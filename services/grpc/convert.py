@@ -17,12 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.batch.models import BatchObject, BatchStatus, FileObject
-from services.batch.models import CreateBatchRequest as CreateBatchBody
 from services.errors import InvalidRequest
-from services.gateway.chat.protocol import ChatCompletionRequest
-from services.gateway.completions.protocol import CompletionRequest
-from services.gateway.errors import invalid_request_from
 from services.grpc.gen.phiserve.v1 import (
     batch_pb2,
     chat_pb2,
@@ -33,6 +28,11 @@ from services.grpc.gen.phiserve.v1 import (
 from services.grpc.gen.phiserve.v1 import (
     inference_service_pb2 as pb,
 )
+from services.inference.errors import invalid_request_from
+from services.inference.protocol.batches import BatchObject, BatchStatus, FileObject
+from services.inference.protocol.batches import CreateBatchRequest as CreateBatchBody
+from services.inference.protocol.chat import ChatCompletionRequest
+from services.inference.protocol.completions import CompletionRequest
 from services.pools.engine import GenerationResult
 
 ROLES: dict[int, str] = {
@@ -47,7 +47,10 @@ FINISH_REASONS: dict[str | None, common_pb2.FinishReason] = {
     "length": common_pb2.FINISH_REASON_LENGTH,
     "abort": common_pb2.FINISH_REASON_ABORT,
 }
-MODALITIES: dict[str, models_pb2.Modality] = {"text": models_pb2.MODALITY_TEXT, "vision": models_pb2.MODALITY_VISION}
+MODALITIES: dict[str, models_pb2.Modality] = {
+    "text": models_pb2.MODALITY_TEXT,
+    "vision": models_pb2.MODALITY_VISION,
+}
 # SamplingParams fields with presence: unset means "the REST default", not zero.
 OPTIONAL_SAMPLING = (
     "max_tokens",
@@ -62,14 +65,22 @@ OPTIONAL_SAMPLING = (
 SAMPLING_FIELDS = frozenset((*OPTIONAL_SAMPLING, "stop", "ignore_eos"))
 # Magic numbers of the image formats the vision pool decodes, for the data URL's type
 # (the pool sniffs the bytes itself; the type only has to start with image/).
-_IMAGE_MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF8", "gif"), (b"RIFF", "webp"), (b"BM", "bmp"))
+_IMAGE_MAGIC = (
+    (b"\x89PNG", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF8", "gif"),
+    (b"RIFF", "webp"),
+    (b"BM", "bmp"),
+)
 
 ChatRequests = pb.ChatRequest | pb.ChatStreamRequest
 CompleteRequests = pb.CompleteRequest | pb.CompleteStreamRequest
 
 
 def sampling_fields(params: common_pb2.SamplingParams) -> dict[str, Any]:
-    fields: dict[str, Any] = {name: getattr(params, name) for name in OPTIONAL_SAMPLING if params.HasField(name)}
+    fields: dict[str, Any] = {
+        name: getattr(params, name) for name in OPTIONAL_SAMPLING if params.HasField(name)
+    }
     if params.stop:
         fields["stop"] = list(params.stop)
     if params.ignore_eos:
@@ -200,7 +211,7 @@ class _Ids:
 
 
 def usage(totals: dict[str, Any]) -> common_pb2.Usage:
-    """The REST usage object (`services.gateway.generation.usage`) as a message."""
+    """The REST usage object (`services.inference.generation.usage`) as a message."""
     return common_pb2.Usage(
         prompt_tokens=totals["prompt_tokens"],
         completion_tokens=totals["completion_tokens"],
@@ -232,7 +243,9 @@ class ChatShape:
         return pb.ChatResponse(**self._ids.fields(), choices=[choice], usage=_result_usage(result))
 
     def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> pb.ChatStreamResponse:
-        delta = chat_pb2.ChatDelta(role=chat_pb2.ROLE_ASSISTANT if first else chat_pb2.ROLE_UNSPECIFIED, content=text)
+        delta = chat_pb2.ChatDelta(
+            role=chat_pb2.ROLE_ASSISTANT if first else chat_pb2.ROLE_UNSPECIFIED, content=text
+        )
         choice = chat_pb2.ChatStreamChoice(index=0, delta=delta, finish_reason=finish(finish_reason))
         return pb.ChatStreamResponse(**self._ids.fields(), choices=[choice])
 

@@ -22,10 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.gateway.deps import GatewayServices
-from services.gateway.metrics import GatewayMetrics
 from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
 from services.grpc.servicer import SERVICE_NAME, InferenceServicer
+from services.inference.core import Core
+from services.inference.ports import BatchApis
+from services.inference.readiness import Readiness
 from services.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -122,25 +123,27 @@ class GrpcServer:
         server: grpc.aio.Server,
         port: int,
         health_servicer: health.aio.HealthServicer,
-        services: GatewayServices,
+        readiness: Readiness,
     ) -> None:
         self.server = server
         self.port = port
         self._health = health_servicer
-        self._services = services
+        self._readiness = readiness
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
 
     def start_readiness(self, interval_s: float = READINESS_INTERVAL_S) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._readiness(interval_s))
+        self._task = asyncio.get_running_loop().create_task(self._report_readiness(interval_s))
 
-    async def _readiness(self, interval_s: float) -> None:
+    async def _report_readiness(self, interval_s: float) -> None:
         while True:
             try:
                 # The same cached probe as GET /ready: the pools see one round trip for both.
-                answer = await self._services.readiness.check()
-                status = health_pb2.HealthCheckResponse.SERVING if answer.ready else (
-                    health_pb2.HealthCheckResponse.NOT_SERVING
+                answer = await self._readiness.check()
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if answer.ready
+                    else (health_pb2.HealthCheckResponse.NOT_SERVING)
                 )
                 await self._health.set(SERVICE_NAME, status)
             except Exception as exc:  # noqa: BLE001  # keep probing; the next round decides
@@ -162,11 +165,7 @@ class GrpcServer:
 
 
 def create_server(
-    services: GatewayServices,
-    settings: Settings,
-    *,
-    metrics: GatewayMetrics | None = None,
-    address: str | None = None,
+    core: Core, batch_apis: BatchApis, settings: Settings, *, address: str | None = None
 ) -> GrpcServer:
     """Build the server and bind it (not started). `address` defaults to
     `settings.host:settings.grpc_port`; port 0 picks a free one (see `GrpcServer.port`)."""
@@ -183,7 +182,7 @@ def create_server(
         # unbounded work and memory on the replica.
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(services, metrics=metrics), server)
+    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(core, batch_apis), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -193,18 +192,14 @@ def create_server(
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"gRPC could not bind {address}")
-    return GrpcServer(server, port, health_servicer, services)
+    return GrpcServer(server, port, health_servicer, core.readiness)
 
 
 async def start_grpc_server(
-    services: GatewayServices,
-    settings: Settings,
-    *,
-    metrics: GatewayMetrics | None = None,
-    address: str | None = None,
+    core: Core, batch_apis: BatchApis, settings: Settings, *, address: str | None = None
 ) -> GrpcServer:
     """Create, bind and start the server on the running event loop (the replica's)."""
-    grpc_server = create_server(services, settings, metrics=metrics, address=address)
+    grpc_server = create_server(core, batch_apis, settings, address=address)
     await grpc_server.server.start()
     await grpc_server._health.set("", health_pb2.HealthCheckResponse.SERVING)
     await grpc_server._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -29,13 +29,15 @@ import grpc
 
 from services.catalog.models import PoolConfig
 from services.errors import GenerationFailed, PhiserveError
-from services.gateway.deps import GatewayServices
-from services.gateway.errors import grpc_status, status_and_type
-from services.gateway.generation import Caller, ResponseShape
-from services.gateway.metrics import GatewayMetrics, tenant_label
 from services.grpc import convert
+from services.grpc.errors import grpc_status
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
+from services.inference.core import Core
+from services.inference.errors import status_and_type
+from services.inference.generation import Caller, ResponseShape
+from services.inference.metrics import tenant_label
+from services.inference.ports import BatchApis
 from services.pools.engine import GenerationRequest, GenerationResult
 from services.tenancy.models import Tenant
 
@@ -85,9 +87,11 @@ class _Call:
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, services: GatewayServices, *, metrics: GatewayMetrics | None = None) -> None:
-        self._services = services
-        self._metrics = metrics
+    def __init__(self, core: Core, batch_apis: BatchApis) -> None:
+        self._core = core
+        self._files = batch_apis.files
+        self._batches = batch_apis.batches
+        self._metrics = core.metrics
 
     # -- RPCs ---------------------------------------------------------------------------
 
@@ -95,7 +99,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async def run(call: _Call) -> pb.ChatResponse:
             caller = await self._caller(call)
             body = convert.chat_body(request, stream=False)
-            pool, generation = await self._services.chat.prepare(body, call.request_id, tenant=caller.tenant)
+            pool, generation = await self._core.chat.prepare(body, call.request_id, tenant=caller.tenant)
             response: pb.ChatResponse = await self._unary(
                 call, caller, pool, generation, convert.ChatShape(call.request_id, body.model)
             )
@@ -107,29 +111,37 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async def run(call: _Call) -> None:
             caller = await self._caller(call)
             body = convert.chat_body(request, stream=True)
-            pool, generation = await self._services.chat.prepare(body, call.request_id, tenant=caller.tenant)
+            pool, generation = await self._core.chat.prepare(body, call.request_id, tenant=caller.tenant)
             shape = convert.ChatShape(call.request_id, body.model)
             await self._stream(call, caller, pool, generation, shape, include_usage=body.include_usage())
 
         await self._run(context, "ChatStream", run)
 
-    async def Complete(self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext) -> pb.CompleteResponse:
+    async def Complete(
+        self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CompleteResponse:
         async def run(call: _Call) -> pb.CompleteResponse:
             caller = await self._caller(call)
             body = convert.completion_body(request, stream=False)
-            pool, generation, _ = self._services.completions.prepare(body, call.request_id)
-            shape = convert.CompletionShape(call.request_id, body.model, echo_prefix=request.prompt if body.echo else "")
+            pool, generation, _ = self._core.completions.prepare(body, call.request_id)
+            shape = convert.CompletionShape(
+                call.request_id, body.model, echo_prefix=request.prompt if body.echo else ""
+            )
             response: pb.CompleteResponse = await self._unary(call, caller, pool, generation, shape)
             return response
 
         return await self._run(context, "Complete", run)
 
-    async def CompleteStream(self, request: pb.CompleteStreamRequest, context: grpc.aio.ServicerContext) -> None:
+    async def CompleteStream(
+        self, request: pb.CompleteStreamRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         async def run(call: _Call) -> None:
             caller = await self._caller(call)
             body = convert.completion_body(request, stream=True)
-            pool, generation, _ = self._services.completions.prepare(body, call.request_id)
-            shape = convert.CompletionShape(call.request_id, body.model, echo_prefix=request.prompt if body.echo else "")
+            pool, generation, _ = self._core.completions.prepare(body, call.request_id)
+            shape = convert.CompletionShape(
+                call.request_id, body.model, echo_prefix=request.prompt if body.echo else ""
+            )
             await self._stream(call, caller, pool, generation, shape, include_usage=body.include_usage())
 
         await self._run(context, "CompleteStream", run)
@@ -140,7 +152,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async def run(call: _Call) -> pb.ListModelsResponse:
             # As GET /v1/models: no key needed.
             await call.send_headers({})
-            return convert.models_response(self._services.models.list())
+            return convert.models_response(self._core.models.list())
 
         return await self._run(context, "ListModels", run)
 
@@ -151,7 +163,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.UploadFileResponse:
         async def run(call: _Call) -> pb.UploadFileResponse:
             tenant = await self._limited_tenant(call)
-            file = await self._services.files.upload(
+            file = await self._files.upload(
                 tenant.id, filename=request.filename, purpose=request.purpose or "batch", data=request.data
             )
             await call.send_headers({})
@@ -164,7 +176,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.GetFileResponse:
         async def run(call: _Call) -> pb.GetFileResponse:
             tenant = await self._limited_tenant(call)
-            file = await self._services.files.get(tenant.id, request.file_id)
+            file = await self._files.get(tenant.id, request.file_id)
             await call.send_headers({})
             return pb.GetFileResponse(file=convert.file_message(file))
 
@@ -175,7 +187,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> None:
         async def run(call: _Call) -> None:
             tenant = await self._limited_tenant(call)
-            data = await self._services.files.content(tenant.id, request.file_id)
+            data = await self._files.content(tenant.id, request.file_id)
             await call.send_headers({})
             for start in range(0, len(data), FILE_CHUNK_BYTES):
                 await context.write(pb.GetFileContentResponse(data=data[start : start + FILE_CHUNK_BYTES]))
@@ -187,7 +199,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.CreateBatchResponse:
         async def run(call: _Call) -> pb.CreateBatchResponse:
             tenant = await self._limited_tenant(call)
-            batch = await self._services.batches.create(tenant.id, convert.create_batch_body(request))
+            batch = await self._batches.create(tenant.id, convert.create_batch_body(request))
             await call.send_headers({})
             return pb.CreateBatchResponse(batch=convert.batch_message(batch))
 
@@ -198,7 +210,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.GetBatchResponse:
         async def run(call: _Call) -> pb.GetBatchResponse:
             tenant = await self._limited_tenant(call)
-            batch = await self._services.batches.get(tenant.id, request.batch_id)
+            batch = await self._batches.get(tenant.id, request.batch_id)
             await call.send_headers({})
             return pb.GetBatchResponse(batch=convert.batch_message(batch))
 
@@ -209,7 +221,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.ListBatchesResponse:
         async def run(call: _Call) -> pb.ListBatchesResponse:
             tenant = await self._limited_tenant(call)
-            batches, has_more = await self._services.batches.list(
+            batches, has_more = await self._batches.list(
                 tenant.id, after=request.after or None, limit=request.limit or convert.DEFAULT_BATCH_PAGE
             )
             await call.send_headers({})
@@ -222,7 +234,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.CancelBatchResponse:
         async def run(call: _Call) -> pb.CancelBatchResponse:
             tenant = await self._limited_tenant(call)
-            batch = await self._services.batches.cancel(tenant.id, request.batch_id)
+            batch = await self._batches.cancel(tenant.id, request.batch_id)
             await call.send_headers({})
             return pb.CancelBatchResponse(batch=convert.batch_message(batch))
 
@@ -231,25 +243,27 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     # -- the shared path ----------------------------------------------------------------
 
     async def _tenant(self, call: _Call) -> Tenant:
-        tenant, _ = await self._services.tenants.authenticate(presented_key(call.metadata))
+        tenant, _ = await self._core.tenants.authenticate(presented_key(call.metadata))
         call.labels["tenant"] = tenant_label(tenant.id, tenant.metrics_label)
         return tenant
 
     async def _limited_tenant(self, call: _Call) -> Tenant:
         """Files and batches count against the tenant's RPM, as on REST (issue 9, item 4)."""
         tenant = await self._tenant(call)
-        await self._services.api_limiter.count(tenant)
+        await self._core.api_limiter.count(tenant)
         return tenant
 
     async def _caller(self, call: _Call) -> Caller:
         tenant = await self._tenant(call)
         # The client's deadline bounds the wait in the fair queue, as x-stainless-timeout does.
-        return Caller(tenant=tenant, deadline_s=call.context.time_remaining(), started=call.started, labels=call.labels)
+        return Caller(
+            tenant=tenant, deadline_s=call.context.time_remaining(), started=call.started, labels=call.labels
+        )
 
     async def _unary(
         self, call: _Call, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape
     ) -> Any:
-        chunks, headers = await self._services.runner.open_stream(
+        chunks, headers = await self._core.runner.open_stream(
             caller, pool, request, convert.Collector(), include_usage=True
         )
         texts: list[str] = []
@@ -285,7 +299,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         *,
         include_usage: bool,
     ) -> None:
-        chunks, headers = await self._services.runner.open_stream(
+        chunks, headers = await self._core.runner.open_stream(
             caller, pool, request, shape, include_usage=include_usage
         )
         try:
@@ -336,8 +350,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         raise AssertionError("unreachable: abort raises")
 
     def _observe(self, call: _Call, status: int) -> None:
-        if self._metrics is None:
-            return
         # Same series as REST, the gRPC method path as the endpoint and the error table's
         # HTTP status as the status, so dashboards and alerts cover both APIs.
         self._metrics.requests.inc(tags={**call.labels, "status": str(status)})

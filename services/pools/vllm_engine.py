@@ -49,9 +49,7 @@ class VLLMEngine(Engine):
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger])
         tokenizer = self._engine.get_tokenizer()
         self._renderer = PromptRenderer(tokenizer, modality=self._pool.modality)
-        logger.info(
-            "pool %s: vLLM engine ready (model %s)", self._pool.name, self._model_path
-        )
+        logger.info("pool %s: vLLM engine ready (model %s)", self._pool.name, self._model_path)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         from vllm import SamplingParams
@@ -94,9 +92,7 @@ class VLLMEngine(Engine):
         # id; were it the client's x-request-id, another tenant sending the same id would
         # abort this generation when it left (issue 9, item 1).
         engine_request_id = uuid.uuid4().hex
-        outputs = self._engine.generate(
-            engine_input, params, engine_request_id, priority=request.priority
-        )
+        outputs = self._engine.generate(engine_input, params, engine_request_id, priority=request.priority)
         try:
             async for out in outputs:
                 if not prompt_tokens:

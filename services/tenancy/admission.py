@@ -31,6 +31,7 @@ class Usage:
     completion_tokens: int
     images: int = 0
 
+
 logger = logging.getLogger(__name__)
 
 # How long a settled reservation's marker lives. It only has to outlive redis-py's retries
@@ -141,7 +142,13 @@ class Admission:
             return
         usage_args: list[Any] = ["", 0, 0, 0, ""]
         if usage is not None:
-            usage_args = [f"{usage.model}|", usage.prompt_tokens, usage.completion_tokens, usage.images, USAGE_TTL_S]
+            usage_args = [
+                f"{usage.model}|",
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.images,
+                USAGE_TTL_S,
+            ]
         tenant_id = reservation.tenant_id
         await self._state.script(
             "settle",

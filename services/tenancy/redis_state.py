@@ -59,7 +59,9 @@ class RedisState:
             "decode_responses": True,
             "socket_connect_timeout": 2.0,
             "socket_keepalive": True,
-            "socket_keepalive_options": {getattr(socket, name): value for name, value in KEEPALIVE_OPTIONS.items()},
+            "socket_keepalive_options": {
+                getattr(socket, name): value for name, value in KEEPALIVE_OPTIONS.items()
+            },
             "max_connections": max_connections,
             "health_check_interval": 10,
             # A pooled connection to a Redis that restarted fails once, and a Redis

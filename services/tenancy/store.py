@@ -74,7 +74,9 @@ class TenantStore:
         raws = await self._state.run(self._state.redis.mget([keys.tenant(i) for i in ids]))
         return [Tenant.model_validate_json(raw) for raw in raws if raw is not None]
 
-    async def create_key(self, tenant_id: str, *, name: str = "", plain: str | None = None) -> tuple[str, ApiKeyRecord]:
+    async def create_key(
+        self, tenant_id: str, *, name: str = "", plain: str | None = None
+    ) -> tuple[str, ApiKeyRecord]:
         """Store a new key for the tenant; return the plain key (shown once) and its record."""
         await self.get_tenant(tenant_id)
         redis = self._state.redis

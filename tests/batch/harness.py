@@ -1,4 +1,4 @@
-"""A real batch worker outside Ray: the gateway services `build_services` wires (real Redis,
+"""A real batch worker outside Ray: the core `build_core` wires (real Redis,
 real fair queue and admission), a `BatchProcessor` and its loop, no pool handles. Items that
 would reach an engine are never granted a slot in these tests (the pool is kept full)."""
 
@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from services.batch.api import build_batch_api
+from services.batch.files import FileService
 from services.batch.metrics import BatchMetrics
 from services.batch.queue import BatchQueue
+from services.batch.service import BatchService
 from services.batch.worker import BatchProcessor
 from services.catalog.loader import load_catalog
-from services.gateway.app import build_services
-from services.gateway.deps import GatewayServices
+from services.inference.core import Core, build_core
 from services.settings import Settings
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import Tenant
@@ -47,7 +49,9 @@ def worker_settings(redis_url: str, tmp_files: Any, **overrides: Any) -> Setting
 @dataclass
 class Worker:
     settings: Settings
-    services: GatewayServices
+    core: Core
+    files: FileService
+    batches: BatchService
     state: RedisState
     processor: BatchProcessor
     queue: BatchQueue
@@ -55,14 +59,17 @@ class Worker:
 
 def build_worker(settings: Settings, *, consumer: str = "w1") -> Worker:
     catalog = load_catalog("local")
-    services, gateway_state = build_services(catalog, {}, settings)
+    core = build_core(settings, catalog, {})
+    files, batches = build_batch_api(core, settings)
     queue = BatchQueue(
-        gateway_state.redis,
+        core.redis,
         [pool.name for pool in catalog.enabled_pools],
         visibility_timeout_s=settings.batch_visibility_timeout_s,
     )
-    processor = BatchProcessor.from_settings(services, queue, BatchMetrics(), settings, consumer=consumer)
-    return Worker(settings, services, gateway_state.redis, processor, queue)
+    processor = BatchProcessor.from_settings(
+        core, queue, batches, BatchMetrics(), settings, consumer=consumer
+    )
+    return Worker(settings, core, files, batches, core.redis, processor, queue)
 
 
 @contextlib.asynccontextmanager
@@ -84,7 +91,7 @@ async def full_pool(worker: Worker, pool: str = POOL) -> AsyncIterator[None]:
     """Another tenant takes every slot of the pool and one waits: the waiting room
     (max_waiting_per_pool=1) is full, so a batch item's admission is refused at once
     with Overloaded, as behind a burst of interactive traffic."""
-    capacity = next(p.capacity for p in worker.services.catalog.enabled_pools if p.name == pool)
+    capacity = next(p.capacity for p in worker.core.catalog.enabled_pools if p.name == pool)
     queue = FairQueue(worker.state, {pool: capacity}, max_waiting=1, lease_ttl_s=30.0)
     grants = [
         await queue.acquire(pool, tenant_id="interactive", cost=1, weight=1, priority=0, timeout_s=1)
@@ -106,15 +113,19 @@ async def full_pool(worker: Worker, pool: str = POOL) -> AsyncIterator[None]:
 
 
 async def add_tenant(worker: Worker, tenant_id: str, **fields: Any) -> Tenant:
-    return await worker.services.tenants.put_tenant(Tenant(id=tenant_id, **fields))
+    return await worker.core.tenants.put_tenant(Tenant(id=tenant_id, **fields))
 
 
 def jsonl(n: int, *, model: str = MODEL) -> bytes:
     lines = [
-        json.dumps({
-            "custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
-            "body": {"model": model, "prompt": f"item {i}", "max_tokens": 4},
-        })
+        json.dumps(
+            {
+                "custom_id": f"req-{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": model, "prompt": f"item {i}", "max_tokens": 4},
+            }
+        )
         for i in range(n)
     ]
     return ("\n".join(lines) + "\n").encode()

@@ -19,8 +19,12 @@ ITEMS = 60
 
 
 def _start_batch(client: OpenAI) -> str:
-    upload = client.files.create(file=("in.jsonl", io.BytesIO(batch_file(ITEMS, max_tokens=120))), purpose="batch")
-    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    upload = client.files.create(
+        file=("in.jsonl", io.BytesIO(batch_file(ITEMS, max_tokens=120))), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     return batch.id
 
 
@@ -66,7 +70,8 @@ def test_gateway_replica_killed_mid_batch(openai_client: OpenAI) -> None:
     _wait_partly_done(openai_client, batch_id)
     # Only this test session's cluster: its Ray processes descend from this process.
     gateways = [
-        p for p in psutil.Process().children(recursive=True)
+        p
+        for p in psutil.Process().children(recursive=True)
         if any("ServeReplica:phiserve:gateway" in part for part in (p.cmdline() or []))
     ]
     assert gateways, "no gateway replica process found"

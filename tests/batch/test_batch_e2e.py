@@ -17,11 +17,18 @@ from tests.conftest import ADMIN_KEY, Cluster, wait_until
 FINAL = {"completed", "failed", "cancelled", "expired"}
 
 
-def batch_file(n: int, *, model: str = "phi-3.5-mini", max_tokens: int = 8, url: str = "/v1/chat/completions") -> bytes:
+def batch_file(
+    n: int, *, model: str = "phi-3.5-mini", max_tokens: int = 8, url: str = "/v1/chat/completions"
+) -> bytes:
     lines = []
     for i in range(n):
         if url == "/v1/chat/completions":
-            body = {"model": model, "messages": [{"role": "user", "content": f"item {i}"}], "max_tokens": max_tokens, "ignore_eos": True}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": f"item {i}"}],
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+            }
         else:
             body = {"model": model, "prompt": f"item {i}", "max_tokens": max_tokens, "ignore_eos": True}
         lines.append(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}))
@@ -57,7 +64,10 @@ def test_batch_round_trip_with_the_sdk(openai_client: OpenAI) -> None:
     upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(batch_file(12))), purpose="batch")
     assert upload.purpose == "batch" and upload.bytes > 0
     batch = openai_client.batches.create(
-        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"job": "t1"}
+        input_file_id=upload.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"job": "t1"},
     )
     assert batch.status in ("validating", "in_progress") and batch.metadata == {"job": "t1"}
     done = wait_final(openai_client, batch.id)
@@ -78,8 +88,12 @@ def test_completions_batch_and_unknown_model_lines(openai_client: OpenAI) -> Non
     bad = json.loads(lines[2])
     bad["body"]["model"] = "no-such-model"
     lines[2] = json.dumps(bad)
-    upload = openai_client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
-    batch = openai_client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    upload = openai_client.files.create(
+        file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch"
+    )
+    batch = openai_client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+    )
     done = wait_final(openai_client, batch.id)
     ok, errors = assert_exactly_once(openai_client, done, 4)
     assert len(ok) == 3 and len(errors) == 1
@@ -92,8 +106,12 @@ def test_invalid_item_bodies_go_to_the_error_file(openai_client: OpenAI) -> None
     broken = json.loads(lines[1])
     broken["body"]["temperature"] = 9
     lines[1] = json.dumps(broken)
-    upload = openai_client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
-    batch = openai_client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    upload = openai_client.files.create(
+        file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch"
+    )
+    batch = openai_client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     done = wait_final(openai_client, batch.id)
     _, errors = assert_exactly_once(openai_client, done, 3)
     assert [e["custom_id"] for e in errors] == ["req-1"]
@@ -115,14 +133,22 @@ def test_bad_uploads_are_400(openai_client: OpenAI, content: bytes, fragment: st
     assert fragment in info.value.message
 
 
-def test_wrong_endpoint_and_oversized_file(openai_client: OpenAI, cluster: Cluster, http: httpx.Client) -> None:
+def test_wrong_endpoint_and_oversized_file(
+    openai_client: OpenAI, cluster: Cluster, http: httpx.Client
+) -> None:
     upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(batch_file(2))), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="endpoint"):
-        openai_client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+        openai_client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+        )
     with pytest.raises(openai.BadRequestError, match="endpoint"):
-        openai_client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")  # type: ignore[arg-type]
+        openai_client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h"
+        )  # type: ignore[arg-type]
     with pytest.raises(openai.NotFoundError):
-        openai_client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+        openai_client.batches.create(
+            input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+        )
     huge = b"x" * (cluster.settings.max_batch_file_bytes + 200_000)
     resp = http.post("/v1/files", files={"file": ("big.jsonl", huge)}, data={"purpose": "batch"})
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
@@ -137,14 +163,18 @@ def test_tenants_cannot_see_each_others_files_or_batches(cluster: Cluster, opena
     other_key = admin.post(f"/admin/tenants/{other_id}/keys", json={}).json()["key"]
     other = OpenAI(base_url=cluster.base_url, api_key=other_key, max_retries=0)
     upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(batch_file(2))), purpose="batch")
-    batch = openai_client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = openai_client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     for call in (
         lambda: other.files.retrieve(upload.id),
         lambda: other.files.content(upload.id),
         lambda: other.files.delete(upload.id),
         lambda: other.batches.retrieve(batch.id),
         lambda: other.batches.cancel(batch.id),
-        lambda: other.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"),
+        lambda: other.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ),
     ):
         with pytest.raises(openai.NotFoundError):
             call()
@@ -155,8 +185,12 @@ def test_tenants_cannot_see_each_others_files_or_batches(cluster: Cluster, opena
 
 
 def test_cancel_stops_new_items(openai_client: OpenAI) -> None:
-    upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(batch_file(60, max_tokens=200))), purpose="batch")
-    batch = openai_client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    upload = openai_client.files.create(
+        file=("in.jsonl", io.BytesIO(batch_file(60, max_tokens=200))), purpose="batch"
+    )
+    batch = openai_client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     time.sleep(0.5)
     cancelling = openai_client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling"
@@ -179,10 +213,15 @@ def test_metadata_is_bounded_and_results_leave_redis(openai_client: OpenAI, clus
     upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(batch_file(3))), purpose="batch")
     with pytest.raises(openai.BadRequestError) as info:
         openai_client.batches.create(
-            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"k": "v" * 513}
+            input_file_id=upload.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"k": "v" * 513},
         )
     assert info.value.status_code == 400 and info.value.body["param"] == "metadata"  # type: ignore[index]
-    batch = openai_client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = openai_client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     done = wait_final(openai_client, batch.id)
     assert done.status == "completed"
     ok, _ = assert_exactly_once(openai_client, done, 3)

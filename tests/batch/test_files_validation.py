@@ -30,8 +30,14 @@ def test_valid_file_with_trailing_newlines() -> None:
         (_line("a") + "\n{not json", "line 2: not valid JSON"),
         (_line("a") + "\n" + _line("a"), "line 2: custom_id 'a' appears twice (first on line 1)"),
         (_line("a", url="/v1/embeddings"), "line 1: url must be one of"),
-        (json.dumps({"custom_id": "x", "method": "GET", "url": "/v1/completions", "body": {"model": "m"}}), 'method must be "POST"'),
-        (json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {}}), "body must be a JSON object with a model"),
+        (
+            json.dumps({"custom_id": "x", "method": "GET", "url": "/v1/completions", "body": {"model": "m"}}),
+            'method must be "POST"',
+        ),
+        (
+            json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {}}),
+            "body must be a JSON object with a model",
+        ),
         (json.dumps({"method": "POST"}), "custom_id must be a non-empty string"),
         ("[1, 2]", "must be a JSON object"),
         (_line("a", stream=True), "streaming is not available"),
@@ -60,7 +66,12 @@ def test_many_errors_are_summarised() -> None:
 def test_deeply_nested_line_is_a_400_naming_the_line() -> None:
     # An attacker's line nested deeper than the JSON parser's recursion limit: a 400 that
     # names the line, never a RecursionError (500) (issue 9, item 9).
-    deep = '{"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    deep = (
+        '{"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": '
+        + "[" * 100_000
+        + "]" * 100_000
+        + "}}"
+    )
     with pytest.raises(InvalidRequest) as info:
         _check(_line("a") + "\n" + deep)
     assert "line 2" in info.value.message and "nested" in info.value.message
@@ -77,7 +88,12 @@ def test_raw_line_separator_inside_a_string_keeps_the_line_whole() -> None:
     # U+2028 / U+2029 / U+0085 are valid raw characters in a JSON string; only \n ends a line.
     text = "\n".join(
         json.dumps(
-            {"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": f"a{sep}b"}},
+            {
+                "custom_id": f"c{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": "m", "prompt": f"a{sep}b"},
+            },
             ensure_ascii=False,
         )
         for i, sep in enumerate(["\u2028", "\u2029", "\x85", "\x1c"])

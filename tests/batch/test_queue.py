@@ -10,9 +10,17 @@ from services.tenancy.redis_state import RedisState
 
 
 async def _enqueue(state: RedisState, batch_id: str, n: int) -> None:
-    await state.redis.hset(keys.batch_record(batch_id), mapping={"status": "in_progress", "total": n, "completed": 0, "failed": 0})
+    await state.redis.hset(
+        keys.batch_record(batch_id),
+        mapping={"status": "in_progress", "total": n, "completed": 0, "failed": 0},
+    )
     for i in range(1, n + 1):
-        item = {"line": i, "custom_id": f"c{i}", "url": "/v1/completions", "body": {"model": "m", "prompt": "x"}}
+        item = {
+            "line": i,
+            "custom_id": f"c{i}",
+            "url": "/v1/completions",
+            "body": {"model": "m", "prompt": "x"},
+        }
         await state.redis.xadd(keys.batch_stream("p"), item_fields(batch_id, item))
 
 

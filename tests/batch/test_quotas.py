@@ -1,6 +1,6 @@
 """Redis memory is a shared resource (issue 9, item 2): one tenant must not be able to fill it.
 
-On real Redis with the services `build_services` wires: per-tenant quotas on unfinished
+On real Redis with the core `build_core` wires: per-tenant quotas on unfinished
 batches, their queued items, stored files and bytes (429 quota_exceeded, 400 when the
 request alone can never fit); bounded metadata; a batch's results leave Redis once its
 files are written and its record expires after the retention; items enqueued in chunks
@@ -19,21 +19,23 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.batch.models import BatchStatus, CreateBatchRequest
 from services.errors import InvalidRequest, PhiserveError, RateLimited, ServiceUnavailable
-from services.gateway.errors import error_payload, invalid_request_from
+from services.inference.errors import error_payload, invalid_request_from
+from services.inference.protocol.batches import BatchStatus, CreateBatchRequest
 from services.tenancy import keys
 from tests.batch.harness import Worker, add_tenant, build_worker, full_pool, jsonl, running, worker_settings
 from tests.conftest import UNIT_DB, free_port
 
 
 def _worker(redis_server, tmp_path: Path, **overrides) -> Worker:  # type: ignore[no-untyped-def]
-    return build_worker(worker_settings(f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}", tmp_path / "files", **overrides))
+    return build_worker(
+        worker_settings(f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}", tmp_path / "files", **overrides)
+    )
 
 
 async def _create(worker: Worker, tenant: str, n: int, **extra):  # type: ignore[no-untyped-def]
-    upload = await worker.services.files.upload(tenant, filename="in.jsonl", purpose="batch", data=jsonl(n))
-    return await worker.services.batches.create(
+    upload = await worker.files.upload(tenant, filename="in.jsonl", purpose="batch", data=jsonl(n))
+    return await worker.batches.create(
         tenant, CreateBatchRequest(input_file_id=upload.id, endpoint="/v1/completions", **extra)
     )
 
@@ -49,17 +51,17 @@ async def test_a_tenant_creating_batches_in_a_loop_hits_its_quota_and_another_st
     worker = _worker(redis_server, tmp_path, tenant_max_active_batches=3, tenant_max_queued_items=1000)
     await add_tenant(worker, "greedy")
     await add_tenant(worker, "polite")
-    upload = await worker.services.files.upload("greedy", filename="in.jsonl", purpose="batch", data=jsonl(200))
+    upload = await worker.files.upload("greedy", filename="in.jsonl", purpose="batch", data=jsonl(200))
     request = CreateBatchRequest(input_file_id=upload.id, endpoint="/v1/completions")
     accepted = 0
     with pytest.raises(RateLimited) as info:
         for _ in range(25):  # the issue's loop: 25 batches of the same file
-            await worker.services.batches.create("greedy", request)
+            await worker.batches.create("greedy", request)
             accepted += 1
     assert accepted == 3
     assert _status(info.value) == (429, "quota_exceeded")
     assert "3 of 3" in info.value.message
-    from services.gateway.errors import grpc_status
+    from services.grpc.errors import grpc_status
 
     assert grpc_status(info.value)[0].name == "RESOURCE_EXHAUSTED"  # the gRPC CreateBatch answer
     assert await worker.state.redis.xlen(keys.batch_stream("text")) == 600  # nothing of the 4th
@@ -83,17 +85,17 @@ async def test_file_quotas_count_files_and_bytes(state, redis_server, tiny_model
     data = jsonl(10)
     worker = _worker(redis_server, tmp_path, tenant_max_files=2, tenant_max_file_bytes=len(data) * 3)
     await add_tenant(worker, "hoarder")
-    first = await worker.services.files.upload("hoarder", filename="a.jsonl", purpose="batch", data=data)
-    await worker.services.files.upload("hoarder", filename="b.jsonl", purpose="batch", data=data)
+    first = await worker.files.upload("hoarder", filename="a.jsonl", purpose="batch", data=data)
+    await worker.files.upload("hoarder", filename="b.jsonl", purpose="batch", data=data)
     with pytest.raises(RateLimited) as info:
-        await worker.services.files.upload("hoarder", filename="c.jsonl", purpose="batch", data=data)
+        await worker.files.upload("hoarder", filename="c.jsonl", purpose="batch", data=data)
     assert _status(info.value) == (429, "quota_exceeded") and "2 of 2 files" in info.value.message
-    await worker.services.files.delete("hoarder", first.id)  # deleting frees the slot
-    await worker.services.files.upload("hoarder", filename="c.jsonl", purpose="batch", data=data)
+    await worker.files.delete("hoarder", first.id)  # deleting frees the slot
+    await worker.files.upload("hoarder", filename="c.jsonl", purpose="batch", data=data)
     # Bytes: two files of 2 x len stored, a third would pass 3 x len.
-    await worker.services.files.delete("hoarder", (await worker.services.files.list("hoarder", limit=1))[0].id)
+    await worker.files.delete("hoarder", (await worker.files.list("hoarder", limit=1))[0].id)
     with pytest.raises(RateLimited, match="bytes"):
-        await worker.services.files.upload("hoarder", filename="d.jsonl", purpose="batch", data=jsonl(25))
+        await worker.files.upload("hoarder", filename="d.jsonl", purpose="batch", data=jsonl(25))
     await worker.state.close()
 
 
@@ -114,18 +116,27 @@ def test_oversized_metadata_is_a_400(metadata: dict[str, str]) -> None:
     # gRPC's CreateBatch validates with the same model: INVALID_ARGUMENT naming the field.
     import grpc
 
-    from services.gateway.errors import grpc_status
     from services.grpc import convert
+    from services.grpc.errors import grpc_status
     from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 
     with pytest.raises(InvalidRequest) as refused:
-        convert.create_batch_body(pb.CreateBatchRequest(input_file_id="f", endpoint="/v1/completions", metadata=metadata))
-    assert grpc_status(refused.value)[0] is grpc.StatusCode.INVALID_ARGUMENT and refused.value.param == "metadata"
+        convert.create_batch_body(
+            pb.CreateBatchRequest(input_file_id="f", endpoint="/v1/completions", metadata=metadata)
+        )
+    assert (
+        grpc_status(refused.value)[0] is grpc.StatusCode.INVALID_ARGUMENT
+        and refused.value.param == "metadata"
+    )
     # The largest allowed metadata passes.
-    CreateBatchRequest(input_file_id="f", endpoint="/v1/completions", metadata={f"{i:064d}": "v" * 512 for i in range(16)})
+    CreateBatchRequest(
+        input_file_id="f", endpoint="/v1/completions", metadata={f"{i:064d}": "v" * 512 for i in range(16)}
+    )
 
 
-async def test_results_leave_redis_once_the_files_are_written(state, redis_server, tiny_models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_results_leave_redis_once_the_files_are_written(
+    state, redis_server, tiny_models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     worker = _worker(redis_server, tmp_path, batch_retention_s=3600)
     await add_tenant(worker, "t")
     batch = await _create(worker, "t", 3)
@@ -138,12 +149,12 @@ async def test_results_leave_redis_once_the_files_are_written(state, redis_serve
         line = {"id": f"{batch.id}-{item.line}", "custom_id": item.custom_id, "answer": item.line}
         new, completed, failed, total = await queue.record(item, {"ok": ok, "line": line}, ok=ok)
         if completed + failed >= total:
-            await worker.services.batches.finalize(batch.id)
-    done = await worker.services.batches.get("t", batch.id)
+            await worker.batches.finalize(batch.id)
+    done = await worker.batches.get("t", batch.id)
     assert done.status is BatchStatus.completed
     assert await worker.state.redis.exists(keys.batch_results(batch.id)) == 0
-    out = (await worker.services.files.content("t", done.output_file_id)).decode().split("\n")
-    err = (await worker.services.files.content("t", done.error_file_id)).decode().split("\n")
+    out = (await worker.files.content("t", done.output_file_id)).decode().split("\n")
+    err = (await worker.files.content("t", done.error_file_id)).decode().split("\n")
     assert [json.loads(x)["custom_id"] for x in out if x] == ["req-0", "req-2"]
     assert [json.loads(x)["answer"] for x in out if x] == [1, 3]
     assert [json.loads(x)["custom_id"] for x in err if x] == ["req-1"]
@@ -160,9 +171,10 @@ async def test_results_leave_redis_once_the_files_are_written(state, redis_serve
 async def test_items_are_enqueued_in_chunks(state, redis_server, tiny_models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     worker = _worker(redis_server, tmp_path, batch_enqueue_chunk=100)
     await add_tenant(worker, "t")
-    upload = await worker.services.files.upload("t", filename="in.jsonl", purpose="batch", data=jsonl(350))
+    upload = await worker.files.upload("t", filename="in.jsonl", purpose="batch", data=jsonl(350))
     commands: list[str] = []
     async with worker.state.redis.monitor() as monitor:
+
         async def collect() -> None:
             async for event in monitor.listen():
                 commands.append(event["command"].split(" ")[0].upper())
@@ -170,7 +182,9 @@ async def test_items_are_enqueued_in_chunks(state, redis_server, tiny_models, tm
                     return
 
         collector = asyncio.ensure_future(collect())
-        await worker.services.batches.create("t", CreateBatchRequest(input_file_id=upload.id, endpoint="/v1/completions"))
+        await worker.batches.create(
+            "t", CreateBatchRequest(input_file_id=upload.id, endpoint="/v1/completions")
+        )
         await worker.state.redis.echo("chunk-test-end")
         await asyncio.wait_for(collector, 10)
     transactions: list[int] = []
@@ -212,20 +226,22 @@ async def test_workers_do_not_run_items_of_a_batch_still_being_enqueued(  # type
 
 
 async def test_a_create_that_fails_mid_way_leaves_nothing(tiny_models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from services.tenancy.local_redis import LocalRedis
+    from services.local.redis_server import LocalRedis
 
     server = LocalRedis(port=free_port(), directory=tmp_path / "redis")
     server.start(appendonly=False)
     try:
         worker = build_worker(worker_settings(server.url, tmp_path / "files", batch_enqueue_chunk=50))
         await add_tenant(worker, "t")
-        upload = await worker.services.files.upload("t", filename="in.jsonl", purpose="batch", data=jsonl(3000))
+        upload = await worker.files.upload("t", filename="in.jsonl", purpose="batch", data=jsonl(3000))
         await worker.queue.ensure_groups()
         used = int((await worker.state.redis.info("memory"))["used_memory"])
         # Redis refuses writes (maxmemory, noeviction) part of the way through the items.
         await worker.state.redis.config_set("maxmemory", used + 300_000)
         with pytest.raises(ServiceUnavailable):
-            await worker.services.batches.create("t", CreateBatchRequest(input_file_id=upload.id, endpoint="/v1/completions"))
+            await worker.batches.create(
+                "t", CreateBatchRequest(input_file_id=upload.id, endpoint="/v1/completions")
+            )
         await worker.state.redis.config_set("maxmemory", 0)
         assert await worker.state.redis.xlen(keys.batch_stream("text")) == 0
         assert await worker.state.redis.zcard(keys.tenant_batches("t")) == 0
@@ -237,7 +253,9 @@ async def test_a_create_that_fails_mid_way_leaves_nothing(tiny_models, tmp_path:
         server.stop()
 
 
-async def test_an_upload_that_fails_mid_write_leaves_no_temp_file(state, redis_server, tiny_models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_an_upload_that_fails_mid_write_leaves_no_temp_file(
+    state, redis_server, tiny_models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     worker = _worker(redis_server, tmp_path)
     await add_tenant(worker, "t")
     data = jsonl(2000)
@@ -247,12 +265,12 @@ async def test_an_upload_that_fails_mid_write_leaves_no_temp_file(state, redis_s
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
     try:
         with pytest.raises(ServiceUnavailable):
-            await worker.services.files.upload("t", filename="in.jsonl", purpose="batch", data=data)
+            await worker.files.upload("t", filename="in.jsonl", purpose="batch", data=data)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     files_dir = tmp_path / "files"
     assert [p.name for p in files_dir.rglob("*") if p.is_file()] == []
-    assert await worker.services.files.list("t", limit=10) == []
+    assert await worker.files.list("t", limit=10) == []
     assert await worker.state.redis.hlen(keys.tenant_file_bytes("t")) == 0
     await worker.state.close()

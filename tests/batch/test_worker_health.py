@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from services.tenancy.local_redis import LocalRedis
+from services.local.redis_server import LocalRedis
 from tests.batch.harness import build_worker, running, worker_settings
 
 STALL_S = 2.0

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from services.batch.models import BatchObject, CreateBatchRequest
 from services.batch.queue import BatchQueue
+from services.inference.protocol.batches import BatchObject, CreateBatchRequest
 from services.tenancy import keys
 from tests.batch.harness import Worker, add_tenant, build_worker, full_pool, jsonl, running, worker_settings
 from tests.conftest import UNIT_DB
@@ -32,8 +32,8 @@ def _settings(redis_server, tmp_path: Path, **overrides):  # type: ignore[no-unt
 
 async def _batch(worker: Worker, n: int = 1) -> BatchObject:
     await add_tenant(worker, TENANT)
-    upload = await worker.services.files.upload(TENANT, filename="in.jsonl", purpose="batch", data=jsonl(n))
-    return await worker.services.batches.create(
+    upload = await worker.files.upload(TENANT, filename="in.jsonl", purpose="batch", data=jsonl(n))
+    return await worker.batches.create(
         TENANT, CreateBatchRequest(input_file_id=upload.id, endpoint="/v1/completions")
     )
 
@@ -55,9 +55,9 @@ async def _until(predicate, timeout_s: float, what: str):  # type: ignore[no-unt
 
 
 async def _error_lines(worker: Worker, batch_id: str) -> list[dict]:  # type: ignore[type-arg]
-    batch = await worker.services.batches.get(TENANT, batch_id)
+    batch = await worker.batches.get(TENANT, batch_id)
     assert batch.error_file_id, batch
-    data = await worker.services.files.content(TENANT, batch.error_file_id)
+    data = await worker.files.content(TENANT, batch.error_file_id)
     return [json.loads(line) for line in data.decode().split("\n") if line]
 
 
@@ -67,7 +67,9 @@ async def clean_db(state):  # type: ignore[no-untyped-def]
 
 
 async def test_overloaded_tries_are_spaced(clean_db, redis_server, tiny_models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    worker = build_worker(_settings(redis_server, tmp_path, batch_retry_backoff_s=0.3, batch_retry_max_backoff_s=1.0))
+    worker = build_worker(
+        _settings(redis_server, tmp_path, batch_retry_backoff_s=0.3, batch_retry_max_backoff_s=1.0)
+    )
     async with full_pool(worker), running(worker):
         await _batch(worker)
         await _until(lambda: _attempts(worker), 5, "a first try")
@@ -83,20 +85,22 @@ async def test_overloaded_tries_are_spaced(clean_db, redis_server, tiny_models, 
 async def test_waiting_items_stop_when_their_batch_or_tenant_does(  # type: ignore[no-untyped-def]
     action: str, clean_db, redis_server, tiny_models, tmp_path: Path
 ) -> None:
-    worker = build_worker(_settings(redis_server, tmp_path, batch_retry_backoff_s=0.2, batch_retry_max_backoff_s=0.5))
+    worker = build_worker(
+        _settings(redis_server, tmp_path, batch_retry_backoff_s=0.2, batch_retry_max_backoff_s=0.5)
+    )
     async with full_pool(worker), running(worker):
         batch = await _batch(worker, n=2)
         await _until(lambda: _attempts(worker), 5, "a first try")
         if action == "cancel":
-            await worker.services.batches.cancel(TENANT, batch.id)
+            await worker.batches.cancel(TENANT, batch.id)
         elif action == "expire":
             await worker.state.redis.hset(keys.batch_record(batch.id), "expires_at", int(time.time()) - 1)
         else:
-            tenant = await worker.services.tenants.get_tenant(TENANT)
-            await worker.services.tenants.put_tenant(tenant.model_copy(update={"disabled": True}))
+            tenant = await worker.core.tenants.get_tenant(TENANT)
+            await worker.core.tenants.put_tenant(tenant.model_copy(update={"disabled": True}))
 
         async def final() -> BatchObject | None:
-            b = await worker.services.batches.get(TENANT, batch.id)
+            b = await worker.batches.get(TENANT, batch.id)
             return b if b.status.final else None
 
         done = await _until(final, 8, f"batch final after {action}")
@@ -104,17 +108,24 @@ async def test_waiting_items_stop_when_their_batch_or_tenant_does(  # type: igno
         await asyncio.sleep(1.0)  # nothing tries again once the batch is final
         assert await _attempts(worker) == tries
         lines = await _error_lines(worker, batch.id)
-    expected = {"cancel": ("cancelled", "batch_cancelled"), "expire": ("expired", "batch_expired"),
-                "disable": ("completed", "tenant_disabled")}[action]
+    expected = {
+        "cancel": ("cancelled", "batch_cancelled"),
+        "expire": ("expired", "batch_expired"),
+        "disable": ("completed", "tenant_disabled"),
+    }[action]
     assert done.status.value == expected[0]
     assert sorted(line["custom_id"] for line in lines) == ["req-0", "req-1"]
     assert {line["error"]["code"] for line in lines} == {expected[1]}
     assert {line["response"]["body"]["error"]["code"] for line in lines} == {expected[1]}
 
 
-async def test_an_item_delivered_n_times_is_dead_lettered_once(clean_db, redis_server, tiny_models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_an_item_delivered_n_times_is_dead_lettered_once(
+    clean_db, redis_server, tiny_models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     deliveries = 3
-    settings = _settings(redis_server, tmp_path, batch_max_deliveries=deliveries, batch_visibility_timeout_s=1.0)
+    settings = _settings(
+        redis_server, tmp_path, batch_max_deliveries=deliveries, batch_visibility_timeout_s=1.0
+    )
     worker = build_worker(settings, consumer="w1")
     other = build_worker(settings, consumer="w2")
     batch = await _batch(worker)
@@ -125,8 +136,9 @@ async def test_an_item_delivered_n_times_is_dead_lettered_once(clean_db, redis_s
     for n in range(2, deliveries + 1):
         assert len(await crashed.reclaim(f"dead-{n}", count=1)) == 1
     async with running(worker), running(other):
+
         async def final() -> BatchObject | None:
-            b = await worker.services.batches.get(TENANT, batch.id)
+            b = await worker.batches.get(TENANT, batch.id)
             return b if b.status.final else None
 
         done = await _until(final, 10, "batch final")

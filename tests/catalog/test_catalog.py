@@ -23,7 +23,9 @@ def test_local_profile_has_three_pools_on_cpu() -> None:
     assert pools["vision"].modality is Modality.vision
     assert pools["text"].engine.kv_cache_memory_bytes
     assert pools["text"].engine.enforce_eager
-    assert {"phi-3.5-mini", "phi-3.5-moe", "phi-3.5-vision"} <= {n for p in catalog.enabled_pools for n in p.names}
+    assert {"phi-3.5-mini", "phi-3.5-moe", "phi-3.5-vision"} <= {
+        n for p in catalog.enabled_pools for n in p.names
+    }
 
 
 def test_h100_profile_fits_80gb_gpus() -> None:

@@ -39,8 +39,11 @@ def _read_response(sock: socket.socket) -> bytes:
         head, sep, body = answer.partition(b"\r\n\r\n")
         if sep:
             length = next(
-                (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                 if line.lower().startswith(b"content-length:")),
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
                 0,
             )
             if len(body) >= length:

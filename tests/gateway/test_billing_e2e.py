@@ -22,7 +22,9 @@ def _tenant(cluster: Cluster, admin: httpx.Client, **limits: int) -> httpx.Clien
     assert admin.post("/admin/tenants", json={"id": tenant_id, "limits": limits}).status_code == 201
     created = admin.post(f"/admin/tenants/{tenant_id}/keys", json={"name": "billing"})
     assert created.status_code == 201, created.text
-    return httpx.Client(base_url=cluster.url, timeout=120, headers={"Authorization": f"Bearer {created.json()['key']}"})
+    return httpx.Client(
+        base_url=cluster.url, timeout=120, headers={"Authorization": f"Bearer {created.json()['key']}"}
+    )
 
 
 def _billed(client: httpx.Client) -> dict[str, int]:
@@ -49,14 +51,23 @@ def test_prompt_beyond_context_is_refused_before_admission_and_not_billed(
         streamed = client.post(CHAT, json={"model": "phi-3.5-mini", "messages": huge, "stream": True})
         assert _error(streamed, 400)["code"] == "context_length_exceeded"
         # The prompt fits, but not with the completion asked for: reducing max_tokens fixes it.
-        body = {"model": "phi-3.5-mini", "messages": [{"role": "user", "content": "word " * 1500}], "max_tokens": 1000}
+        body = {
+            "model": "phi-3.5-mini",
+            "messages": [{"role": "user", "content": "word " * 1500}],
+            "max_tokens": 1000,
+        }
         err = _error(client.post(CHAT, json=body), 400)
         assert (err["code"], err["param"]) == ("context_length_exceeded", "max_tokens")
         assert "2048" in err["message"]
-        err = _error(client.post("/v1/completions", json={"model": "phi-3.5-mini", "prompt": "word " * 40_000}), 400)
+        err = _error(
+            client.post("/v1/completions", json={"model": "phi-3.5-mini", "prompt": "word " * 40_000}), 400
+        )
         assert (err["code"], err["param"]) == ("context_length_exceeded", "prompt")
         assert _billed(client) == {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        ok = client.post(CHAT, json={"model": "phi-3.5-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        ok = client.post(
+            CHAT,
+            json={"model": "phi-3.5-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        )
         assert ok.status_code == 200, ok.text
         billed = _billed(client)
         assert billed["requests"] == 1
@@ -65,10 +76,20 @@ def test_prompt_beyond_context_is_refused_before_admission_and_not_billed(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_request_refused_by_the_pool_bills_nothing(cluster: Cluster, admin: httpx.Client, stream: bool) -> None:
+def test_request_refused_by_the_pool_bills_nothing(
+    cluster: Cluster, admin: httpx.Client, stream: bool
+) -> None:
     with _tenant(cluster, admin) as client:
-        content = [{"type": "text", "text": "describe " * 50}, {"type": "image_url", "image_url": {"url": BROKEN_IMAGE}}]
-        body = {"model": "phi-3.5-vision", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "stream": stream}
+        content = [
+            {"type": "text", "text": "describe " * 50},
+            {"type": "image_url", "image_url": {"url": BROKEN_IMAGE}},
+        ]
+        body = {
+            "model": "phi-3.5-vision",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 8,
+            "stream": stream,
+        }
         assert _error(client.post(CHAT, json=body), 400)["message"]
         assert _billed(client) == {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 

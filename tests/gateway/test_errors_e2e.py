@@ -17,7 +17,9 @@ def _chat(model: str = "phi-3.5-mini", **extra: object) -> dict:  # type: ignore
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
 
 
-def _assert_error(resp: httpx.Response, status: int, *, code: str | None = None, param: str | None = None) -> dict:  # type: ignore[type-arg]
+def _assert_error(
+    resp: httpx.Response, status: int, *, code: str | None = None, param: str | None = None
+) -> dict:  # type: ignore[type-arg]
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -39,9 +41,13 @@ def test_unknown_model_is_404_model_not_found(openai_client: OpenAI) -> None:
 def test_image_to_text_model_is_400(http: httpx.Client) -> None:
     body = {
         "model": "phi-3.5-mini",
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}]}],
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}]}
+        ],
     }
-    _assert_error(http.post(CHAT, json=body), 400, code="unsupported_content", param="messages[0].content[0].image_url")
+    _assert_error(
+        http.post(CHAT, json=body), 400, code="unsupported_content", param="messages[0].content[0].image_url"
+    )
 
 
 def test_too_many_images_is_400(http: httpx.Client) -> None:
@@ -68,7 +74,12 @@ def test_broken_images_are_400(http: httpx.Client) -> None:
 def test_max_tokens_beyond_context_is_400_with_param(http: httpx.Client, cluster: Cluster) -> None:
     limit = cluster.catalog.enabled_pools[0].engine.max_model_len
     # Refused before it reaches a pool.
-    _assert_error(http.post(CHAT, json=_chat(max_tokens=limit + 1)), 400, code="context_length_exceeded", param="max_tokens")
+    _assert_error(
+        http.post(CHAT, json=_chat(max_tokens=limit + 1)),
+        400,
+        code="context_length_exceeded",
+        param="max_tokens",
+    )
     # Only the prompt pushes it over: the gateway counts the prompt and refuses before admission.
     body = _chat(max_tokens=limit - 10)
     body["messages"] = [{"role": "user", "content": "word " * 200}]
@@ -137,6 +148,14 @@ def test_unknown_route_and_method_are_openai_errors(http: httpx.Client) -> None:
 
 
 def test_completions_errors(http: httpx.Client) -> None:
-    _assert_error(http.post("/v1/completions", json={"model": "phi-3.5-mini", "prompt": ""}), 400, param="prompt")
-    _assert_error(http.post("/v1/completions", json={"model": "phi-3.5-mini", "prompt": ["a", "b"]}), 400, param="prompt")
-    _assert_error(http.post("/v1/completions", json={"model": "nope", "prompt": "a"}), 404, code="model_not_found")
+    _assert_error(
+        http.post("/v1/completions", json={"model": "phi-3.5-mini", "prompt": ""}), 400, param="prompt"
+    )
+    _assert_error(
+        http.post("/v1/completions", json={"model": "phi-3.5-mini", "prompt": ["a", "b"]}),
+        400,
+        param="prompt",
+    )
+    _assert_error(
+        http.post("/v1/completions", json={"model": "nope", "prompt": "a"}), 404, code="model_not_found"
+    )

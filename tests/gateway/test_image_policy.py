@@ -14,14 +14,14 @@ from aiohttp import web
 
 from services.catalog.loader import load_catalog
 from services.errors import InvalidRequest, PermissionDenied
-from services.gateway.chat.protocol import ChatCompletionRequest
-from services.gateway.chat.service import ChatService
-from services.gateway.gate import LeaseKeeper, TenantGate
-from services.gateway.generation import Caller, GenerationRunner
-from services.gateway.images import ImageLoader
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.pools import PoolRouter
-from services.gateway.tokens import TokenCounter
+from services.inference.chat import ChatService
+from services.inference.gate import LeaseKeeper, TenantGate
+from services.inference.generation import Caller, GenerationRunner
+from services.inference.images import ImageLoader
+from services.inference.metrics import GatewayMetrics
+from services.inference.protocol.chat import ChatCompletionRequest
+from services.inference.router import PoolRouter
+from services.inference.tokens import TokenCounter
 from services.tenancy.admission import Admission
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import ImagePolicy, Tenant
@@ -68,8 +68,13 @@ def _body(url: str) -> ChatCompletionRequest:
             "model": "phi-3.5-vision",
             "max_tokens": 2,
             "messages": [
-                {"role": "user", "content": [{"type": "text", "text": "what is this?"},
-                                             {"type": "image_url", "image_url": {"url": url}}]}
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                }
             ],
         }
     )

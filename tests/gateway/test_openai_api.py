@@ -64,7 +64,9 @@ def test_stream_ends_with_done_over_raw_sse(cluster: Cluster) -> None:
         "max_tokens": 8,
         "stream": True,
     }
-    with httpx.stream("POST", f"{cluster.base_url}/chat/completions", json=body, timeout=60, headers=AUTH) as resp:
+    with httpx.stream(
+        "POST", f"{cluster.base_url}/chat/completions", json=body, timeout=60, headers=AUTH
+    ) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.iter_lines() if line.startswith("data: ")]
@@ -128,7 +130,10 @@ def test_vision_chat_with_generated_png(openai_client: OpenAI) -> None:
 
 def test_completions(openai_client: OpenAI) -> None:
     resp = openai_client.completions.create(
-        model="phi-3.5-mini", prompt="def fibonacci(n):", max_tokens=10, temperature=0,
+        model="phi-3.5-mini",
+        prompt="def fibonacci(n):",
+        max_tokens=10,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     assert resp.object == "text_completion"
@@ -136,13 +141,21 @@ def test_completions(openai_client: OpenAI) -> None:
     assert resp.usage.completion_tokens == 10
 
     echoed = openai_client.completions.create(
-        model="phi-3.5-mini", prompt="def fibonacci(n):", max_tokens=10, temperature=0, echo=True,
+        model="phi-3.5-mini",
+        prompt="def fibonacci(n):",
+        max_tokens=10,
+        temperature=0,
+        echo=True,
         extra_body={"ignore_eos": True},
     )
     assert echoed.choices[0].text == "def fibonacci(n):" + resp.choices[0].text
 
     stream = openai_client.completions.create(
-        model="phi-3.5-mini", prompt="def fibonacci(n):", max_tokens=10, temperature=0, stream=True,
+        model="phi-3.5-mini",
+        prompt="def fibonacci(n):",
+        max_tokens=10,
+        temperature=0,
+        stream=True,
         extra_body={"ignore_eos": True},
     )
     assert "".join(c.choices[0].text for c in stream if c.choices) == resp.choices[0].text

@@ -128,7 +128,7 @@ def test_live_replicas_come_from_serve(cluster: Cluster) -> None:
     from ray import serve
 
     from services.app import APP_NAME, pool_deployment_name
-    from services.gateway.capacity import serve_live_replicas
+    from services.inference.capacity import serve_live_replicas
 
     handles = {
         p.name: serve.get_deployment_handle(pool_deployment_name(p), app_name=APP_NAME)

@@ -53,7 +53,7 @@ class _Victim(threading.Thread):
                 self.headers = dict(resp.headers)
                 for line in resp.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
-                        self.events.append(json.loads(line[len("data: "):]))
+                        self.events.append(json.loads(line[len("data: ") :]))
                         self.started.set()
         except BaseException as exc:  # reported by the test thread
             self.error = exc
@@ -79,7 +79,7 @@ def test_another_tenant_reusing_a_request_id_cannot_abort_the_stream(
             assert resp.status_code == 200
             assert resp.headers["x-request-id"] == shared_id  # echoed, as for anyone
             first = next(line for line in resp.iter_lines() if line.startswith("data: "))
-            attacker_id = json.loads(first[len("data: "):])["id"]
+            attacker_id = json.loads(first[len("data: ") :])["id"]
         victim_was_running = not victim.done.is_set()
         victim.join(120)
     assert victim_was_running, "the victim's stream ended before the attacker left; lengthen it"

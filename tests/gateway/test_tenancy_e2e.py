@@ -15,7 +15,12 @@ CHAT = "/v1/chat/completions"
 
 
 def _chat(model: str = "phi-3.5-mini", max_tokens: int = 2, **extra: object) -> dict:  # type: ignore[type-arg]
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, **extra}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+        **extra,
+    }
 
 
 def _new_tenant(admin: httpx.Client, **fields: object) -> tuple[str, str, str]:
@@ -38,7 +43,9 @@ def test_missing_wrong_and_alternate_auth(cluster: Cluster) -> None:
         assert missing.status_code == 401
         assert missing.json()["error"]["type"] == "authentication_error"
         assert anon.post(CHAT, json=_chat(), headers={"Authorization": "Bearer psk-nope"}).status_code == 401
-        assert anon.post(CHAT, json=_chat(), headers={"Authorization": f"Basic {DEMO_KEY}"}).status_code == 401
+        assert (
+            anon.post(CHAT, json=_chat(), headers={"Authorization": f"Basic {DEMO_KEY}"}).status_code == 401
+        )
         assert anon.post(CHAT, json=_chat(), headers={"api-key": DEMO_KEY}).status_code == 200
         # Public probes stay open.
         assert anon.get("/health").status_code == 200
@@ -124,7 +131,8 @@ def test_tpm_holds_for_streams_across_replicas(cluster: Cluster, admin: httpx.Cl
     tpm = 3000
     tenant_id, key, _ = _new_tenant(admin, limits={"tpm": tpm})
     bodies = [
-        _chat(max_tokens=100, stream=True, ignore_eos=True, stream_options={"include_usage": True}) for _ in range(40)
+        _chat(max_tokens=100, stream=True, ignore_eos=True, stream_options={"include_usage": True})
+        for _ in range(40)
     ]
     responses = _fire(cluster, key, bodies, workers=8)
     assert {r.status_code for r in responses} <= {200, 429}

@@ -38,7 +38,9 @@ def test_unary_and_streaming_chat(grpc_client: Client, model: str) -> None:
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
 
     chunks = list(
-        grpc_client.chat_stream(model, messages, max_tokens=12, temperature=0, ignore_eos=True, include_usage=True)
+        grpc_client.chat_stream(
+            model, messages, max_tokens=12, temperature=0, ignore_eos=True, include_usage=True
+        )
     )
     content = [c for c in chunks if c.choices]
     assert content[0].choices[0].delta.role == chat_pb2.ROLE_ASSISTANT
@@ -53,17 +55,29 @@ def test_unary_and_streaming_chat(grpc_client: Client, model: str) -> None:
 
 def test_vision_chat_with_bytes_and_data_url(grpc_client: Client) -> None:
     png = _png()
-    with_bytes = grpc_client.chat("phi-3.5-vision", [user("What is in this picture?", png)], max_tokens=8, temperature=0)
-    with_url = grpc_client.chat(
-        "phi-3.5-vision", [user("What is in this picture?", image(png_data_url(320, 240)))], max_tokens=8, temperature=0
+    with_bytes = grpc_client.chat(
+        "phi-3.5-vision", [user("What is in this picture?", png)], max_tokens=8, temperature=0
     )
-    text_only = grpc_client.chat("phi-3.5-vision", [user("What is in this picture?")], max_tokens=8, temperature=0)
+    with_url = grpc_client.chat(
+        "phi-3.5-vision",
+        [user("What is in this picture?", image(png_data_url(320, 240)))],
+        max_tokens=8,
+        temperature=0,
+    )
+    text_only = grpc_client.chat(
+        "phi-3.5-vision", [user("What is in this picture?")], max_tokens=8, temperature=0
+    )
     # The image became hundreds of prompt tokens (HD transform), the same either way.
     assert with_bytes.usage.prompt_tokens > text_only.usage.prompt_tokens + 100
     assert with_bytes.usage == with_url.usage
     assert with_bytes.choices[0].message.text == with_url.choices[0].message.text
-    streamed = grpc_client.chat_stream("phi-3.5-vision", [user("What is in this picture?", png)], max_tokens=8, temperature=0)
-    assert "".join(c.choices[0].delta.content for c in streamed if c.choices) == with_bytes.choices[0].message.text
+    streamed = grpc_client.chat_stream(
+        "phi-3.5-vision", [user("What is in this picture?", png)], max_tokens=8, temperature=0
+    )
+    assert (
+        "".join(c.choices[0].delta.content for c in streamed if c.choices)
+        == with_bytes.choices[0].message.text
+    )
 
 
 def test_parity_with_rest(grpc_client: Client, openai_client: OpenAI) -> None:
@@ -71,11 +85,16 @@ def test_parity_with_rest(grpc_client: Client, openai_client: OpenAI) -> None:
     for model in ("phi-3.5-mini", "phi-3.5-moe"):
         rest = openai_client.chat.completions.create(
             model=model,
-            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story"}],
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Tell me a story"},
+            ],
             max_tokens=24,
             temperature=0,
         )
-        rpc = grpc_client.chat(model, [system("Be brief."), user("Tell me a story")], max_tokens=24, temperature=0)
+        rpc = grpc_client.chat(
+            model, [system("Be brief."), user("Tell me a story")], max_tokens=24, temperature=0
+        )
         assert rpc.choices[0].message.text == rest.choices[0].message.content
         assert {STOP: "stop", LENGTH: "length"}[rpc.choices[0].finish_reason] == rest.choices[0].finish_reason
         assert (rpc.usage.prompt_tokens, rpc.usage.completion_tokens) == (
@@ -83,13 +102,24 @@ def test_parity_with_rest(grpc_client: Client, openai_client: OpenAI) -> None:
             rest.usage.completion_tokens,
         )
     rest_stream = openai_client.completions.create(
-        model="phi-3.5-mini", prompt="def fibonacci(n):", max_tokens=10, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        model="phi-3.5-mini",
+        prompt="def fibonacci(n):",
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     rest_chunks = list(rest_stream)
     rpc_chunks = list(
-        grpc_client.complete_stream("phi-3.5-mini", "def fibonacci(n):", max_tokens=10, temperature=0,
-                                    ignore_eos=True, include_usage=True)
+        grpc_client.complete_stream(
+            "phi-3.5-mini",
+            "def fibonacci(n):",
+            max_tokens=10,
+            temperature=0,
+            ignore_eos=True,
+            include_usage=True,
+        )
     )
     assert "".join(c.choices[0].text for c in rpc_chunks if c.choices) == "".join(
         c.choices[0].text for c in rest_chunks if c.choices
@@ -99,7 +129,9 @@ def test_parity_with_rest(grpc_client: Client, openai_client: OpenAI) -> None:
 
 
 def test_completions_and_echo(grpc_client: Client) -> None:
-    plain = grpc_client.complete("phi-3.5-mini", "def fibonacci(n):", max_tokens=10, temperature=0, ignore_eos=True)
+    plain = grpc_client.complete(
+        "phi-3.5-mini", "def fibonacci(n):", max_tokens=10, temperature=0, ignore_eos=True
+    )
     assert plain.id.startswith("cmpl-") and plain.request_id not in plain.id
     assert plain.choices[0].finish_reason == LENGTH and plain.usage.completion_tokens == 10
     echoed = grpc_client.complete(
@@ -117,9 +149,10 @@ def test_list_models_matches_rest(grpc_client: Client, openai_client: OpenAI) ->
     for name, entry in rest.items():
         assert models[name].max_model_len == entry["max_model_len"]
         assert models[name].pool == entry["pool"]
-        assert models[name].modality == {"text": models_pb2.MODALITY_TEXT, "vision": models_pb2.MODALITY_VISION}[
-            entry["modality"]
-        ]
+        assert (
+            models[name].modality
+            == {"text": models_pb2.MODALITY_TEXT, "vision": models_pb2.MODALITY_VISION}[entry["modality"]]
+        )
 
 
 def test_request_id_is_echoed_or_generated(grpc_channel: grpc.Channel) -> None:
@@ -127,7 +160,9 @@ def test_request_id_is_echoed_or_generated(grpc_channel: grpc.Channel) -> None:
     from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
 
     stub = pb_grpc.InferenceServiceStub(grpc_channel)
-    request = pb.CompleteRequest(model="phi-3.5-mini", prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=2))
+    request = pb.CompleteRequest(
+        model="phi-3.5-mini", prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=2)
+    )
     metadata = (("authorization", f"Bearer {DEMO_KEY}"), ("x-request-id", "trace-abc.123"))
     response, call = stub.Complete.with_call(request, metadata=metadata, timeout=60)
     initial = dict(call.initial_metadata())
@@ -140,8 +175,12 @@ def test_request_id_is_echoed_or_generated(grpc_channel: grpc.Channel) -> None:
 
 async def test_async_client_streams(cluster: Cluster) -> None:
     async with AsyncClient(grpc_target(cluster), api_key=DEMO_KEY, timeout_s=120) as client:
-        chunks = [c async for c in client.chat_stream("phi-3.5-moe", [user("Stream!")], max_tokens=8, ignore_eos=True,
-                                                      include_usage=True)]
+        chunks = [
+            c
+            async for c in client.chat_stream(
+                "phi-3.5-moe", [user("Stream!")], max_tokens=8, ignore_eos=True, include_usage=True
+            )
+        ]
         assert chunks[-1].usage.completion_tokens == 8
         whole = await client.complete("phi-3.5-mini", "Once", max_tokens=4, ignore_eos=True)
         assert whole.usage.completion_tokens == 4
@@ -172,15 +211,22 @@ def test_reflection_lists_and_describes_the_service(grpc_channel: grpc.Channel) 
     listing, described = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
     names = {s.name for s in listing.list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
-    files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in described.file_descriptor_response.file_descriptor_proto]
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in described.file_descriptor_response.file_descriptor_proto
+    ]
     service = next(s for f in files if f.name == "phiserve/v1/inference_service.proto" for s in f.service)
     assert [m.name for m in service.method] == [*INFERENCE_METHODS, *BATCH_METHODS]
     # The batch messages come along as a dependency, so a reflecting client can decode them.
     assert "phiserve/v1/batch.proto" in {f.name for f in files}
 
 
-def test_readme_grpc_examples_run(cluster: Cluster, grpc_channel: grpc.Channel, monkeypatch: pytest.MonkeyPatch,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_grpc_examples_run(
+    cluster: Cluster,
+    grpc_channel: grpc.Channel,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """The README's gRPC section's Python blocks (typed client; reflection) run as shown."""
     from pathlib import Path
 

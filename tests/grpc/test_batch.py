@@ -23,8 +23,12 @@ def batch_file(n: int, *, url: str = CHAT, max_tokens: int = 8, model: str = "ph
     lines = []
     for i in range(n):
         if url == CHAT:
-            body = {"model": model, "messages": [{"role": "user", "content": f"item {i}"}], "max_tokens": max_tokens,
-                    "ignore_eos": True}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": f"item {i}"}],
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+            }
         else:
             body = {"model": model, "prompt": f"item {i}", "max_tokens": max_tokens, "ignore_eos": True}
         lines.append(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}))
@@ -64,7 +68,9 @@ def finished(grpc_client: Client) -> Finished:
 def test_batch_round_trip(grpc_client: Client, finished: Finished, http: httpx.Client) -> None:
     upload, created, done = finished.input, finished.created, finished.done
     assert upload.id.startswith("file-") and upload.purpose == "batch" and upload.status == "processed"
-    assert upload.filename == "in.jsonl" and upload.bytes == len(batch_file(N_ITEMS)) and upload.created_at > 0
+    assert (
+        upload.filename == "in.jsonl" and upload.bytes == len(batch_file(N_ITEMS)) and upload.created_at > 0
+    )
     assert grpc_client.file_content(upload.id) == batch_file(N_ITEMS)
 
     assert created.id.startswith("batch_") and created.endpoint == CHAT and created.completion_window == "24h"
@@ -75,7 +81,9 @@ def test_batch_round_trip(grpc_client: Client, finished: Finished, http: httpx.C
     assert not created.HasField("output_file_id") and not created.HasField("completed_at")
 
     assert done.status == batch_pb2.BATCH_STATUS_COMPLETED
-    assert done.HasField("completed_at") and done.HasField("finalizing_at") and not done.HasField("cancelled_at")
+    assert (
+        done.HasField("completed_at") and done.HasField("finalizing_at") and not done.HasField("cancelled_at")
+    )
     counts = done.request_counts
     assert (counts.total, counts.completed, counts.failed) == (N_ITEMS, N_ITEMS, 0)
     assert done.HasField("output_file_id") and not done.HasField("error_file_id")
@@ -93,7 +101,9 @@ def test_batch_round_trip(grpc_client: Client, finished: Finished, http: httpx.C
     assert rest["status"] == "completed" and rest["output_file_id"] == done.output_file_id
     assert rest["request_counts"] == {"total": N_ITEMS, "completed": N_ITEMS, "failed": 0}
     assert rest["metadata"] == {"job": "grpc-t1"} and rest["completed_at"] == done.completed_at
-    assert http.get(f"/v1/files/{done.output_file_id}/content").content == grpc_client.file_content(done.output_file_id)
+    assert http.get(f"/v1/files/{done.output_file_id}/content").content == grpc_client.file_content(
+        done.output_file_id
+    )
 
 
 def test_list_batches_pages(grpc_client: Client, finished: Finished) -> None:
@@ -116,7 +126,10 @@ def test_list_batches_pages(grpc_client: Client, finished: Finished) -> None:
         assert unknown.code == Code.INVALID_ARGUMENT and unknown.field == "after"
     finally:
         # Leave the engine idle for the tests that count its requests (test_cancellation).
-        assert grpc_client.wait_batch(second.id, poll_s=0.5, wait_s=120).status == batch_pb2.BATCH_STATUS_COMPLETED
+        assert (
+            grpc_client.wait_batch(second.id, poll_s=0.5, wait_s=120).status
+            == batch_pb2.BATCH_STATUS_COMPLETED
+        )
 
 
 def test_cancel_of_a_finished_batch_is_invalid(grpc_client: Client, finished: Finished) -> None:
@@ -133,7 +146,10 @@ def test_malformed_file_is_refused_naming_the_line(grpc_client: Client) -> None:
     assert err.field == "data" and err.param == "file"  # the proto field; REST's param
     twice = _fails(grpc_client.upload_file, batch_file(1) + batch_file(1))
     assert twice.code == Code.INVALID_ARGUMENT and "line 2: custom_id 'req-0' appears twice" in twice.message
-    for content, fragment in ((b"", "no lines"), (batch_file(1, url="/v1/embeddings"), "line 1: url must be")):
+    for content, fragment in (
+        (b"", "no lines"),
+        (batch_file(1, url="/v1/embeddings"), "line 1: url must be"),
+    ):
         refused = _fails(grpc_client.upload_file, content)
         assert refused.code == Code.INVALID_ARGUMENT and fragment in refused.message
     purpose = _fails(grpc_client.upload_file, batch_file(1), purpose="fine-tune")
@@ -158,7 +174,9 @@ def test_create_batch_is_validated_as_rest(grpc_client: Client, finished: Finish
     assert _fails(no_key.upload_file, batch_file(1)).code == Code.UNAUTHENTICATED
 
 
-def test_another_tenant_gets_not_found(grpc_channel: grpc.Channel, admin: httpx.Client, finished: Finished) -> None:
+def test_another_tenant_gets_not_found(
+    grpc_channel: grpc.Channel, admin: httpx.Client, finished: Finished
+) -> None:
     _, key = new_tenant(admin)
     other = Client(api_key=key, channel=grpc_channel, timeout_s=60)
     done = finished.done
@@ -201,7 +219,9 @@ async def test_async_client_batch_cancel(cluster: Cluster) -> None:
         done = await client.wait_batch(created.id, poll_s=0.5, wait_s=120)
         assert done.status == batch_pb2.BATCH_STATUS_CANCELLED and done.HasField("cancelled_at")
         ok = jsonl(await client.file_content(done.output_file_id)) if done.HasField("output_file_id") else []
-        failed = jsonl(await client.file_content(done.error_file_id)) if done.HasField("error_file_id") else []
+        failed = (
+            jsonl(await client.file_content(done.error_file_id)) if done.HasField("error_file_id") else []
+        )
         assert sorted(line["custom_id"] for line in ok + failed) == sorted(f"req-{i}" for i in range(32))
         assert (done.request_counts.completed, done.request_counts.failed) == (len(ok), len(failed))
         assert all(line["response"]["body"]["object"] == "text_completion" for line in ok)

@@ -27,7 +27,9 @@ def _engine_idle() -> None:
     )
 
 
-def test_deadline_mid_stream_aborts_engine_and_frees_the_slot(grpc_channel: grpc.Channel, admin: httpx.Client) -> None:
+def test_deadline_mid_stream_aborts_engine_and_frees_the_slot(
+    grpc_channel: grpc.Channel, admin: httpx.Client
+) -> None:
     tenant_id, key = new_tenant(admin, limits={"max_concurrent": 1})
     client = Client(api_key=key, channel=grpc_channel)
     assert pool_diagnostics("text")["num_unfinished"] == 0
@@ -52,7 +54,9 @@ def test_deadline_mid_stream_aborts_engine_and_frees_the_slot(grpc_channel: grpc
     _engine_idle()
     # The slot is free again, and the cut stream was settled to what it generated.
     wait_until(
-        lambda: client.chat("phi-3.5-mini", [user("hi")], max_tokens=2, timeout_s=30).usage.completion_tokens >= 1,
+        lambda: (
+            client.chat("phi-3.5-mini", [user("hi")], max_tokens=2, timeout_s=30).usage.completion_tokens >= 1
+        ),
         timeout_s=20,
         what="slot freed",
     )
@@ -70,7 +74,9 @@ def test_client_cancel_mid_stream_aborts_engine(grpc_client: Client) -> None:
     _engine_idle()
 
 
-def test_deadline_on_a_unary_call_aborts_engine_and_settles(grpc_channel: grpc.Channel, admin: httpx.Client) -> None:
+def test_deadline_on_a_unary_call_aborts_engine_and_settles(
+    grpc_channel: grpc.Channel, admin: httpx.Client
+) -> None:
     tenant_id, key = new_tenant(admin)
     client = Client(api_key=key, channel=grpc_channel)
     try:

@@ -45,8 +45,11 @@ def test_unauthenticated(grpc_channel: grpc.Channel) -> None:
         stub_call(request, metadata=(("authorization", f"Basic {DEMO_KEY}"),), timeout=30)
     assert info.value.code() == Code.UNAUTHENTICATED
     # The REST API's alternative header works too.
-    ok = stub_call(pb.ChatRequest(model="phi-3.5-mini", messages=[user("hi")], sampling={"max_tokens": 2}),
-                   metadata=(("api-key", DEMO_KEY),), timeout=60)
+    ok = stub_call(
+        pb.ChatRequest(model="phi-3.5-mini", messages=[user("hi")], sampling={"max_tokens": 2}),
+        metadata=(("api-key", DEMO_KEY),),
+        timeout=60,
+    )
     assert ok.usage.completion_tokens >= 1
 
 
@@ -83,7 +86,11 @@ def _chat_request(**overrides: object) -> dict[str, object]:
         ({"seed": 1234}, "sampling.seed", "invalid_request"),
         ({"max_tokens": 4096}, "sampling.max_tokens", "context_length_exceeded"),
         ({"messages": [chat_pb2.ChatMessage(text="x")]}, "messages[0].role", "invalid_request"),
-        ({"messages": [user("x", image(png_data_url(64, 64)))]}, "messages[0].parts[1].image", "unsupported_content"),
+        (
+            {"messages": [user("x", image(png_data_url(64, 64)))]},
+            "messages[0].parts[1].image",
+            "unsupported_content",
+        ),
         (
             {"messages": [chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, text="a", parts=[{"text": "b"}])]},
             "messages[0]",
@@ -114,7 +121,9 @@ def test_invalid_argument_from_the_engine_keeps_its_status_on_streams(grpc_chann
         assert err.code == Code.INVALID_ARGUMENT and err.error_code == "context_length_exceeded"
     err = _fails(_client(grpc_channel).complete, "phi-3.5-mini", "")
     assert err.code == Code.INVALID_ARGUMENT and err.field == "prompt"
-    err = _fails(_client(grpc_channel).chat, "phi-3.5-vision", [user("x", image("data:image/png;base64,aGVsbG8="))])
+    err = _fails(
+        _client(grpc_channel).chat, "phi-3.5-vision", [user("x", image("data:image/png;base64,aGVsbG8="))]
+    )
     assert err.code == Code.INVALID_ARGUMENT
 
 
@@ -151,16 +160,22 @@ def test_unavailable_while_redis_is_down(grpc_channel: grpc.Channel, cluster: Cl
         # Pooled Redis connections from before the restart can fail once each (503, as over
         # REST): wait for a clean run on both gateway replicas (REST reaches both) so later
         # tests start from a recovered gateway.
-        grpc_ok = all(client.chat("phi-3.5-mini", [user("hi")], max_tokens=2).usage.completion_tokens for _ in range(20))
+        grpc_ok = all(
+            client.chat("phi-3.5-mini", [user("hi")], max_tokens=2).usage.completion_tokens for _ in range(20)
+        )
         with httpx.Client(base_url=cluster.url, headers=AUTH, timeout=60) as rest:
-            return grpc_ok and all(rest.post("/v1/chat/completions", json=body).status_code == 200 for _ in range(30))
+            return grpc_ok and all(
+                rest.post("/v1/chat/completions", json=body).status_code == 200 for _ in range(30)
+            )
 
     wait_until(served, timeout_s=90, what="gRPC service after Redis returns")
 
 
 def test_deadline_exceeded(grpc_channel: grpc.Channel) -> None:
     client = _client(grpc_channel)
-    err = _fails(client.complete, "phi-3.5-mini", "Once upon a time", max_tokens=1800, ignore_eos=True, timeout_s=0.5)
+    err = _fails(
+        client.complete, "phi-3.5-mini", "Once upon a time", max_tokens=1800, ignore_eos=True, timeout_s=0.5
+    )
     assert err.code == Code.DEADLINE_EXCEEDED
 
 
@@ -194,7 +209,9 @@ def test_malformed_messages_are_invalid_argument(grpc_channel: grpc.Channel, pay
     assert _client(grpc_channel).chat("phi-3.5-mini", [user("hi")], max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_oversized_message_is_refused_and_the_server_lives_on(grpc_channel: grpc.Channel, cluster: Cluster) -> None:
+def test_oversized_message_is_refused_and_the_server_lives_on(
+    grpc_channel: grpc.Channel, cluster: Cluster
+) -> None:
     limit = cluster.settings.max_request_body_bytes
     big = user("x" * (limit + 1024))
     for call in (_client(grpc_channel).chat, _client(grpc_channel).chat_stream):

@@ -1,7 +1,7 @@
 """The gRPC server bounds its concurrent RPCs and message size (issue 9, item 4).
 
 A real gRPC server (the gateway's `create_server`, its real servicers) on a free port,
-from `build_services` on real Redis; the pool handles are stand-ins (no pool is called).
+from `build_core` on real Redis; the pool handles are stand-ins (no pool is called).
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
+from services.batch.api import build_batch_api
 from services.catalog.loader import load_catalog
-from services.gateway.app import build_services
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
 from services.grpc.server import GrpcServer, start_grpc_server
+from services.inference.core import build_core
+from services.inference.ports import BatchApis
+from services.local.redis_server import LocalRedis
 from services.settings import Settings
-from services.tenancy.local_redis import LocalRedis
 from tests.conftest import CACHE_DIR
 
 
@@ -51,13 +53,14 @@ async def small_server(redis_server: LocalRedis, tmp_path: Path) -> AsyncIterato
         max_request_body_bytes=64 * 1024,
     )
     catalog = load_catalog("local")
-    services, state = build_services(catalog, {p.name: IdleHandle() for p in catalog.enabled_pools}, settings)
-    server = await start_grpc_server(services, settings, address="127.0.0.1:0")
+    core = build_core(settings, catalog, {p.name: IdleHandle() for p in catalog.enabled_pools})
+    files, batches = build_batch_api(core, settings)
+    server = await start_grpc_server(core, BatchApis(files, batches), settings, address="127.0.0.1:0")
     try:
         yield server
     finally:
         await server.stop(0)
-        await state.redis.close()
+        await core.redis.close()
 
 
 async def test_rpcs_beyond_the_bound_are_refused(small_server: GrpcServer) -> None:
@@ -96,7 +99,9 @@ async def test_a_message_over_the_body_limit_is_refused_unread(small_server: Grp
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-async def test_file_and_batch_rpcs_count_against_rpm(small_server: GrpcServer, redis_server: LocalRedis) -> None:
+async def test_file_and_batch_rpcs_count_against_rpm(
+    small_server: GrpcServer, redis_server: LocalRedis
+) -> None:
     from services.tenancy.models import Tenant, TenantLimits
     from services.tenancy.redis_state import RedisState
     from services.tenancy.store import TenantStore

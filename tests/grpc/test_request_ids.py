@@ -32,8 +32,12 @@ def test_another_tenant_reusing_a_request_id_cannot_abort_the_stream(
     def read_victim() -> None:
         try:
             for chunk in victim.chat_stream(
-                "phi-3.5-mini", [user("Write a very long story")], include_usage=True,
-                request_id=shared_id, max_tokens=VICTIM_TOKENS, **LONG,
+                "phi-3.5-mini",
+                [user("Write a very long story")],
+                include_usage=True,
+                request_id=shared_id,
+                max_tokens=VICTIM_TOKENS,
+                **LONG,
             ):
                 chunks.append(chunk)
                 started.set()

@@ -14,7 +14,15 @@ REPO = Path(__file__).resolve().parents[2]
 PROTO = REPO / "proto"
 GEN = REPO / "services" / "grpc" / "gen"
 INFERENCE_METHODS = ["Chat", "ChatStream", "Complete", "CompleteStream", "ListModels"]
-BATCH_METHODS = ["UploadFile", "GetFile", "GetFileContent", "CreateBatch", "GetBatch", "ListBatches", "CancelBatch"]
+BATCH_METHODS = [
+    "UploadFile",
+    "GetFile",
+    "GetFileContent",
+    "CreateBatch",
+    "GetBatch",
+    "ListBatches",
+    "CancelBatch",
+]
 
 
 def _buf() -> str:
@@ -25,7 +33,9 @@ def _buf() -> str:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_buf(), *args], check=False, cwd=PROTO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [_buf(), *args], check=False, cwd=PROTO, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -47,7 +57,9 @@ def test_buf_breaking_catches_a_breaking_change(tmp_path: Path) -> None:
     copy = tmp_path / "proto"
     shutil.copytree(PROTO, copy)
     common = copy / "phiserve" / "v1" / "common.proto"
-    common.write_text(common.read_text().replace("optional double temperature = 2;", "optional double temperature = 12;"))
+    common.write_text(
+        common.read_text().replace("optional double temperature = 2;", "optional double temperature = 12;")
+    )
     result = subprocess.run(
         [_buf(), "breaking", "--against", "image.binpb"],
         check=False,
@@ -70,11 +82,17 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
         timeout=120,
     )
-    expected = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    actual = sorted(p.relative_to(GEN) for p in GEN.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    expected = sorted(
+        p.relative_to(out) for p in out.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
+    actual = sorted(
+        p.relative_to(GEN) for p in GEN.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
     assert actual == expected, "files differ: run `bash scripts/gen_proto.sh` and commit services/grpc/gen"
     stale = [str(rel) for rel in expected if not filecmp.cmp(out / rel, GEN / rel, shallow=False)]
-    assert not stale, f"stale generated code {stale}: run `bash scripts/gen_proto.sh` and commit services/grpc/gen"
+    assert not stale, (
+        f"stale generated code {stale}: run `bash scripts/gen_proto.sh` and commit services/grpc/gen"
+    )
 
 
 def test_generated_code_imports_as_a_package() -> None:

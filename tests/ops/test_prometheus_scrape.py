@@ -38,7 +38,11 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, timeout_s=60, what="prometheus ready")
+        wait_until(
+            lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200,
+            timeout_s=60,
+            what="prometheus ready",
+        )
         yield url
     finally:
         proc.terminate()
@@ -54,7 +58,12 @@ def _query(prom: str, expr: str) -> list[dict]:  # type: ignore[type-arg]
 def test_gateway_and_vllm_metrics_reach_prometheus(cluster: Cluster, prometheus: str) -> None:
     body = {"model": "phi-3.5-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
     for _ in range(3):
-        assert httpx.post(f"{cluster.base_url}/chat/completions", json=body, headers=AUTH, timeout=60).status_code == 200
+        assert (
+            httpx.post(
+                f"{cluster.base_url}/chat/completions", json=body, headers=AUTH, timeout=60
+            ).status_code
+            == 200
+        )
 
     requests = wait_until(
         lambda: _query(prometheus, 'ray_phiserve_requests_total{model="phi-3.5-mini",status="200"}'),

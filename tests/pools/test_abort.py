@@ -17,7 +17,9 @@ def test_disconnect_mid_stream_aborts_engine_request(cluster: Cluster) -> None:
         "stream": True,
     }
     assert pool_diagnostics("text")["num_unfinished"] == 0
-    with httpx.stream("POST", f"{cluster.base_url}/chat/completions", json=body, timeout=60, headers=AUTH) as resp:
+    with httpx.stream(
+        "POST", f"{cluster.base_url}/chat/completions", json=body, timeout=60, headers=AUTH
+    ) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         received = [next(lines) for _ in range(3)]
@@ -44,7 +46,10 @@ def test_client_timeout_on_unary_request_aborts_engine_request(cluster: Cluster)
     # shared one hid the disconnect from the replica and the generation ran to its end.
     for _ in range(4):
         small = {"model": "phi-3.5-mini", "prompt": "Hi", "max_tokens": 2}
-        assert httpx.post(f"{cluster.base_url}/completions", json=small, timeout=60, headers=AUTH).status_code == 200
+        assert (
+            httpx.post(f"{cluster.base_url}/completions", json=small, timeout=60, headers=AUTH).status_code
+            == 200
+        )
     try:
         httpx.post(f"{cluster.base_url}/completions", json=body, timeout=1.0, headers=AUTH)
     except httpx.TimeoutException:

@@ -21,7 +21,9 @@ def _deploy(cluster: Cluster, replicas: int) -> None:
         {**pool.deployment.model_dump(), "num_replicas": replicas, "graceful_shutdown_timeout_s": 30}
     )
     pool = pool.model_copy(update={"deployment": deployment})
-    serve.run(build_pool(pool, cluster.catalog, cluster.settings), name=APP, route_prefix=None, blocking=False)
+    serve.run(
+        build_pool(pool, cluster.catalog, cluster.settings), name=APP, route_prefix=None, blocking=False
+    )
 
 
 def _running_replicas() -> int:
@@ -60,7 +62,9 @@ def test_scale_down_under_load_drops_nothing(cluster: Cluster) -> None:
             _deploy(cluster, replicas=1)  # a lightweight update: only the removed replica drains
             wait_until(lambda: _running_replicas() == 1, timeout_s=120, what="scaled down to one replica")
             done_at_scale_down = len(results)
-            wait_until(lambda: len(results) >= done_at_scale_down + 16, timeout_s=120, what="load after scale-down")
+            wait_until(
+                lambda: len(results) >= done_at_scale_down + 16, timeout_s=120, what="load after scale-down"
+            )
             stop.set()
             for c in clients:
                 c.result()

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from services.errors import Overloaded, RateLimited, ServiceUnavailable
+from services.local.redis_server import LocalRedis
 from services.tenancy import keys
 from services.tenancy.fair_queue import FairQueue, Grant
-from services.tenancy.local_redis import LocalRedis
 from services.tenancy.redis_state import RedisState
 from tests.conftest import REPO, free_port
 
@@ -185,7 +185,11 @@ async def test_each_tenant_has_a_waiting_cap(state: RedisState) -> None:
 def _child(mode: str, url: str, arg: str) -> list[str]:
     out = subprocess.run(
         [sys.executable, "-m", "tests.tenancy.fq_child", mode, url, arg],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return out.stdout.split()
 

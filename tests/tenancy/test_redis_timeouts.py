@@ -15,7 +15,7 @@ import time
 import pytest
 
 from services.batch.queue import BatchQueue
-from services.tenancy.local_redis import LocalRedis
+from services.local.redis_server import LocalRedis
 from services.tenancy.redis_state import RedisState, TenancyUnavailable
 
 MARGIN_S = 1.0
@@ -29,7 +29,9 @@ async def _bounded(awaitable: object) -> float:
     return time.monotonic() - started
 
 
-async def test_blpop_errors_within_its_block_time_when_redis_hangs(pausable_redis: tuple[LocalRedis, int]) -> None:
+async def test_blpop_errors_within_its_block_time_when_redis_hangs(
+    pausable_redis: tuple[LocalRedis, int],
+) -> None:
     server, pid = pausable_redis
     state = RedisState(server.url, blocking_margin_s=MARGIN_S)
     try:
@@ -42,7 +44,9 @@ async def test_blpop_errors_within_its_block_time_when_redis_hangs(pausable_redi
         await state.close()
 
 
-async def test_xreadgroup_errors_within_its_block_time_when_redis_hangs(pausable_redis: tuple[LocalRedis, int]) -> None:
+async def test_xreadgroup_errors_within_its_block_time_when_redis_hangs(
+    pausable_redis: tuple[LocalRedis, int],
+) -> None:
     server, pid = pausable_redis
     state = RedisState(server.url, blocking_margin_s=MARGIN_S)
     queue = BatchQueue(state, ["p"], visibility_timeout_s=60)

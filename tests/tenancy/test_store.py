@@ -32,7 +32,7 @@ async def test_keys_are_stored_only_as_hashes(state: RedisState) -> None:
     assert record.prefix == plain[: len(record.prefix)] == f"psk-{record.id}"  # the id only
     everything = await _all_redis_text(state)
     assert plain not in everything
-    assert plain[len(record.prefix):] not in everything
+    assert plain[len(record.prefix) :] not in everything
     assert hash_key(plain) in everything
     tenant, got = await store.authenticate(plain)
     assert tenant.id == "acme" and got.id == record.id
@@ -108,8 +108,12 @@ async def test_a_colliding_key_id_never_replaces_another_key(
     await store.put_tenant(Tenant(id="a"))
     await store.put_tenant(Tenant(id="b"))
     real = store_module.new_plain_key
-    draws = iter([("00000000deadbeef", "psk-00000000deadbeef-first-secret-aaaaaaaaaaaaaaaa"),
-                  ("00000000deadbeef", "psk-00000000deadbeef-second-secret-bbbbbbbbbbbbbbb")])
+    draws = iter(
+        [
+            ("00000000deadbeef", "psk-00000000deadbeef-first-secret-aaaaaaaaaaaaaaaa"),
+            ("00000000deadbeef", "psk-00000000deadbeef-second-secret-bbbbbbbbbbbbbbb"),
+        ]
+    )
     monkeypatch.setattr(store_module, "new_plain_key", lambda: next(draws, None) or real())
     plain_a, record_a = await store.create_key("a")
     plain_b, record_b = await store.create_key("b")

@@ -11,9 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.errors import InvalidRequest
-from services.gateway.usage.service import usage_report
+from services.inference.usage_report import usage_report
+from services.local.redis_server import LocalRedis
 from services.tenancy.admission import Admission, Usage
-from services.tenancy.local_redis import LocalRedis
 from services.tenancy.models import Tenant
 from services.tenancy.redis_state import RedisState
 from services.tenancy.usage import UsageLedger
@@ -31,7 +31,9 @@ async def _use(admission: Admission, tenant_id: str, model: str, prompt: int, co
 
 async def _keys_read_during(redis_server: LocalRedis, state: RedisState, query) -> list[str]:  # type: ignore[no-untyped-def]
     """The keys of every command Redis ran while `query` ran (MONITOR)."""
-    watcher = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}", decode_responses=True)
+    watcher = aioredis.Redis.from_url(
+        f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}", decode_responses=True
+    )
     try:
         async with watcher.monitor() as monitor:
             await query()
@@ -79,9 +81,18 @@ async def test_a_tenant_reads_only_its_own_usage_keys(redis_server: LocalRedis, 
 
 @pytest.mark.parametrize(
     ("date", "days", "param"),
-    [("0001-01-01", 2, "date"), ("0001-01-01", 92, "date"), ("2026-02-30", 1, "date"), ("x", 1, "date"), (None, 0, "days"), (None, 93, "days")],
+    [
+        ("0001-01-01", 2, "date"),
+        ("0001-01-01", 92, "date"),
+        ("2026-02-30", 1, "date"),
+        ("x", 1, "date"),
+        (None, 0, "days"),
+        (None, 93, "days"),
+    ],
 )
-async def test_usage_dates_out_of_range_are_400(state: RedisState, date: str | None, days: int, param: str) -> None:
+async def test_usage_dates_out_of_range_are_400(
+    state: RedisState, date: str | None, days: int, param: str
+) -> None:
     with pytest.raises(InvalidRequest) as info:
         await usage_report(UsageLedger(state), date=date, days=days, tenant_id="alpha")
     assert info.value.param == param

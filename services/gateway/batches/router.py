@@ -4,23 +4,23 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from services.batch.models import BatchList, BatchObject, CreateBatchRequest
-from services.gateway.deps import LimitedTenant, Services
+from services.gateway.deps import Batches, LimitedTenant
 from services.gateway.errors import ERROR_RESPONSES
+from services.inference.protocol.batches import BatchList, BatchObject, CreateBatchRequest
 
 router = APIRouter(prefix="/v1/batches", responses=ERROR_RESPONSES)
 
 
 @router.post("")
-async def create_batch(body: CreateBatchRequest, tenant: LimitedTenant, services: Services) -> BatchObject:
-    return await services.batches.create(tenant.id, body)
+async def create_batch(body: CreateBatchRequest, tenant: LimitedTenant, batches: Batches) -> BatchObject:
+    return await batches.create(tenant.id, body)
 
 
 @router.get("")
 async def list_batches(
-    tenant: LimitedTenant, services: Services, after: str | None = None, limit: int = 20
+    tenant: LimitedTenant, batches: Batches, after: str | None = None, limit: int = 20
 ) -> BatchList:
-    batches, has_more = await services.batches.list(tenant.id, after=after, limit=limit)
+    batches, has_more = await batches.list(tenant.id, after=after, limit=limit)
     return BatchList(
         data=batches,
         first_id=batches[0].id if batches else None,
@@ -30,10 +30,10 @@ async def list_batches(
 
 
 @router.get("/{batch_id}")
-async def get_batch(batch_id: str, tenant: LimitedTenant, services: Services) -> BatchObject:
-    return await services.batches.get(tenant.id, batch_id)
+async def get_batch(batch_id: str, tenant: LimitedTenant, batches: Batches) -> BatchObject:
+    return await batches.get(tenant.id, batch_id)
 
 
 @router.post("/{batch_id}/cancel")
-async def cancel_batch(batch_id: str, tenant: LimitedTenant, services: Services) -> BatchObject:
-    return await services.batches.cancel(tenant.id, batch_id)
+async def cancel_batch(batch_id: str, tenant: LimitedTenant, batches: Batches) -> BatchObject:
+    return await batches.cancel(tenant.id, batch_id)

@@ -5,20 +5,20 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from services.gateway.completions.protocol import CompletionRequest
-from services.gateway.deps import CurrentCaller, RequestId, Services
+from services.gateway.deps import CoreServices, CurrentCaller, RequestId
 from services.gateway.errors import ERROR_RESPONSES
 from services.gateway.sse import sse_response
+from services.inference.protocol.completions import CompletionRequest
 
 router = APIRouter()
 
 
 @router.post("/v1/completions", responses=ERROR_RESPONSES, response_model=None)
 async def create_completion(
-    body: CompletionRequest, services: Services, caller: CurrentCaller, request_id: RequestId
+    body: CompletionRequest, core: CoreServices, caller: CurrentCaller, request_id: RequestId
 ) -> JSONResponse | StreamingResponse:
     if body.stream:
-        events, headers = await services.completions.create_stream(caller, body, request_id)
+        events, headers = await core.completions.create_stream(caller, body, request_id)
         return sse_response(events, headers)
-    payload, headers = await services.completions.create(caller, body, request_id)
+    payload, headers = await core.completions.create(caller, body, request_id)
     return JSONResponse(payload, headers=headers)

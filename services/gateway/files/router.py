@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import Response
 
-from services.batch.models import FileList, FileObject
-from services.gateway.deps import LimitedTenant, Services
+from services.gateway.deps import Files, LimitedTenant
 from services.gateway.errors import ERROR_RESPONSES
+from services.inference.protocol.batches import FileList, FileObject
 
 router = APIRouter(prefix="/v1/files", responses=ERROR_RESPONSES)
 
@@ -17,30 +17,30 @@ router = APIRouter(prefix="/v1/files", responses=ERROR_RESPONSES)
 @router.post("", status_code=200)
 async def upload_file(
     tenant: LimitedTenant,
-    services: Services,
+    files: Files,
     file: Annotated[UploadFile, File(description="JSONL: one request per line")],
     purpose: Annotated[str, Form(description="batch")],
 ) -> FileObject:
     data = await file.read()
-    return await services.files.upload(tenant.id, filename=file.filename or "", purpose=purpose, data=data)
+    return await files.upload(tenant.id, filename=file.filename or "", purpose=purpose, data=data)
 
 
 @router.get("")
-async def list_files(tenant: LimitedTenant, services: Services, limit: int = 100) -> FileList:
-    return FileList(data=await services.files.list(tenant.id, limit=max(1, min(limit, 1000))))
+async def list_files(tenant: LimitedTenant, files: Files, limit: int = 100) -> FileList:
+    return FileList(data=await files.list(tenant.id, limit=max(1, min(limit, 1000))))
 
 
 @router.get("/{file_id}")
-async def get_file(file_id: str, tenant: LimitedTenant, services: Services) -> FileObject:
-    return await services.files.get(tenant.id, file_id)
+async def get_file(file_id: str, tenant: LimitedTenant, files: Files) -> FileObject:
+    return await files.get(tenant.id, file_id)
 
 
 @router.get("/{file_id}/content")
-async def get_file_content(file_id: str, tenant: LimitedTenant, services: Services) -> Response:
-    return Response(await services.files.content(tenant.id, file_id), media_type="application/jsonl")
+async def get_file_content(file_id: str, tenant: LimitedTenant, files: Files) -> Response:
+    return Response(await files.content(tenant.id, file_id), media_type="application/jsonl")
 
 
 @router.delete("/{file_id}")
-async def delete_file(file_id: str, tenant: LimitedTenant, services: Services) -> dict[str, object]:
-    file = await services.files.delete(tenant.id, file_id)
+async def delete_file(file_id: str, tenant: LimitedTenant, files: Files) -> dict[str, object]:
+    file = await files.delete(tenant.id, file_id)
     return {"id": file.id, "object": "file", "deleted": True}

@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from services.gateway.deps import Services
+from services.gateway.deps import CoreServices
 
 router = APIRouter()
 
 
 @router.get("/v1/models")
-async def list_models(services: Services) -> JSONResponse:
-    return JSONResponse(services.models.list())
+async def list_models(core: CoreServices) -> JSONResponse:
+    return JSONResponse(core.models.list())
 
 
 @router.get("/health")
@@ -22,9 +22,9 @@ async def health() -> JSONResponse:
 
 
 @router.get("/ready", responses={503: {"description": "A pool has no live replica"}})
-async def ready(services: Services) -> JSONResponse:
+async def ready(core: CoreServices) -> JSONResponse:
     """Readiness: every pool has a replica that answers a health round trip (cached ~1 s)."""
-    answer = await services.readiness.check()
+    answer = await core.readiness.check()
     if answer.ready:
         return JSONResponse({"status": "ready", "pools": answer.parts})
     return JSONResponse(

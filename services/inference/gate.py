@@ -1,0 +1,278 @@
+"""The tenant gate every generation passes: policy, admission, fair queue, settlement.
+
+`enter()` runs before the pool is called; `leave()` runs exactly once after it, however it
+ended (finished, failed, client gone), so reservations, slots and usage always settle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from services.catalog.models import PoolConfig
+from services.errors import ContextLengthExceeded, InvalidRequest, Overloaded, PermissionDenied, RateLimited
+from services.inference.capacity import PoolCapacity
+from services.inference.metrics import GatewayMetrics, tenant_label
+from services.inference.tokens import TokenCounter
+from services.pools.engine import GenerationRequest
+from services.tenancy.admission import Admission, Reservation, Usage
+from services.tenancy.fair_queue import FairQueue, Grant
+from services.tenancy.models import Tenant
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Admitted:
+    tenant: Tenant
+    pool: PoolConfig
+    request: GenerationRequest
+    reservation: Reservation
+    grant: Grant | None
+    estimated_prompt_tokens: int
+    left: bool = field(default=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.reservation.headers
+
+
+class LeaseKeeper:
+    """Renews the leases of this replica's in-flight requests, so only a crashed
+    gateway's leases expire."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        fair_queue: FairQueue,
+        metrics: GatewayMetrics,
+        *,
+        pools: list[str],
+        interval_s: float,
+        capacity: PoolCapacity | None = None,
+    ) -> None:
+        self._admission = admission
+        self._fair_queue = fair_queue
+        self._metrics = metrics
+        self._capacity = capacity
+        self._pools = pools
+        self._interval_s = interval_s
+        self._active: dict[int, Admitted] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def add(self, admitted: Admitted) -> None:
+        self._active[id(admitted)] = admitted
+
+    def discard(self, admitted: Admitted) -> None:
+        self._active.pop(id(admitted), None)
+
+    async def _run(self) -> None:
+        while True:
+            if self._capacity is not None:  # follow the pools' live replicas (issue 9)
+                await self._capacity.refresh()
+            await asyncio.sleep(self._interval_s)
+            active = list(self._active.values())
+            try:
+                if active:
+                    await self._admission.renew([a.reservation for a in active])
+                    await self._fair_queue.renew([a.grant for a in active if a.grant is not None])
+                # The same periodic step publishes the shared queue depths.
+                for pool in self._pools:
+                    in_flight, waiting = await self._fair_queue.depth(pool)
+                    self._metrics.pool_in_flight.set(in_flight, tags={"pool": pool})
+                    self._metrics.pool_waiting.set(waiting, tags={"pool": pool})
+            except Exception as exc:  # Redis down: leases run out; nothing to undo here
+                logger.warning("lease renewal failed: %s", exc)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class TenantGate:
+    def __init__(
+        self,
+        admission: Admission,
+        fair_queue: FairQueue,
+        counter: TokenCounter,
+        keeper: LeaseKeeper,
+        metrics: GatewayMetrics,
+        *,
+        queue_timeout_s: float,
+    ) -> None:
+        self._metrics = metrics
+        self._admission = admission
+        self._fair_queue = fair_queue
+        self._counter = counter
+        self._keeper = keeper
+        self._queue_timeout_s = queue_timeout_s
+
+    async def enter(
+        self, tenant: Tenant, pool: PoolConfig, request: GenerationRequest, *, deadline_s: float | None
+    ) -> Admitted:
+        request = self._apply_policy(tenant, pool, request)
+        if self._counter.cannot_fit(pool, request):
+            self._refuse_context(
+                pool.engine.max_model_len,
+                "However, your prompt is longer in characters than that many tokens could be.",
+                param="prompt" if request.messages is None else "messages",
+            )
+        prompt_tokens = await self._counter.count(pool, request)  # long prompts: off the loop
+        self._check_context(pool, request, prompt_tokens)
+        max_tokens = request.sampling.max_tokens or max(pool.engine.max_model_len - prompt_tokens, 1)
+        reserve = prompt_tokens + max_tokens
+        try:
+            reservation = await self._admission.admit(tenant, reserve)
+        except RateLimited as exc:
+            self._metrics.rejected.inc(tags={"reason": exc.param or "rate_limit"})
+            raise
+        admitted = Admitted(tenant, pool, request, reservation, None, prompt_tokens)
+        try:
+            timeout = self._queue_timeout_s if deadline_s is None else min(self._queue_timeout_s, deadline_s)
+            admitted.grant = await self._fair_queue.acquire(
+                pool.name,
+                tenant_id=tenant.id,
+                cost=reserve * pool.cost_factor,
+                weight=tenant.weight,
+                priority=tenant.priority_class.engine_priority,
+                timeout_s=max(timeout, 0.05),
+            )
+        except BaseException as exc:
+            if isinstance(exc, (Overloaded, RateLimited)):  # queue full or timed out, tenant's waiting cap
+                self._metrics.rejected.inc(tags={"reason": exc.param or "queue_timeout"})
+            # Shielded: a second cancel here would leak the concurrency lease until it expires.
+            await asyncio.shield(self._admission.settle(admitted.reservation, 0))
+            raise
+        self._metrics.queue_wait.observe(admitted.grant.waited_s, tags={"pool": pool.name})
+        self._keeper.add(admitted)
+        return admitted
+
+    async def leave(self, admitted: Admitted, *, prompt_tokens: int | None, completion_tokens: int) -> None:
+        """Settle once, to the tokens the engine reported; `prompt_tokens=None`: it reported
+        nothing, so nothing is billed. Shielded: a cancelled stream must still free its slot."""
+        if admitted.left:
+            return
+        admitted.left = True
+        self._keeper.discard(admitted)
+        await asyncio.shield(self._finish(admitted, prompt_tokens, completion_tokens))
+
+    async def leave_failed(self, admitted: Admitted, error: BaseException) -> None:
+        """Settle a pool call that ended before the engine reported any usage (issue 9,
+        item 5). Our failure (503, engine error, the engine refusing the request) bills
+        nothing and is not counted as a request. A client that left (disconnect, deadline:
+        the call is cancelled) pays for the prompt it sent, as counted here: the engine had
+        it, and leaving must not make its processing free."""
+        client_left = isinstance(error, asyncio.CancelledError)
+        prompt = admitted.estimated_prompt_tokens if client_left else None
+        await self.leave(admitted, prompt_tokens=prompt, completion_tokens=0)
+
+    async def _finish(self, admitted: Admitted, prompt_tokens: int | None, completion_tokens: int) -> None:
+        billed = prompt_tokens is not None or completion_tokens > 0
+        prompt_tokens = prompt_tokens or 0
+        usage = None
+        if billed:
+            usage = Usage(
+                model=admitted.pool.served_names[0],
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                images=len(admitted.request.images),
+            )
+        tags = {
+            "model": admitted.pool.served_names[0],
+            "tenant": tenant_label(admitted.tenant.id, admitted.tenant.metrics_label),
+        }
+        # Ray's counters refuse an increment of 0 (a request that failed before any token).
+        if prompt_tokens > 0:
+            self._metrics.prompt_tokens.inc(prompt_tokens, tags=tags)
+        if completion_tokens > 0:
+            self._metrics.completion_tokens.inc(completion_tokens, tags=tags)
+        steps = [self._admission.settle(admitted.reservation, prompt_tokens + completion_tokens, usage=usage)]
+        if admitted.grant is not None:
+            steps.append(self._fair_queue.release(admitted.grant))
+        # Independent keys: the slot release and the settlement go out side by side.
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for exc in results:
+            if isinstance(exc, Exception):  # Redis down: the leases expire on their own
+                logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
+
+    def _check_context(self, pool: PoolConfig, request: GenerationRequest, prompt_tokens: int) -> None:
+        """Refuse, before admission, what the engine would refuse after it: a prompt that
+        with max_tokens does not fit the context (issue 9, item 5). Only when the count is
+        the model tokenizer's own; an estimate is left to the engine (which bills nothing)."""
+        if not self._counter.exact(pool):
+            return
+        limit = pool.engine.max_model_len
+        max_tokens = request.sampling.max_tokens
+        field = "prompt" if request.messages is None else "messages"
+        if prompt_tokens >= limit:
+            reason = f"However, your {field} resulted in {prompt_tokens} tokens. Please reduce the length of the {field}."
+            param = field
+        elif max_tokens is not None and prompt_tokens + max_tokens > limit:
+            reason = (
+                f"However, you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                f"{field}, {max_tokens} in the completion). Please reduce the length of the {field} or max_tokens."
+            )
+            param = "max_tokens"
+        else:
+            return
+        self._refuse_context(limit, reason, param=param)
+
+    def _refuse_context(self, limit: int, reason: str, *, param: str) -> NoReturn:
+        self._metrics.rejected.inc(tags={"reason": "context_length_exceeded"})
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limit} tokens. {reason}", param=param
+        )
+
+    def _apply_policy(
+        self, tenant: Tenant, pool: PoolConfig, request: GenerationRequest
+    ) -> GenerationRequest:
+        check_access(tenant, pool, model=request.model, images=len(request.images))
+        cap = tenant.limits.max_tokens
+        sampling = request.sampling
+        if cap is not None:
+            if sampling.max_tokens is not None and sampling.max_tokens > cap:
+                raise InvalidRequest(
+                    f"max_tokens is {sampling.max_tokens}; this tenant's cap is {cap}", param="max_tokens"
+                )
+            if sampling.max_tokens is None:
+                sampling = dataclasses.replace(sampling, max_tokens=cap)
+        return dataclasses.replace(request, sampling=sampling, priority=tenant.priority_class.engine_priority)
+
+
+def check_access(tenant: Tenant, pool: PoolConfig, *, model: str, images: int) -> None:
+    """The tenant may use this model with this many images. Also called before any image
+    is fetched or decoded (chat service), so a refused request costs no fetch (issue 9)."""
+    if not tenant.allows(pool.names):
+        raise PermissionDenied(
+            f"tenant '{tenant.id}' may not use model '{model}'",
+            param="model",
+            code="model_not_allowed",
+        )
+    if images > tenant.images.max_images_per_request:
+        raise InvalidRequest(
+            f"this tenant may send at most {tenant.images.max_images_per_request} image(s) per request",
+            param="messages",
+            code="too_many_images",
+        )
+
+
+def client_deadline_s(headers: dict[str, str] | None, started: float | None = None) -> float | None:
+    """The client's own timeout, when it tells us (the OpenAI SDKs send x-stainless-timeout)."""
+    if not headers:
+        return None
+    raw = headers.get("x-stainless-timeout") or headers.get("x-request-timeout")
+    try:
+        value = float(raw) if raw else None
+    except ValueError:
+        return None
+    if value is None or value <= 0:
+        return None
+    return value - (time.monotonic() - started if started else 0.0)

@@ -1,0 +1,119 @@
+"""Routing from a model name to its pool, and the ONE handle hop to that pool.
+
+Ray and Serve errors are translated into `services.errors` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from services.catalog.models import Catalog, PoolConfig
+from services.errors import GenerationFailed, ModelNotFound, PhiserveError, ServiceUnavailable
+from services.inference.ports import PoolHandle
+from services.pools.engine import GenerationChunk, GenerationRequest, GenerationResult
+
+
+class PoolRouter:
+    def __init__(
+        self,
+        catalog: Catalog,
+        handles: Mapping[str, PoolHandle],
+        *,
+        assign_timeout_s: float,
+    ) -> None:
+        self._handles = handles
+        self._assign_timeout_s = assign_timeout_s
+        self._by_name: dict[str, PoolConfig] = {}
+        for pool in catalog.enabled_pools:
+            for name in pool.names:
+                self._by_name[name] = pool
+        self._stream_handles = {name: h.options(stream=True) for name, h in handles.items()}
+
+    def resolve(self, model: str) -> PoolConfig:
+        pool = self._by_name.get(model)
+        if pool is None:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist; GET /v1/models lists the served models",
+                param="model",
+            )
+        return pool
+
+    async def generate(self, pool: PoolConfig, request: GenerationRequest) -> GenerationResult:
+        response = self._handles[pool.name].generate.remote(request)
+        await self._await_assignment(pool, response)
+        try:
+            result: GenerationResult = await response
+        except asyncio.CancelledError:
+            # Outside a Serve request context Ray does not cancel the remote call for us.
+            response.cancel()
+            raise
+        except BaseException as exc:
+            raise _translate(exc, pool) from None
+        return result
+
+    async def stream(self, pool: PoolConfig, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        response = self._stream_handles[pool.name].generate_stream.remote(request)
+        await self._await_assignment(pool, response)
+        try:
+            async for chunk in response:
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: cancelling the handle call cancels the pool's
+            # generator, which aborts the engine request.
+            response.cancel()
+            raise
+        except BaseException as exc:
+            raise _translate(exc, pool) from None
+
+    async def ready(self, pool: PoolConfig) -> bool:
+        return await self.ready_handle(self._handles[pool.name])
+
+    async def ready_handle(self, handle: PoolHandle) -> bool:
+        """A replica of the deployment behind `handle` answers its `ready()` in time."""
+        try:
+            await asyncio.wait_for(handle.ready.remote(), timeout=self._assign_timeout_s)
+        except Exception:
+            return False
+        return True
+
+    async def _await_assignment(self, pool: PoolConfig, response: Any) -> None:
+        """Fail fast with 503 when no replica of the pool takes the request.
+
+        Serve would otherwise hold the request until a replica appears. Waiting for
+        assignment has no public API in Ray 2.60; `_fetch_future_result_async` is
+        what `DeploymentResponse._to_object_ref` awaits for the same purpose.
+        """
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(response._fetch_future_result_async()),
+                timeout=self._assign_timeout_s,
+            )
+        except TimeoutError:
+            response.cancel()
+            raise ServiceUnavailable(
+                f"no replica of pool '{pool.name}' is available; retry shortly",
+                code="no_live_replica",
+            ) from None
+        except BaseException as exc:
+            raise _translate(exc, pool) from None
+
+
+def _translate(exc: BaseException, pool: PoolConfig) -> BaseException:
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)):
+        return exc
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, PhiserveError):
+        return exc.cause
+    if isinstance(exc, PhiserveError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return ServiceUnavailable(f"pool '{pool.name}' is overloaded; retry shortly", code="overloaded")
+    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
+        return ServiceUnavailable(
+            f"pool '{pool.name}' lost its replica; retry shortly", code="no_live_replica"
+        )
+    return GenerationFailed(f"pool '{pool.name}' failed to generate")
