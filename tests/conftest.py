@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -21,6 +22,9 @@ from services.local.redis_server import LocalRedis
 from services.ray_env import ray_process_env
 from services.settings import Settings
 from services.tenancy.redis_state import RedisState
+
+if TYPE_CHECKING:
+    from tests.fakes.gateway import InProcessGateway
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO / ".cache"
@@ -134,6 +138,30 @@ async def state(redis_server: LocalRedis) -> AsyncIterator[RedisState]:
     finally:
         await st.redis.flushdb()
         await st.close()
+
+
+INPROCESS_DB = 4  # the in-process gateway's own database, flushed around each test
+
+
+@pytest.fixture
+async def inprocess_gateway(redis_server: LocalRedis, tmp_path: Path) -> AsyncIterator[InProcessGateway]:
+    """The real gateway in-process, no Ray (issue 10, item 6): `build_core` over fake pool
+    handles (real `PoolReplica`s with a `FakeEngine` each), the real batch APIs and the real
+    FastAPI app, served through `httpx.ASGITransport` with its lifespan running, on a clean
+    database of the session's redis-server. A tenant `gw.tenant` with the key `gw.api_key`
+    (headers `gw.auth`) is created through the admin API (headers `gw.admin`).
+
+    Other settings or catalogs: `tests.fakes.gateway.run_inprocess_gateway` directly, with
+    `inprocess_redis_url(redis_server)`. See tests/fakes/gateway.py."""
+    # Imported here: it imports Ray, which must not happen before the proxy mode is set above.
+    from tests.fakes.gateway import run_inprocess_gateway
+
+    async with run_inprocess_gateway(inprocess_redis_url(redis_server), tmp_path) as gateway:
+        yield gateway
+
+
+def inprocess_redis_url(redis_server: LocalRedis) -> str:
+    return f"redis://127.0.0.1:{redis_server.port}/{INPROCESS_DB}"
 
 
 @pytest.fixture(scope="session")

@@ -45,14 +45,26 @@ class CancelOnDisconnect:
                 body_read.set()
             return message
 
-        handler = asyncio.ensure_future(self._app(scope, app_receive, send))
+        # The server reports http.disconnect also once the response is complete (uvicorn,
+        # httpx's ASGITransport): then no client left, and a stream's handler, still closing
+        # its task group, must not be cancelled (it was counted as a 499).
+        answered = False
+
+        async def app_send(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self._app(scope, app_receive, app_send))
 
         async def watch() -> None:
             await body_read.wait()
             while (await receive())["type"] != "http.disconnect":
                 pass
             gone.set()
-            handler.cancel()
+            if not answered:
+                handler.cancel()
 
         watcher = asyncio.ensure_future(watch())
         try:
