@@ -36,6 +36,14 @@ AUTH = {"Authorization": f"Bearer {DEMO_KEY}"}
 CACHE_SALT_SECRET = "test-cache-salt-secret-0123456789"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the session cluster (directly or through another fixture),
+    so `pytest -m "not cluster"` runs the fast, in-process layer alone."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
