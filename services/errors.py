@@ -9,15 +9,18 @@
      ├── ModelNotFound                  no pool serves that model name (404)
      ├── ResourceNotFound               no such tenant/key/file/batch *for this caller* (404)
      ├── RequestTooLarge                body over the configured limit (413)
+     ├── ClientClosedRequest            the client left before the answer (499, never sent)
      ├── RateLimited                    a tenant limit refused the request (429, Retry-After)
      ├── Overloaded                     waited too long in the fair queue (429, Retry-After)
-     ├── ServiceUnavailable             no live replica / engine dead / Redis down (503)
+     ├── ServiceUnavailable             no live replica / engine dead (503, Retry-After)
+     │    └── TenancyUnavailable        Redis (tenant state, queue) did not answer
      └── GenerationFailed               the engine failed on a valid request (500)
 
 Errors raised in a pool replica cross the Ray handle to the gateway, so each one
-pickles by its constructor arguments (`__reduce__`). Lower-layer errors (vLLM, Ray)
+pickles by its constructor arguments (`__reduce__`). Lower-layer errors (vLLM, Ray, Redis)
 are translated into these once, at the boundary where they are caught, with
-`raise X(...) from exc`; the HTTP status table lives in `services.gateway.errors`.
+`raise X(...) from exc`. What each class means on the wire (HTTP status, OpenAI error
+`type`, gRPC code) is one table, `services.inference.errors.ERROR_TABLE`.
 """
 
 from __future__ import annotations
@@ -98,6 +101,14 @@ class RequestTooLarge(PhiserveError):
     default_code = "request_too_large"
 
 
+class ClientClosedRequest(PhiserveError):
+    """The client went away (disconnect, cancelled RPC) before its answer was complete.
+
+    Nobody reads the answer; the status exists for metrics and logs, as nginx's 499."""
+
+    default_code = "client_closed_request"
+
+
 class RateLimited(PhiserveError):
     default_code = "rate_limit_exceeded"
 
@@ -121,12 +132,20 @@ class ServiceUnavailable(PhiserveError):
         super().__init__(message, param=param, code=code, retry_after_s=retry_after_s, headers=headers)
 
 
+class TenancyUnavailable(ServiceUnavailable):
+    """Redis did not answer (raised only by services.tenancy.redis_state); auth and
+    admission fail closed, and the gateway counts it as a refusal of its own."""
+
+    default_code = "tenancy_unavailable"
+
+
 class GenerationFailed(PhiserveError):
     default_code = "generation_failed"
 
 
 __all__ = [
     "AuthenticationFailed",
+    "ClientClosedRequest",
     "ContextLengthExceeded",
     "GenerationFailed",
     "InvalidRequest",
@@ -138,5 +157,6 @@ __all__ = [
     "RequestTooLarge",
     "ResourceNotFound",
     "ServiceUnavailable",
+    "TenancyUnavailable",
     "UnsupportedContent",
 ]

@@ -26,8 +26,8 @@ from typing import Any
 from services.batch.files import FileService, parse_batch_jsonl
 from services.batch.queue import item_fields
 from services.batch.quotas import Quota, TenantQuotas
-from services.errors import InvalidRequest, ModelNotFound, PhiserveError, ResourceNotFound
-from services.inference.errors import error_payload
+from services.errors import InvalidRequest, ModelNotFound, ResourceNotFound
+from services.inference.errors import batch_error_line
 from services.inference.protocol.batches import (
     BATCH_ENDPOINTS,
     BatchErrors,
@@ -45,17 +45,6 @@ FINALIZE_LOCK_S = 120
 STALE_VALIDATING_S = 600  # a create still enqueueing after this long has died
 
 logger = logging.getLogger(__name__)
-
-
-def error_line(item_id: str, custom_id: str, exc: PhiserveError) -> dict[str, Any]:
-    """An error-file line: the status and body REST would answer (the one error table)."""
-    status, body, _ = error_payload(exc)
-    return {
-        "id": item_id,
-        "custom_id": custom_id,
-        "response": {"status_code": status, "request_id": item_id, "body": body},
-        "error": {"code": exc.code, "message": exc.message},
-    }
 
 
 def output_line(item_id: str, custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +156,7 @@ class BatchService:
                         pool = self._router.resolve(item["body"]["model"])
                     except ModelNotFound as exc:
                         # Refused item by item, as OpenAI does: the rest of the batch runs.
-                        line = error_line(f"{batch_id}-{item['line']}", item["custom_id"], exc)
+                        line = batch_error_line(f"{batch_id}-{item['line']}", item["custom_id"], exc)
                         pipe.hsetnx(
                             keys.batch_results(batch_id),
                             item["line"],

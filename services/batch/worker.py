@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from services.batch.metrics import BatchMetrics
 from services.batch.queue import BatchQueue, QueueItem, ResultWriter
-from services.batch.service import BatchService, error_line, output_line
+from services.batch.service import BatchService, output_line
 from services.errors import (
     GenerationFailed,
     InvalidRequest,
@@ -37,7 +37,7 @@ from services.errors import (
 )
 from services.inference.chat import ChatShape
 from services.inference.core import Core
-from services.inference.errors import invalid_request_from
+from services.inference.errors import batch_error_line, invalid_request_from
 from services.inference.generation import Caller
 from services.inference.protocol.batches import BatchStatus
 from services.inference.protocol.chat import ChatCompletionRequest
@@ -199,7 +199,7 @@ class BatchProcessor:
         if item.deliveries > self._max_deliveries:
             self._metrics.items.inc(tags={"outcome": "dead_lettered"})
             failed = item.deliveries - 1
-            return False, error_line(
+            return False, batch_error_line(
                 item_id,
                 item.custom_id,
                 GenerationFailed(
@@ -216,24 +216,24 @@ class BatchProcessor:
             if stop is GONE:
                 return None
             if isinstance(stop, PhiserveError):
-                return False, error_line(item_id, item.custom_id, stop)
+                return False, batch_error_line(item_id, item.custom_id, stop)
             assert isinstance(stop, Tenant)
             try:
                 return True, output_line(item_id, item.custom_id, await self._generate(stop, item, item_id))
             except WAITS as exc:
                 if exc.param in NEVER_FITS:
-                    return False, error_line(item_id, item.custom_id, exc)
+                    return False, batch_error_line(item_id, item.custom_id, exc)
                 tries += 1
                 delay = self._delay(tries, exc)
             except RETRYABLE as exc:
                 attempts += 1
                 if attempts >= self._max_attempts:
-                    return False, error_line(item_id, item.custom_id, exc)
+                    return False, batch_error_line(item_id, item.custom_id, exc)
                 self._metrics.items.inc(tags={"outcome": "retried"})
                 tries += 1
                 delay = self._delay(tries, exc)
             except PhiserveError as exc:
-                return False, error_line(item_id, item.custom_id, exc)
+                return False, batch_error_line(item_id, item.custom_id, exc)
             await asyncio.sleep(delay)
 
     async def _stop_reason(self, item: QueueItem) -> object:

@@ -8,10 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from services.errors import AuthenticationFailed, PermissionDenied
-from services.gateway.middleware import presented_key as _key_in_headers
 from services.inference.core import Core
 from services.inference.gate import client_deadline_s
 from services.inference.generation import Caller
+from services.inference.identity import presented_key as _key_in_headers
 from services.inference.metrics import tenant_label
 from services.inference.ports import BatchApi, BatchApis, FileApi
 from services.tenancy.models import Tenant

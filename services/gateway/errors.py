@@ -13,8 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.errors import PhiserveError
+from services.errors import PhiserveError, TenancyUnavailable
 from services.inference.errors import error_body, error_payload, invalid_request_from
+from services.inference.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,16 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     return error_response(invalid_request_from(exc.errors()))
 
 
+def count_refusal(metrics: GatewayMetrics | None, exc: PhiserveError) -> None:
+    """Redis down is a refusal of the gateway's own, counted at the edge because it can come
+    from any Redis step (auth, admission, usage); other refusals are counted where decided."""
+    if metrics is not None and isinstance(exc, TenancyUnavailable):
+        metrics.rejected.inc(tags={"reason": "tenancy_unavailable"})
+
+
 async def _on_phiserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PhiserveError)
-    if exc.code == "tenancy_unavailable":
-        # Counted here because it can come from any Redis step (auth, admission, usage).
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.rejected.inc(tags={"reason": "tenancy_unavailable"})
+    count_refusal(getattr(request.app.state, "metrics", None), exc)
     return error_response(exc)
 
 

@@ -2,7 +2,8 @@
 
 * `x-request-id`: Serve's own request-id middleware echoes or generates the header
   (in every proxy mode); the id the routes use (`scope["state"]["request_id"]`,
-  response ids, logs) is that header when it is a safe token, a fresh one otherwise.
+  response ids, logs) is that header when it is a safe token, a fresh one otherwise
+  (`services.inference.identity.request_id`, the rule gRPC uses too).
 * Body limits, per route: generations (base64 images) get `max_request_body_bytes`, a
   batch file upload `max_batch_file_bytes`, every other route the small
   `max_json_body_bytes`. A larger body gets 413 before it is parsed, whether it declares a
@@ -19,24 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
-import uuid
 from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.errors import PhiserveError
-from services.gateway.errors import error_body, error_payload
+from services.errors import ClientClosedRequest, PhiserveError
+from services.gateway.errors import count_refusal, error_body, error_payload
+from services.inference.errors import error_row
+from services.inference.identity import presented_key, request_id
 from services.inference.metrics import GatewayMetrics
 from services.tenancy.store import TenantStore
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's code for a client that went away mid-response
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# nginx's 499, from the error table: the status the metrics record for a client that left.
+CLIENT_CLOSED_REQUEST = error_row(ClientClosedRequest).http_status
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -81,7 +82,7 @@ class GatewayMiddleware:
             return
         started = time.perf_counter()
         state = scope.setdefault("state", {})
-        state["request_id"] = _request_id(scope)
+        state["request_id"] = request_id(Headers(scope=scope))
         state["started"] = started
         labels = state["metric_labels"] = {"model": "none", "tenant": "none"}
         status = 500
@@ -114,8 +115,7 @@ class GatewayMiddleware:
                 state["tenant"], _ = await self._tenants.authenticate(presented_key(Headers(scope=scope)))
             except PhiserveError as exc:
                 # Answered without reading the body; the server discards what follows.
-                if exc.code == "tenancy_unavailable":
-                    self._metrics.rejected.inc(tags={"reason": "tenancy_unavailable"})
+                count_refusal(self._metrics, exc)
                 state["status"] = await _send_error(send, exc)
                 return
 
@@ -154,29 +154,8 @@ class GatewayMiddleware:
         return self._max_json_body_bytes
 
 
-def presented_key(headers: Headers) -> str | None:
-    """The API key of `Authorization: Bearer <key>` or, as Azure OpenAI clients send it, `api-key`."""
-    auth = headers.get("authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-        return None
-    return headers.get("api-key")
-
-
 def _is_tenant_route(path: str) -> bool:
     return path.startswith(TENANT_PREFIX) and path not in PUBLIC_PATHS
-
-
-def _request_id(scope: Scope) -> str:
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            if _REQUEST_ID_OK.match(candidate):
-                return candidate
-            break
-    return uuid.uuid4().hex
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -9,21 +9,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from services.errors import PhiserveError
-from services.inference.errors import status_and_type
+from services.inference.errors import error_row
 
-# gRPC's sibling of ERROR_TABLE (issue 5): the gRPC code is looked up by the row's HTTP
-# status, so REST and gRPC cannot disagree about a class. 413 maps to RESOURCE_EXHAUSTED,
-# the code gRPC itself gives a message over the size limit.
-GRPC_CODE_BY_HTTP_STATUS: dict[int, grpc.StatusCode] = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    500: grpc.StatusCode.INTERNAL,
-}
 ERROR_DOMAIN = "phiserve"
 
 
@@ -34,17 +21,18 @@ def _packed(message: Any) -> any_pb2.Any:
 
 
 def grpc_status(exc: PhiserveError, *, field: str | None = None) -> tuple[grpc.StatusCode, status_pb2.Status]:
-    """The gRPC code and rich `google.rpc.Status` of an error, from the same table as REST.
+    """The gRPC code and rich `google.rpc.Status` of an error: the code is the row's in the
+    core's table (`ERROR_TABLE`), beside REST's status, so the two cannot disagree.
 
     Details: `ErrorInfo` (reason: the REST `code` in upper case; metadata: `code`, `type`,
     `param`), `BadRequest` naming `field` (the proto field path; REST's `param` if not
     given) for INVALID_ARGUMENT, and `RetryInfo` when the error has a retry delay.
     """
-    http_status, type_ = status_and_type(exc)
-    code = GRPC_CODE_BY_HTTP_STATUS.get(http_status, grpc.StatusCode.INTERNAL)
+    row = error_row(exc)
+    code = grpc.StatusCode[row.grpc_code]
     reason = (exc.code or "internal_error").upper()
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
-    info.metadata.update({"code": exc.code or "", "type": type_, "param": exc.param or ""})
+    info.metadata.update({"code": exc.code or "", "type": row.openai_type, "param": exc.param or ""})
     details = [_packed(info)]
     field = field or exc.param
     if code is grpc.StatusCode.INVALID_ARGUMENT and field:

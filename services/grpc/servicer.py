@@ -3,8 +3,9 @@
 Each method authenticates from metadata, converts the proto request into the REST model
 (`services.grpc.convert`), and calls the same services as the REST routes: the chat and
 completion services' `prepare`, the `GenerationRunner` (tenant gate: admission, fair
-queue, settlement) and the pool router. Errors map through the gateway's one error table
-(`services.gateway.errors.grpc_status`).
+queue, settlement) and the pool router. Errors map through the core's one error table
+(`services.inference.errors`, as gRPC status by `services.grpc.errors.grpc_status`); the
+API key and request-id rules are REST's (`services.inference.identity`).
 
 The Batch API's methods (files and batches) call the same `FileService` and `BatchService`
 objects as REST's /v1/files and /v1/batches routes, scoped to the caller's tenant.
@@ -19,23 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from services.catalog.models import PoolConfig
-from services.errors import GenerationFailed, PhiserveError
+from services.errors import ClientClosedRequest, GenerationFailed, PhiserveError
 from services.grpc import convert
 from services.grpc.errors import grpc_status
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
 from services.inference.core import Core
-from services.inference.errors import status_and_type
+from services.inference.errors import error_row
 from services.inference.generation import Caller, ResponseShape
+from services.inference.identity import presented_key, request_id
 from services.inference.metrics import tenant_label
 from services.inference.ports import BatchApis
 from services.pools.engine import GenerationRequest, GenerationResult
@@ -44,9 +44,7 @@ from services.tenancy.models import Tenant
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
-# The same rule as the REST middleware's x-request-id: a safe token, else a fresh id.
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-CLIENT_CLOSED_REQUEST = 499
+CLIENT_CLOSED_REQUEST = error_row(ClientClosedRequest).http_status  # recorded for a cancelled RPC
 # GetFileContent sends a file in chunks of this many bytes (under any client's default
 # 4 MiB receive limit, whatever the file's size).
 FILE_CHUNK_BYTES = 1024 * 1024
@@ -57,17 +55,6 @@ def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
 
 
-def presented_key(metadata: dict[str, str]) -> str | None:
-    """`authorization: Bearer <key>`, else `api-key: <key>` (as the REST API)."""
-    auth = metadata.get("authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-        return None
-    return metadata.get("api-key")
-
-
 class _Call:
     """One RPC's request id, labels and metadata."""
 
@@ -75,8 +62,7 @@ class _Call:
         self.context = context
         self.method = method
         self.metadata = metadata_dict(context)
-        candidate = self.metadata.get("x-request-id", "")
-        self.request_id = candidate if _REQUEST_ID_OK.match(candidate) else uuid.uuid4().hex
+        self.request_id = request_id(self.metadata)
         self.started = time.perf_counter()
         self.labels = {"model": "none", "tenant": "none"}
 
@@ -327,7 +313,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             status = 200
             return result
         except PhiserveError as exc:
-            status = status_and_type(exc)[0]
+            status = error_row(exc).http_status
             failure = exc
         except asyncio.CancelledError:
             status = CLIENT_CLOSED_REQUEST

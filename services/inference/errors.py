@@ -1,17 +1,22 @@
-"""The one error table: phiserve errors -> HTTP status, OpenAI error `type`, and the OpenAI
-error body, for every adapter (REST, SSE, gRPC, batch output lines).
+"""The one error table: each phiserve error class -> HTTP status, OpenAI error `type` and
+gRPC status code, side by side, and the OpenAI error body, for every adapter (REST, SSE,
+gRPC, batch output lines).
 
 The HTTP adapter turns these into responses (services/gateway/errors.py), the gRPC adapter
-into status codes (services/grpc/errors.py); neither decides a status of its own.
+into its status and rich details (services/grpc/errors.py), the batch worker into error-file
+lines (`batch_error_line`); none decides a status of its own. The gRPC code is a name of
+`grpc.StatusCode` so that the core does not import grpc.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from services.errors import (
     AuthenticationFailed,
+    ClientClosedRequest,
+    ContextLengthExceeded,
     GenerationFailed,
     InvalidRequest,
     ModelNotFound,
@@ -22,30 +27,59 @@ from services.errors import (
     RequestTooLarge,
     ResourceNotFound,
     ServiceUnavailable,
+    TenancyUnavailable,
+    UnsupportedContent,
 )
 
-# class -> (HTTP status, OpenAI error `type`). Looked up along the MRO, so a
-# subclass (ContextLengthExceeded) inherits its parent's row (InvalidRequest).
-ERROR_TABLE: dict[type[PhiserveError], tuple[int, str]] = {
-    InvalidRequest: (400, "invalid_request_error"),
-    AuthenticationFailed: (401, "authentication_error"),
-    PermissionDenied: (403, "permission_error"),
-    ModelNotFound: (404, "invalid_request_error"),
-    ResourceNotFound: (404, "invalid_request_error"),
-    RequestTooLarge: (413, "invalid_request_error"),
-    RateLimited: (429, "rate_limit_error"),
-    Overloaded: (429, "rate_limit_error"),
-    ServiceUnavailable: (503, "service_unavailable_error"),
-    GenerationFailed: (500, "server_error"),
-    PhiserveError: (500, "server_error"),
+GrpcCodeName = Literal[
+    "CANCELLED",
+    "INVALID_ARGUMENT",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "NOT_FOUND",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "INTERNAL",
+]
+
+
+class ErrorRow(NamedTuple):
+    http_status: int
+    openai_type: str
+    grpc_code: GrpcCodeName
+
+
+# Every class of the tree in services/errors.py has its row (a test holds the table to the
+# tree); lookup walks the MRO, so a subclass defined elsewhere gets its parent's row.
+# 413 is RESOURCE_EXHAUSTED, the code gRPC itself gives a message over its size limit.
+# 499 (nginx's "client closed request") is never sent: it labels metrics and logs.
+ERROR_TABLE: dict[type[PhiserveError], ErrorRow] = {
+    InvalidRequest: ErrorRow(400, "invalid_request_error", "INVALID_ARGUMENT"),
+    ContextLengthExceeded: ErrorRow(400, "invalid_request_error", "INVALID_ARGUMENT"),
+    UnsupportedContent: ErrorRow(400, "invalid_request_error", "INVALID_ARGUMENT"),
+    AuthenticationFailed: ErrorRow(401, "authentication_error", "UNAUTHENTICATED"),
+    PermissionDenied: ErrorRow(403, "permission_error", "PERMISSION_DENIED"),
+    ModelNotFound: ErrorRow(404, "invalid_request_error", "NOT_FOUND"),
+    ResourceNotFound: ErrorRow(404, "invalid_request_error", "NOT_FOUND"),
+    RequestTooLarge: ErrorRow(413, "invalid_request_error", "RESOURCE_EXHAUSTED"),
+    ClientClosedRequest: ErrorRow(499, "invalid_request_error", "CANCELLED"),
+    RateLimited: ErrorRow(429, "rate_limit_error", "RESOURCE_EXHAUSTED"),
+    Overloaded: ErrorRow(429, "rate_limit_error", "RESOURCE_EXHAUSTED"),
+    ServiceUnavailable: ErrorRow(503, "service_unavailable_error", "UNAVAILABLE"),
+    TenancyUnavailable: ErrorRow(503, "service_unavailable_error", "UNAVAILABLE"),
+    GenerationFailed: ErrorRow(500, "server_error", "INTERNAL"),
+    PhiserveError: ErrorRow(500, "server_error", "INTERNAL"),
 }
 
 
-def status_and_type(exc: PhiserveError) -> tuple[int, str]:
-    for cls in type(exc).__mro__:
-        if cls in ERROR_TABLE:
-            return ERROR_TABLE[cls]  # type: ignore[index]
-    return 500, "server_error"
+def error_row(error: PhiserveError | type[PhiserveError]) -> ErrorRow:
+    """The row of an error (or error class): its own, else its nearest ancestor's."""
+    cls = error if isinstance(error, type) else type(error)
+    for ancestor in cls.__mro__:
+        row = ERROR_TABLE.get(ancestor)
+        if row is not None:
+            return row
+    return ERROR_TABLE[PhiserveError]
 
 
 def error_body(
@@ -55,11 +89,25 @@ def error_body(
 
 
 def error_payload(exc: PhiserveError) -> tuple[int, dict[str, Any], dict[str, str]]:
-    status, type_ = status_and_type(exc)
+    """HTTP status, OpenAI error body and headers (Retry-After) of an error."""
+    row = error_row(exc)
     headers = dict(exc.headers)
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(exc.retry_after_s)
-    return status, error_body(exc.message, type_, param=exc.param, code=exc.code), headers
+    body = error_body(exc.message, row.openai_type, param=exc.param, code=exc.code)
+    return row.http_status, body, headers
+
+
+def batch_error_line(item_id: str, custom_id: str, exc: PhiserveError) -> dict[str, Any]:
+    """A line of a batch's error file: the status and body REST would answer for the item,
+    and OpenAI's top-level `error` summary (code, message)."""
+    status, body, _ = error_payload(exc)
+    return {
+        "id": item_id,
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": item_id, "body": body},
+        "error": {"code": exc.code, "message": exc.message},
+    }
 
 
 def _validation_param(loc: tuple[Any, ...]) -> str | None:

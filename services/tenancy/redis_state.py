@@ -25,7 +25,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, RedisError, TimeoutError
 
-from services.errors import ServiceUnavailable
+# TenancyUnavailable lives in the drawn tree (services/errors.py); raised from here only.
+from services.errors import TenancyUnavailable
 
 LUA_DIR = Path(__file__).parent / "lua"
 SCRIPTS = ("admit", "settle", "fair_queue", "renew_leases")
@@ -38,10 +39,6 @@ KEEPALIVE_OPTIONS = {
     for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
     if hasattr(socket, option)
 }
-
-
-class TenancyUnavailable(ServiceUnavailable):
-    default_code = "tenancy_unavailable"
 
 
 class RedisState:
