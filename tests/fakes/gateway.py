@@ -15,6 +15,7 @@ all arrive, but a test cannot leave in the middle of one (cancel at the core ins
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -147,6 +148,16 @@ async def run_inprocess_gateway(
                 yield gateway
     finally:
         await _flush(redis_url)
+
+
+def sse_payloads(body: str) -> list[Any]:
+    """The `data:` payloads of a Server-Sent Events body, decoded; "[DONE]" stays a string."""
+    payloads: list[Any] = []
+    for event in body.split("\n\n"):
+        if event.startswith("data: "):
+            data = event.removeprefix("data: ")
+            payloads.append(data if data == "[DONE]" else json.loads(data))
+    return payloads
 
 
 async def _flush(redis_url: str) -> None:
