@@ -33,8 +33,10 @@ from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog  #
 
 from services.batch.queue import BatchQueue, ResultWriter, item_fields  # noqa: E402
 from services.local.redis_server import LocalRedis  # noqa: E402
-from services.tenancy import keys  # noqa: E402
-from services.tenancy.redis_state import RedisState  # noqa: E402
+from services.redis_store import (
+    RedisStore,  # noqa: E402
+    keys,  # noqa: E402
+)
 
 READ_COUNT = 64
 ENQUEUE_CHUNK = 1000
@@ -52,7 +54,7 @@ def _items(n: int) -> list[dict]:  # type: ignore[type-arg]
     ]
 
 
-async def queue_path(state: RedisState, n: int) -> float:
+async def queue_path(state: RedisStore, n: int) -> float:
     await state.redis.flushdb()
     queue = BatchQueue(state, ["text"], visibility_timeout_s=60)
     writer = ResultWriter(queue)  # what the worker records through
@@ -85,7 +87,7 @@ async def queue_path(state: RedisState, n: int) -> float:
     return n / elapsed
 
 
-async def raw_path(state: RedisState, n: int) -> float:
+async def raw_path(state: RedisStore, n: int) -> float:
     await state.redis.flushdb()
     stream = "raw:stream"
     await state.redis.xgroup_create(stream, "g", id="0", mkstream=True)
@@ -112,7 +114,7 @@ async def micro(items: int, rounds: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         redis = LocalRedis(port=free_port(), directory=Path(tmp))
         redis.start()
-        state = RedisState(redis.url)
+        state = RedisStore(redis.url)
         try:
             queue_rates, raw_rates = [], []
             for _ in range(rounds):  # alternate to spread the machine's noise over both

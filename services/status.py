@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.catalog.models import Catalog
+from services.redis_store import RedisStore, keys
 from services.settings import Settings
-from services.tenancy import keys
-from services.tenancy.redis_state import RedisState
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ def serve_deployments(app_name: str) -> tuple[str, dict[str, tuple[str, dict[str
 
 async def collect_status(
     catalog: Catalog,
-    state: RedisState,
+    state: RedisStore,
     app_status: str,
     deployments: dict[str, tuple[str, dict[str, int]]],
 ) -> ClusterStatus:
@@ -90,14 +89,14 @@ async def collect_status(
     pools = []
     for pool in catalog.enabled_pools:
         status, replicas = deployments.get(pool_deployment_name(pool), ("NOT_DEPLOYED", {}))
-        in_flight = await state.run(redis.zcount(keys.pool_in_flight(pool.name), now_ms, "+inf"))
-        waiting = await state.run(redis.zcard(keys.pool_waiting(pool.name)))
+        in_flight = await redis.zcount(keys.pool_in_flight(pool.name), now_ms, "+inf")
+        waiting = await redis.zcard(keys.pool_waiting(pool.name))
         pools.append(PoolStatus(pool.name, status, replicas, int(in_flight), int(waiting)))
     pool_names = {pool_deployment_name(pool) for pool in catalog.enabled_pools}
     others = {name: replicas for name, (_, replicas) in deployments.items() if name not in pool_names}
     batches = []
-    for batch_id in sorted(await state.run(redis.smembers(keys.ACTIVE_BATCHES))):
-        raw: dict[str, Any] = await state.run(redis.hgetall(keys.batch_record(batch_id)))
+    for batch_id in sorted(await redis.smembers(keys.ACTIVE_BATCHES)):
+        raw: dict[str, Any] = await redis.hgetall(keys.batch_record(batch_id))
         if raw:
             batches.append(
                 BatchProgress(
@@ -118,7 +117,7 @@ async def cluster_status(settings: Settings, catalog: Catalog) -> ClusterStatus:
     from services.app import APP_NAME
 
     app_status, deployments = serve_deployments(APP_NAME)
-    state = RedisState(settings.redis_url)
+    state = RedisStore(settings.redis_url)
     try:
         return await collect_status(catalog, state, app_status, deployments)
     finally:

@@ -20,8 +20,8 @@ from services.catalog.loader import load_catalog
 from services.catalog.models import Catalog
 from services.local.redis_server import LocalRedis
 from services.ray_env import ray_process_env
+from services.redis_store import RedisStore
 from services.settings import Settings
-from services.tenancy.redis_state import RedisState
 
 if TYPE_CHECKING:
     from tests.fakes.gateway import InProcessGateway
@@ -137,9 +137,9 @@ UNIT_DB = 3  # unit tests flush their own Redis database, never the cluster's (0
 
 
 @pytest.fixture
-async def state(redis_server: LocalRedis) -> AsyncIterator[RedisState]:
+async def state(redis_server: LocalRedis) -> AsyncIterator[RedisStore]:
     """A clean Redis database on the session's real redis-server, for unit tests."""
-    st = RedisState(f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}")
+    st = RedisStore(f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}")
     await st.redis.flushdb()
     try:
         yield st

@@ -25,8 +25,7 @@ from typing import Any
 from services.batch.quotas import Quota, TenantQuotas
 from services.errors import InvalidRequest, RequestTooLarge, ResourceNotFound, ServiceUnavailable
 from services.inference.protocol.batches import BATCH_ENDPOINTS, FileObject
-from services.tenancy import keys
-from services.tenancy.redis_state import RedisState
+from services.redis_store import RedisStore, keys
 
 MAX_CUSTOM_ID_LENGTH = 512
 # Deeper than any real request (tool schemas nest ~10 levels); far below the depth where
@@ -168,7 +167,7 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
 class FileService:
     def __init__(
         self,
-        state: RedisState,
+        redis_store: RedisStore,
         store: FileStore,
         *,
         max_bytes: int,
@@ -177,9 +176,10 @@ class FileService:
         max_stored_bytes: int = 2 * 1024**3,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._state = state
+        self._redis_store = redis_store
+        self._redis = redis_store.redis
         self._store = store
-        self._quotas = TenantQuotas(state)
+        self._quotas = TenantQuotas(redis_store)
         self._quota = Quota(max_files, max_stored_bytes, "files", "bytes of files")
         self._max_bytes = max_bytes
         self._max_lines = max_lines
@@ -225,7 +225,7 @@ class FileService:
                 raise ServiceUnavailable(
                     "file storage failed; retry shortly", code="file_storage_unavailable"
                 ) from exc
-            async with self._state.pipeline() as pipe:
+            async with self._redis_store.pipeline() as pipe:
                 pipe.set(
                     keys.file_record(file.id), json.dumps({"tenant_id": tenant_id, "file": file.model_dump()})
                 )
@@ -245,7 +245,7 @@ class FileService:
             logger.warning("cleaning up file %s failed: %s", file_id, exc)
 
     async def get(self, tenant_id: str, file_id: str) -> FileObject:
-        raw = await self._state.run(self._state.redis.get(keys.file_record(file_id)))
+        raw = await self._redis.get(keys.file_record(file_id))
         record = json.loads(raw) if raw else None
         if record is None or record["tenant_id"] != tenant_id:
             raise ResourceNotFound(f"No such File object: {file_id}", param="file_id")
@@ -257,7 +257,7 @@ class FileService:
 
     async def delete(self, tenant_id: str, file_id: str) -> FileObject:
         file = await self.get(tenant_id, file_id)
-        async with self._state.pipeline() as pipe:
+        async with self._redis_store.pipeline() as pipe:
             pipe.delete(keys.file_record(file_id))
             pipe.zrem(keys.tenant_files(tenant_id), file_id)
             pipe.hdel(keys.tenant_file_bytes(tenant_id), file_id)
@@ -266,7 +266,7 @@ class FileService:
         return file
 
     async def list(self, tenant_id: str, *, limit: int) -> list[FileObject]:
-        ids = await self._state.run(self._state.redis.zrevrange(keys.tenant_files(tenant_id), 0, limit - 1))
+        ids = await self._redis.zrevrange(keys.tenant_files(tenant_id), 0, limit - 1)
         files = []
         for file_id in ids:
             try:

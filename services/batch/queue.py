@@ -16,15 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from redis.exceptions import ResponseError
-
-from services.tenancy import keys
-from services.tenancy.redis_state import RedisState
-
-RECORD_RESULT = (Path(__file__).parent / "lua" / "record_result.lua").read_text()
+from services.redis_store import RedisStore, Script, keys
 
 
 @dataclass(frozen=True)
@@ -66,41 +60,27 @@ def _parse(pool: str, entry_id: str, fields: dict[str, str], deliveries: int = 1
 
 
 class BatchQueue:
-    def __init__(self, state: RedisState, pools: list[str], *, visibility_timeout_s: float) -> None:
-        self._state = state
+    def __init__(self, store: RedisStore, pools: list[str], *, visibility_timeout_s: float) -> None:
+        self._store = store
+        self._redis = store.redis
         self._pools = pools
         self._visibility_ms = int(visibility_timeout_s * 1000)
-        self._record = state.redis.register_script(RECORD_RESULT)
 
     async def ensure_groups(self) -> None:
         for pool in self._pools:
-            try:
-                await self._state.run(
-                    self._state.redis.xgroup_create(
-                        keys.batch_stream(pool), keys.BATCH_GROUP, id="0", mkstream=True
-                    )
-                )
-            except Exception as exc:  # BUSYGROUP: it exists already
-                if "BUSYGROUP" not in str(exc.__cause__ or exc):
-                    raise
+            await self._store.create_group(keys.batch_stream(pool), keys.BATCH_GROUP)  # or it existed
 
     async def read(self, consumer: str, *, count: int, block_ms: int) -> list[QueueItem]:
         streams = {keys.batch_stream(pool): ">" for pool in self._pools}
-        try:
-            reply = await self._state.blocking_call(
-                self._state.blocking.xreadgroup(
-                    keys.BATCH_GROUP, consumer, streams, count=count, block=block_ms
-                ),
-                block_s=block_ms / 1000,
-            )
-        except Exception as exc:
-            if isinstance(exc.__cause__, ResponseError) and "NOGROUP" in str(exc.__cause__):
-                await self.ensure_groups()  # Redis lost the group (restart without AOF)
-                return []
-            raise
+        read = await self._store.read_group(
+            keys.BATCH_GROUP, consumer, streams, count=count, block_ms=block_ms
+        )
+        if read.group_missing:
+            await self.ensure_groups()  # Redis lost the group (restart without AOF)
+            return []
         return [
             _parse(_pool_of(stream), entry_id, fields)
-            for stream, entries in (reply or [])
+            for stream, entries in read.streams
             for entry_id, fields in entries
         ]
 
@@ -108,15 +88,13 @@ class BatchQueue:
         """Take over entries idle longer than the visibility timeout (their worker died)."""
         items: list[QueueItem] = []
         for pool in self._pools:
-            reply = await self._state.run(
-                self._state.redis.xautoclaim(
-                    keys.batch_stream(pool),
-                    keys.BATCH_GROUP,
-                    consumer,
-                    self._visibility_ms,
-                    "0-0",
-                    count=count,
-                )
+            reply = await self._redis.xautoclaim(
+                keys.batch_stream(pool),
+                keys.BATCH_GROUP,
+                consumer,
+                self._visibility_ms,
+                "0-0",
+                count=count,
             )
             # Redis 6.2 answers [cursor, entries]; 7.x adds a third element (deleted ids).
             entries = [
@@ -131,7 +109,7 @@ class BatchQueue:
     async def _deliveries(self, pool: str, entry_ids: list[str]) -> dict[str, int]:
         if not entry_ids:
             return {}
-        async with self._state.pipeline() as pipe:
+        async with self._store.pipeline() as pipe:
             for entry_id in entry_ids:
                 pipe.xpending_range(
                     keys.batch_stream(pool), keys.BATCH_GROUP, min=entry_id, max=entry_id, count=1
@@ -141,7 +119,7 @@ class BatchQueue:
 
     async def drop(self, item: QueueItem) -> None:
         """Acknowledge and delete an entry with nothing to record (its batch is gone or final)."""
-        async with self._state.pipeline() as pipe:
+        async with self._store.pipeline() as pipe:
             pipe.xack(keys.batch_stream(item.pool), keys.BATCH_GROUP, item.entry_id)
             pipe.xdel(keys.batch_stream(item.pool), item.entry_id)
             await pipe.execute()
@@ -150,11 +128,7 @@ class BatchQueue:
         """Reset the idle time of entries this worker is still working on."""
         for pool in {item.pool for item in items}:
             ids = [item.entry_id for item in items if item.pool == pool]
-            await self._state.run(
-                self._state.redis.xclaim(
-                    keys.batch_stream(pool), keys.BATCH_GROUP, consumer, 0, ids, justid=True
-                )
-            )
+            await self._redis.xclaim(keys.batch_stream(pool), keys.BATCH_GROUP, consumer, 0, ids, justid=True)
 
     async def record(
         self, item: QueueItem, result: dict[str, Any], *, ok: bool
@@ -169,11 +143,13 @@ class BatchQueue:
         answers: dict[int, tuple[bool, int, int, int]] = {}
         for pool in {item.pool for item, _, _ in results}:
             indexed = [(i, r) for i, r in enumerate(results) if r[0].pool == pool]
-            args: list[Any] = [keys.BATCH_GROUP, keys.PREFIX]
+            script_keys = [keys.batch_stream(pool)]
+            args: list[Any] = [keys.BATCH_GROUP]
             for _, (item, result, ok) in indexed:
                 outcome = "completed" if ok else "failed"
-                args += [f"{item.batch_id}|{item.line}|{outcome}|{item.entry_id}", json.dumps(result)]
-            flat = await self._state.run(self._record(keys=[keys.batch_stream(pool)], args=args))
+                script_keys += [keys.batch_record(item.batch_id), keys.batch_results(item.batch_id)]
+                args += [f"{item.line}|{outcome}|{item.entry_id}", json.dumps(result)]
+            flat = await self._store.script(Script.RECORD_RESULT, keys=script_keys, args=args)
             for n, (i, _) in enumerate(indexed):
                 new, completed, failed, total = flat[4 * n : 4 * n + 4]
                 answers[i] = (bool(new), int(completed), int(failed), int(total))
@@ -181,7 +157,7 @@ class BatchQueue:
 
     async def lag_s(self, pool: str, now_ms: float) -> float:
         """Age of the oldest entry still in the pool's stream (acknowledged ones are deleted)."""
-        oldest = await self._state.run(self._state.redis.xrange(keys.batch_stream(pool), count=1))
+        oldest = await self._redis.xrange(keys.batch_stream(pool), count=1)
         if not oldest:
             return 0.0
         return max((now_ms - int(oldest[0][0].split("-")[0])) / 1000, 0.0)
@@ -189,10 +165,10 @@ class BatchQueue:
     async def depth(self, pool: str) -> tuple[int, int]:
         """(entries in the stream, entries delivered but not acknowledged)."""
         stream = keys.batch_stream(pool)
-        length = await self._state.run(self._state.redis.xlen(stream))
+        length = await self._redis.xlen(stream)
         try:
-            pending = await self._state.run(self._state.redis.xpending(stream, keys.BATCH_GROUP))
-        except Exception:
+            pending = await self._redis.xpending(stream, keys.BATCH_GROUP)
+        except Exception:  # noqa: BLE001  # no group yet (or Redis lost it): nothing is pending
             return int(length), 0
         return int(length), int(pending["pending"])
 

@@ -10,12 +10,10 @@ repeated release never frees more than was taken.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from services.errors import RateLimited
-from services.tenancy.redis_state import RedisState
+from services.redis_store import RedisStore, Script
 
-RESERVE = (Path(__file__).parent / "lua" / "reserve.lua").read_text()
 TOO_MANY, TOO_LARGE = 1, 2
 
 
@@ -28,14 +26,13 @@ class Quota:
 
 
 class TenantQuotas:
-    def __init__(self, state: RedisState) -> None:
-        self._state = state
-        self._reserve = state.redis.register_script(RESERVE)
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
 
     async def reserve(self, key: str, member: str, amount: int, quota: Quota) -> None:
         """Take a place or raise 429 quota_exceeded naming what is full and how full."""
-        verdict, count, total = await self._state.run(
-            self._reserve(keys=[key], args=[member, amount, quota.max_members, quota.max_sum])
+        verdict, count, total = await self._store.script(
+            Script.RESERVE, keys=[key], args=[member, amount, quota.max_members, quota.max_sum]
         )
         if verdict == TOO_MANY:
             raise RateLimited(
@@ -53,7 +50,7 @@ class TenantQuotas:
 
     async def record(self, key: str, member: str, amount: int) -> None:
         """Count without checking (a batch's own output files must always be written)."""
-        await self._state.run(self._state.redis.hset(key, member, amount))
+        await self._store.redis.hset(key, member, amount)
 
     async def release(self, key: str, member: str) -> None:
-        await self._state.run(self._state.redis.hdel(key, member))
+        await self._store.redis.hdel(key, member)

@@ -37,8 +37,7 @@ from services.inference.protocol.batches import (
     RequestCounts,
 )
 from services.inference.router import PoolRouter
-from services.tenancy import keys
-from services.tenancy.redis_state import RedisState
+from services.redis_store import RedisStore, keys
 
 COMPLETION_WINDOW_S = 24 * 3600
 FINALIZE_LOCK_S = 120
@@ -59,7 +58,7 @@ def output_line(item_id: str, custom_id: str, body: dict[str, Any]) -> dict[str,
 class BatchService:
     def __init__(
         self,
-        state: RedisState,
+        store: RedisStore,
         files: FileService,
         router: PoolRouter,
         *,
@@ -69,10 +68,11 @@ class BatchService:
         retention_s: float = 7 * 24 * 3600,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._state = state
+        self._store = store
+        self._redis = store.redis
         self._files = files
         self._router = router
-        self._quotas = TenantQuotas(state)
+        self._quotas = TenantQuotas(store)
         self._quota = Quota(max_active, max_queued_items, "unfinished batches", "queued items")
         self._enqueue_chunk = enqueue_chunk
         self._retention_s = retention_s
@@ -138,7 +138,7 @@ class BatchService:
             "failed": 0,
             "metadata": json.dumps(req.metadata or {}),
         }
-        async with self._state.pipeline() as pipe:
+        async with self._store.pipeline() as pipe:
             pipe.hset(keys.batch_record(batch_id), mapping=record)
             # Millisecond scores: batches created within one second still list in order.
             pipe.zadd(keys.tenant_batches(tenant_id), {batch_id: int(self._clock() * 1000)})
@@ -150,7 +150,7 @@ class BatchService:
         unroutable = 0
         for start in range(0, len(items), self._enqueue_chunk):
             pools: list[str | None] = []
-            async with self._state.pipeline() as pipe:
+            async with self._store.pipeline() as pipe:
                 for item in items[start : start + self._enqueue_chunk]:
                     try:
                         pool = self._router.resolve(item["body"]["model"])
@@ -176,7 +176,7 @@ class BatchService:
             "in_progress_at": int(self._clock()),
             "failed": unroutable,
         }
-        await self._state.run(self._state.redis.hset(keys.batch_record(batch_id), mapping=ready))
+        await self._redis.hset(keys.batch_record(batch_id), mapping=ready)
         return unroutable
 
     async def _discard(self, tenant_id: str, batch_id: str, added: dict[str, list[str]]) -> None:
@@ -184,22 +184,20 @@ class BatchService:
         then the sweep fails the batch later and workers drop its items)."""
         # One command at a time, no MULTI: under maxmemory Redis refuses anything queued in a
         # transaction, but still runs deletions on their own.
-        redis = self._state.redis
+        redis = self._redis
         try:
             for pool, entry_ids in added.items():
                 for start in range(0, len(entry_ids), self._enqueue_chunk):
-                    await self._state.run(
-                        redis.xdel(keys.batch_stream(pool), *entry_ids[start : start + self._enqueue_chunk])
-                    )
-            await self._state.run(redis.delete(keys.batch_record(batch_id), keys.batch_results(batch_id)))
-            await self._state.run(redis.zrem(keys.tenant_batches(tenant_id), batch_id))
-            await self._state.run(redis.srem(keys.ACTIVE_BATCHES, batch_id))
-            await self._state.run(redis.hdel(keys.tenant_active_batches(tenant_id), batch_id))
+                    await redis.xdel(keys.batch_stream(pool), *entry_ids[start : start + self._enqueue_chunk])
+            await redis.delete(keys.batch_record(batch_id), keys.batch_results(batch_id))
+            await redis.zrem(keys.tenant_batches(tenant_id), batch_id)
+            await redis.srem(keys.ACTIVE_BATCHES, batch_id)
+            await redis.hdel(keys.tenant_active_batches(tenant_id), batch_id)
         except Exception as exc:  # noqa: BLE001  # the sweep fails the batch later
             logger.warning("cleaning up batch %s after a failed create: %s", batch_id, exc)
 
     async def record(self, batch_id: str) -> dict[str, str]:
-        return dict(await self._state.run(self._state.redis.hgetall(keys.batch_record(batch_id))))
+        return dict(await self._redis.hgetall(keys.batch_record(batch_id)))
 
     async def get(self, tenant_id: str, batch_id: str) -> BatchObject:
         raw = await self.record(batch_id)
@@ -210,9 +208,7 @@ class BatchService:
     async def list(self, tenant_id: str, *, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
         if not 1 <= limit <= 100:
             raise InvalidRequest("limit must be between 1 and 100", param="limit")
-        ids: list[str] = await self._state.run(
-            self._state.redis.zrevrange(keys.tenant_batches(tenant_id), 0, -1)
-        )
+        ids: list[str] = await self._redis.zrevrange(keys.tenant_batches(tenant_id), 0, -1)
         if after is not None:
             if after not in ids:
                 raise InvalidRequest(f"after: no batch '{after}'", param="after")
@@ -224,7 +220,7 @@ class BatchService:
             try:
                 batches.append(await self.get(tenant_id, batch_id))
             except ResourceNotFound:  # its record expired after the retention: forget it
-                await self._state.run(self._state.redis.zrem(keys.tenant_batches(tenant_id), batch_id))
+                await self._redis.zrem(keys.tenant_batches(tenant_id), batch_id)
         return batches, False
 
     async def cancel(self, tenant_id: str, batch_id: str) -> BatchObject:
@@ -235,11 +231,9 @@ class BatchService:
             )
         if batch.status.final or batch.status is BatchStatus.finalizing:
             raise InvalidRequest(f"batch {batch_id} is already {batch.status.value}", param="batch_id")
-        await self._state.run(
-            self._state.redis.hset(
-                keys.batch_record(batch_id),
-                mapping={"status": BatchStatus.cancelling.value, "cancelling_at": int(self._clock())},
-            )
+        await self._redis.hset(
+            keys.batch_record(batch_id),
+            mapping={"status": BatchStatus.cancelling.value, "cancelling_at": int(self._clock())},
         )
         return await self.get(tenant_id, batch_id)
 
@@ -247,22 +241,18 @@ class BatchService:
         """Write the output and error files and close the batch (idempotent)."""
         raw = await self.record(batch_id)
         if not raw or BatchStatus(raw["status"]).final:
-            await self._state.run(self._state.redis.srem(keys.ACTIVE_BATCHES, batch_id))
+            await self._redis.srem(keys.ACTIVE_BATCHES, batch_id)
             return
-        got_lock = await self._state.run(
-            self._state.redis.set(keys.batch_finalize_lock(batch_id), "1", nx=True, ex=FINALIZE_LOCK_S)
-        )
+        got_lock = await self._redis.set(keys.batch_finalize_lock(batch_id), "1", nx=True, ex=FINALIZE_LOCK_S)
         if not got_lock:
             return
         now = int(self._clock())
         previous = BatchStatus(raw["status"])
-        await self._state.run(
-            self._state.redis.hset(
-                keys.batch_record(batch_id),
-                mapping={"status": BatchStatus.finalizing.value, "finalizing_at": now},
-            )
+        await self._redis.hset(
+            keys.batch_record(batch_id),
+            mapping={"status": BatchStatus.finalizing.value, "finalizing_at": now},
         )
-        results = await self._state.run(self._state.redis.hgetall(keys.batch_results(batch_id)))
+        results = await self._redis.hgetall(keys.batch_results(batch_id))
         ordered = [json.loads(results[k]) for k in sorted(results, key=int)]
         outputs = [json.dumps(r["line"]) for r in ordered if r["ok"]]
         errors = [json.dumps(r["line"]) for r in ordered if not r["ok"]]
@@ -296,7 +286,7 @@ class BatchService:
             final = BatchStatus.completed
         update["status"] = final.value
         update[f"{final.value}_at"] = int(self._clock())
-        async with self._state.pipeline() as pipe:
+        async with self._store.pipeline() as pipe:
             pipe.hset(keys.batch_record(batch_id), mapping=update)
             # The results now live in the files; the record stays readable for a while.
             pipe.delete(keys.batch_results(batch_id))
@@ -308,10 +298,10 @@ class BatchService:
 
     async def sweep(self) -> None:
         """Expire overdue batches and finish any whose items are all resolved."""
-        for batch_id in await self._state.run(self._state.redis.smembers(keys.ACTIVE_BATCHES)):
+        for batch_id in await self._redis.smembers(keys.ACTIVE_BATCHES):
             raw = await self.record(batch_id)
             if not raw:
-                await self._state.run(self._state.redis.srem(keys.ACTIVE_BATCHES, batch_id))
+                await self._redis.srem(keys.ACTIVE_BATCHES, batch_id)
                 continue
             status = BatchStatus(raw["status"])
             if status is BatchStatus.validating:
@@ -320,7 +310,7 @@ class BatchService:
                 continue
             if status is BatchStatus.in_progress and int(raw["expires_at"]) < self._clock():
                 # Workers now answer its remaining items with batch_expired.
-                await self._state.run(self._state.redis.hset(keys.batch_record(batch_id), "expiring", 1))
+                await self._redis.hset(keys.batch_record(batch_id), "expiring", 1)
             if int(raw["completed"]) + int(raw["failed"]) >= int(raw["total"]):
                 await self.finalize(batch_id)
 

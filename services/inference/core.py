@@ -25,11 +25,11 @@ from services.inference.ports import PoolHandle
 from services.inference.readiness import Readiness
 from services.inference.router import PoolRouter
 from services.inference.tokens import TokenCounter
+from services.redis_store import RedisStore
 from services.settings import Settings
 from services.tenancy.admission import Admission
 from services.tenancy.cache_salt import CacheSalts
 from services.tenancy.fair_queue import FairQueue
-from services.tenancy.redis_state import RedisState
 from services.tenancy.store import TenantStore
 from services.tenancy.usage import UsageLedger
 
@@ -47,7 +47,7 @@ class Core:
     api_limiter: ApiRequestLimiter  # RPM for the files, batches and usage routes
     readiness: Readiness  # /ready's pool round trips, cached for a second
     metrics: GatewayMetrics
-    redis: RedisState  # owned: closed by `close()`
+    redis: RedisStore  # owned: closed by `close()`
     keeper: LeaseKeeper  # renews this replica's leases while it runs
     admin_key: str | None
 
@@ -67,7 +67,7 @@ def build_core(
     batch_worker: PoolHandle | None = None,  # a Serve handle with `ready`, like a pool
     live_replicas: LiveReplicas | None = None,
 ) -> Core:
-    redis = RedisState(settings.redis_url)
+    redis = RedisStore(settings.redis_url)
     router = PoolRouter(catalog, handles, assign_timeout_s=settings.pool_ready_timeout_s)
     admission = Admission(redis, lease_ttl_s=settings.lease_ttl_s, fail_open=settings.fail_open_limits)
     fair_queue = FairQueue(

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.errors import RateLimited, ServiceUnavailable
-from services.tenancy import keys
+from services.redis_store import RedisStore, Script, keys
 from services.tenancy.models import Tenant
-from services.tenancy.redis_state import RedisState
 from services.tenancy.usage import USAGE_TTL_S
 
 
@@ -67,13 +66,13 @@ def _reset(ms: int) -> str:
 class Admission:
     def __init__(
         self,
-        state: RedisState,
+        store: RedisStore,
         *,
         lease_ttl_s: float,
         fail_open: bool = False,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self._state = state
+        self._store = store
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
         # None (production): windows and leases run on Redis's clock (TIME), shared by every
         # gateway; a test may pass a clock of its own to move time.
@@ -89,8 +88,8 @@ class Admission:
         limits = tenant.limits
         lease_id = secrets.token_hex(8)
         try:
-            result = await self._state.script(
-                "admit",
+            result = await self._store.script(
+                Script.ADMIT,
                 keys=[
                     keys.requests_window(tenant.id),
                     keys.tokens_window(tenant.id),
@@ -150,8 +149,8 @@ class Admission:
                 USAGE_TTL_S,
             ]
         tenant_id = reservation.tenant_id
-        await self._state.script(
-            "settle",
+        await self._store.script(
+            Script.SETTLE,
             keys=[
                 keys.tokens_window(tenant_id),
                 keys.daily_tokens(tenant_id, reservation.day),
@@ -174,8 +173,8 @@ class Admission:
         """Extend the concurrency leases of requests still running (long streams)."""
         live = [r for r in reservations if r.recorded]
         if live:
-            await self._state.script(
-                "renew_leases",
+            await self._store.script(
+                Script.RENEW_LEASES,
                 keys=[keys.concurrency_leases(r.tenant_id) for r in live],
                 args=[
                     int(self._clock() * 1000) if self._clock is not None else "",

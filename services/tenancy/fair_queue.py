@@ -12,7 +12,8 @@ Start-time fair queueing (SFQ) with its state in Redis; each step is one Lua cal
 * `acquire` enqueues and dispatches in one call: an idle pool grants the caller in
   that same round trip; otherwise the caller waits on its grant key in slices, renewing
   its ticket's own short lease between them;
-* `release` frees the slot and dispatches the next tickets (pushing their grant keys).
+* `release` frees the slot and dispatches the next tickets; the caller then pushes their
+  grant lists (keys the script cannot name before it runs, so it does not touch them).
 
 Leaving the queue (issue 9, item 3). A waiter that stops waiting for any reason (timeout,
 cancellation by a client disconnect or gRPC deadline, a Redis error) withdraws its ticket,
@@ -34,8 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.errors import Overloaded, RateLimited, ServiceUnavailable
-from services.tenancy import keys
-from services.tenancy.redis_state import RedisState
+from services.redis_store import RedisStore, Script, keys
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Grant:
 class FairQueue:
     def __init__(
         self,
-        state: RedisState,
+        store: RedisStore,
         capacities: dict[str, int],
         *,
         max_waiting: int,
@@ -66,7 +66,7 @@ class FairQueue:
         policy: str = "fair",
         fail_open: bool = False,
     ) -> None:
-        self._state = state
+        self._store = store
         self._policy = policy
         self._capacities = dict(capacities)
         self._max_waiting = max_waiting
@@ -85,8 +85,11 @@ class FairQueue:
         self._capacities[pool] = max(capacity, 1)
 
     async def _step(self, pool: str, op: str, args: list[Any]) -> Any:
-        return await self._state.script(
-            "fair_queue",
+        """One script step; then wake the waiters its dispatch granted. `args` start with
+        the tickets the step names (all of them for renew), whose grant lists are its keys."""
+        tickets = args if op == "renew" else args[:1]
+        result, granted = await self._store.script(
+            Script.FAIR_QUEUE,
             keys=[
                 keys.pool_in_flight(pool),
                 keys.pool_waiting(pool),
@@ -94,16 +97,26 @@ class FairQueue:
                 keys.pool_virtual_time(pool),
                 keys.pool_ticket_leases(pool),
                 keys.pool_tenant_waiting(pool),
+                *(keys.ticket_grant(pool, ticket) for ticket in tickets),
             ],
-            args=[
-                op,
-                self._capacities[pool],
-                self._lease_ms,
-                self._ticket_ttl_ms,
-                keys.ticket_grant(pool, ""),
-                *args,
-            ],
+            args=[op, self._capacities[pool], self._lease_ms, self._ticket_ttl_ms, *args],
         )
+        if granted:
+            await self._wake(pool, granted)
+        return result
+
+    async def _wake(self, pool: str, tickets: list[str]) -> None:
+        """Push the grants the dispatch gave to waiters. A grant lives a ticket lease until
+        its waiter claims it (a renew); the list expires after two, read or not."""
+        try:
+            async with self._store.pipeline(transaction=False) as pipe:
+                for ticket in tickets:
+                    pipe.rpush(keys.ticket_grant(pool, ticket), 1)
+                    pipe.pexpire(keys.ticket_grant(pool, ticket), 2 * self._ticket_ttl_ms)
+                await pipe.execute()
+        except ServiceUnavailable as exc:
+            # The step itself is done; a waiter not woken finds its grant by its next renew.
+            logger.warning("fair queue: could not wake granted waiters of pool %s: %s", pool, exc)
 
     async def acquire(
         self,
@@ -157,7 +170,7 @@ class FairQueue:
                     param="queue_timeout",
                     retry_after_s=5,
                 )
-            granted = await self._state.blpop(grant_key, max(min(remaining, self._renew_every_s), 0.01))
+            granted = await self._store.blpop(grant_key, max(min(remaining, self._renew_every_s), 0.01))
             # Claim the grant (full lease), or renew the waiting ticket.
             (status,) = await self._step(pool, "renew", [ticket])
             if status == TICKET_GRANTED:
@@ -198,7 +211,7 @@ class FairQueue:
 
     async def depth(self, pool: str) -> tuple[int, int]:
         """(in flight, waiting) for a pool."""
-        async with self._state.pipeline() as pipe:
+        async with self._store.pipeline() as pipe:
             pipe.zcard(keys.pool_in_flight(pool))
             pipe.zcard(keys.pool_waiting(pool))
             in_flight, waiting = await pipe.execute()

@@ -17,9 +17,8 @@ import time
 from collections.abc import Callable
 
 from services.errors import AuthenticationFailed, ResourceNotFound, ServiceUnavailable
-from services.tenancy import keys
+from services.redis_store import RedisStore, keys
 from services.tenancy.models import ApiKeyRecord, Tenant, TenantsFile
-from services.tenancy.redis_state import RedisState
 
 KEY_PREFIX = "psk-"
 KEY_ID_BYTES = 8  # 64 bits: 32 gave a birthday collision after ~65,000 keys (issue 9)
@@ -44,9 +43,10 @@ def new_plain_key() -> tuple[str, str]:
 
 class TenantStore:
     def __init__(
-        self, state: RedisState, *, tenant_cache_ttl_s: float = 0.0, clock: Callable[[], float] = time.time
+        self, store: RedisStore, *, tenant_cache_ttl_s: float = 0.0, clock: Callable[[], float] = time.time
     ) -> None:
-        self._state = state
+        self._store = store
+        self._redis = store.redis
         self._clock = clock
         # Tenant records (limits, weight, allowed models) change rarely and are read on
         # every request: a replica keeps each for a second. Keys are looked up every time,
@@ -55,23 +55,23 @@ class TenantStore:
         self._tenant_cache: dict[str, tuple[float, Tenant]] = {}
 
     async def put_tenant(self, tenant: Tenant) -> Tenant:
-        async with self._state.pipeline() as pipe:
+        async with self._store.pipeline() as pipe:
             pipe.set(keys.tenant(tenant.id), tenant.model_dump_json())
             pipe.sadd(keys.TENANT_IDS, tenant.id)
             await pipe.execute()
         return tenant
 
     async def get_tenant(self, tenant_id: str) -> Tenant:
-        raw = await self._state.run(self._state.redis.get(keys.tenant(tenant_id)))
+        raw = await self._redis.get(keys.tenant(tenant_id))
         if raw is None:
             raise ResourceNotFound(f"no tenant '{tenant_id}'", param="tenant_id")
         return Tenant.model_validate_json(raw)
 
     async def list_tenants(self) -> list[Tenant]:
-        ids = sorted(await self._state.run(self._state.redis.smembers(keys.TENANT_IDS)))
+        ids = sorted(await self._redis.smembers(keys.TENANT_IDS))
         if not ids:
             return []
-        raws = await self._state.run(self._state.redis.mget([keys.tenant(i) for i in ids]))
+        raws = await self._redis.mget([keys.tenant(i) for i in ids])
         return [Tenant.model_validate_json(raw) for raw in raws if raw is not None]
 
     async def create_key(
@@ -79,7 +79,6 @@ class TenantStore:
     ) -> tuple[str, ApiKeyRecord]:
         """Store a new key for the tenant; return the plain key (shown once) and its record."""
         await self.get_tenant(tenant_id)
-        redis = self._state.redis
         for _ in range(ID_ATTEMPTS):
             if plain is None:
                 key_id, candidate = new_plain_key()
@@ -89,7 +88,7 @@ class TenantStore:
             digest = hash_key(candidate)
             # Claim the id first (SET NX): a taken id is never overwritten, so revoking
             # by id can only ever reach the key that owns it.
-            if await self._state.run(redis.set(keys.api_key_by_id(key_id), digest, nx=True)):
+            if await self._redis.set(keys.api_key_by_id(key_id), digest, nx=True):
                 break
         else:
             raise ServiceUnavailable("could not allocate a unique key id; retry", retry_after_s=1)
@@ -97,32 +96,32 @@ class TenantStore:
             id=key_id, tenant_id=tenant_id, prefix=prefix, created_at=int(self._clock()), name=name
         )
         stored = _stored(record, digest)
-        if not await self._state.run(redis.set(keys.api_key_by_hash(digest), stored, nx=True)):
+        if not await self._redis.set(keys.api_key_by_hash(digest), stored, nx=True):
             # The same supplied key is already installed (two replicas bootstrapping at
             # once): the first record stays, this id is given back.
-            await self._state.run(redis.delete(keys.api_key_by_id(key_id)))
-            existing = await self._state.run(redis.get(keys.api_key_by_hash(digest)))
+            await self._redis.delete(keys.api_key_by_id(key_id))
+            existing = await self._redis.get(keys.api_key_by_hash(digest))
             return candidate, _loaded(existing)[0]
-        await self._state.run(redis.sadd(keys.tenant_keys(tenant_id), key_id))
+        await self._redis.sadd(keys.tenant_keys(tenant_id), key_id)
         return candidate, record
 
     async def ensure_key(self, tenant_id: str, plain: str, *, name: str = "") -> ApiKeyRecord:
         """Install a known key (bootstrap); keep its record if it already exists."""
         digest = hash_key(plain)
-        existing = await self._state.run(self._state.redis.get(keys.api_key_by_hash(digest)))
+        existing = await self._redis.get(keys.api_key_by_hash(digest))
         if existing is not None:
             record = _loaded(existing)[0]
             if record.prefix not in (f"{KEY_PREFIX}{record.id}", supplied_key_prefix(plain)):
                 # Stored before issue 9 with the key's first 12 characters: list less.
                 record = record.model_copy(update={"prefix": supplied_key_prefix(plain)})
                 stored = _stored(record, digest)
-                await self._state.run(self._state.redis.set(keys.api_key_by_hash(digest), stored))
+                await self._redis.set(keys.api_key_by_hash(digest), stored)
             return record
         return (await self.create_key(tenant_id, name=name, plain=plain))[1]
 
     async def list_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
         await self.get_tenant(tenant_id)
-        key_ids = sorted(await self._state.run(self._state.redis.smembers(keys.tenant_keys(tenant_id))))
+        key_ids = sorted(await self._redis.smembers(keys.tenant_keys(tenant_id)))
         records = []
         for key_id in key_ids:
             record = await self._record_by_id(key_id)
@@ -136,8 +135,8 @@ class TenantStore:
         if record is None or record.tenant_id != tenant_id:
             raise ResourceNotFound(f"tenant '{tenant_id}' has no key '{key_id}'", param="key_id")
         revoked = record.model_copy(update={"revoked_at": int(self._clock())})
-        digest = await self._state.run(self._state.redis.get(keys.api_key_by_id(key_id)))
-        await self._state.run(self._state.redis.set(keys.api_key_by_hash(digest), _stored(revoked, digest)))
+        digest = await self._redis.get(keys.api_key_by_id(key_id))
+        await self._redis.set(keys.api_key_by_hash(digest), _stored(revoked, digest))
         return revoked
 
     async def authenticate(self, plain: str | None) -> tuple[Tenant, ApiKeyRecord]:
@@ -147,7 +146,7 @@ class TenantStore:
                 code="missing_api_key",
             )
         digest = hash_key(plain)
-        raw = await self._state.run(self._state.redis.get(keys.api_key_by_hash(digest)))
+        raw = await self._redis.get(keys.api_key_by_hash(digest))
         if raw is None:
             raise AuthenticationFailed("Incorrect API key provided")
         record, stored_digest = _loaded(raw)
@@ -177,10 +176,10 @@ class TenantStore:
                 await self.ensure_key(tenant.id, plain, name="bootstrap")
 
     async def _record_by_id(self, key_id: str) -> ApiKeyRecord | None:
-        digest = await self._state.run(self._state.redis.get(keys.api_key_by_id(key_id)))
+        digest = await self._redis.get(keys.api_key_by_id(key_id))
         if digest is None:
             return None
-        raw = await self._state.run(self._state.redis.get(keys.api_key_by_hash(digest)))
+        raw = await self._redis.get(keys.api_key_by_hash(digest))
         return None if raw is None else _loaded(raw)[0]
 
 

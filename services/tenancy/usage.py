@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from services.tenancy import keys
-from services.tenancy.redis_state import RedisState
+from services.redis_store import RedisStore, keys
 
 USAGE_TTL_S = 90 * 86400
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "images")
@@ -31,8 +30,8 @@ class UsageLedger:
     """Reads usage. It is written by the settle step of admission (lua/settle.lua), in the
     same Redis call that settles the request's tokens."""
 
-    def __init__(self, state: RedisState) -> None:
-        self._state = state
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
 
     async def rows(self, days: list[str], *, tenant_id: str | None = None) -> list[UsageRow]:
         """Usage rows for the given days; only `tenant_id`'s when it is set (then only that
@@ -57,7 +56,7 @@ class UsageLedger:
         """Read-only commands in one round trip (no MULTI: a report needs no snapshot)."""
         if not commands:
             return []
-        pipe = self._state.redis.pipeline(transaction=False)
-        for name, key in commands:
-            getattr(pipe, name)(key)
-        return await self._state.run(pipe.execute())  # type: ignore[no-any-return]
+        async with self._store.pipeline(transaction=False) as pipe:
+            for name, key in commands:
+                getattr(pipe, name)(key)
+            return await pipe.execute()

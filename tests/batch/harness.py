@@ -19,10 +19,10 @@ from services.batch.service import BatchService
 from services.batch.worker import BatchProcessor
 from services.catalog.loader import load_catalog
 from services.inference.core import Core, build_core
+from services.redis_store import RedisStore
 from services.settings import Settings
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import Tenant
-from services.tenancy.redis_state import RedisState
 from tests.conftest import CACHE_DIR
 
 POOL = "text"
@@ -52,7 +52,7 @@ class Worker:
     core: Core
     files: FileService
     batches: BatchService
-    state: RedisState
+    state: RedisStore
     processor: BatchProcessor
     queue: BatchQueue
 

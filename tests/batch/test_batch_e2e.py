@@ -208,7 +208,7 @@ def test_metadata_is_bounded_and_results_leave_redis(openai_client: OpenAI, clus
     # finished batch's results move from Redis into its files.
     import redis
 
-    from services.tenancy import keys
+    from services.redis_store import keys
 
     upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(batch_file(3))), purpose="batch")
     with pytest.raises(openai.BadRequestError) as info:

@@ -16,7 +16,7 @@ import pytest
 
 from services.batch import files as files_module
 from services.batch.files import FileService, LocalFileStore
-from services.tenancy.redis_state import RedisState
+from services.redis_store import RedisStore
 from tests.helpers import OffLoopProbe
 
 
@@ -29,7 +29,7 @@ def _big_file(lines: int) -> bytes:
 
 
 async def test_a_big_upload_leaves_the_loop_free(
-    state: RedisState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    state: RedisStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _big_file(5_000)  # ~1.6 MB
     loop = asyncio.get_running_loop()

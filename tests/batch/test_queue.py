@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from services.batch.queue import BatchQueue, item_fields
-from services.tenancy import keys
-from services.tenancy.redis_state import RedisState
+from services.redis_store import RedisStore, keys
 
 
-async def _enqueue(state: RedisState, batch_id: str, n: int) -> None:
+async def _enqueue(state: RedisStore, batch_id: str, n: int) -> None:
     await state.redis.hset(
         keys.batch_record(batch_id),
         mapping={"status": "in_progress", "total": n, "completed": 0, "failed": 0},
@@ -24,7 +23,7 @@ async def _enqueue(state: RedisState, batch_id: str, n: int) -> None:
         await state.redis.xadd(keys.batch_stream("p"), item_fields(batch_id, item))
 
 
-async def test_result_recorded_once_even_when_redelivered(state: RedisState) -> None:
+async def test_result_recorded_once_even_when_redelivered(state: RedisStore) -> None:
     queue = BatchQueue(state, ["p"], visibility_timeout_s=60)
     await queue.ensure_groups()
     await _enqueue(state, "b1", 2)
@@ -41,7 +40,7 @@ async def test_result_recorded_once_even_when_redelivered(state: RedisState) -> 
     assert await queue.depth("p") == (0, 0)  # acknowledged and deleted
 
 
-async def test_dead_consumers_items_are_reclaimed(state: RedisState) -> None:
+async def test_dead_consumers_items_are_reclaimed(state: RedisStore) -> None:
     queue = BatchQueue(state, ["p"], visibility_timeout_s=0.3)
     await queue.ensure_groups()
     await _enqueue(state, "b2", 3)
@@ -53,7 +52,7 @@ async def test_dead_consumers_items_are_reclaimed(state: RedisState) -> None:
     assert sorted(i.line for i in reclaimed) == [1, 2, 3]
 
 
-async def test_touch_keeps_a_live_workers_items(state: RedisState) -> None:
+async def test_touch_keeps_a_live_workers_items(state: RedisStore) -> None:
     queue = BatchQueue(state, ["p"], visibility_timeout_s=0.4)
     await queue.ensure_groups()
     await _enqueue(state, "b3", 1)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from services.errors import InvalidRequest, PhiserveError, RateLimited, ServiceUnavailable
 from services.inference.errors import error_payload, invalid_request_from
 from services.inference.protocol.batches import BatchStatus, CreateBatchRequest
-from services.tenancy import keys
+from services.redis_store import keys
 from tests.batch.harness import Worker, add_tenant, build_worker, full_pool, jsonl, running, worker_settings
 from tests.conftest import UNIT_DB, free_port
 

@@ -18,7 +18,7 @@ import pytest
 
 from services.batch.queue import BatchQueue
 from services.inference.protocol.batches import BatchObject, CreateBatchRequest
-from services.tenancy import keys
+from services.redis_store import keys
 from tests.batch.harness import Worker, add_tenant, build_worker, full_pool, jsonl, running, worker_settings
 from tests.conftest import UNIT_DB
 

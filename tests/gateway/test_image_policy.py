@@ -22,10 +22,10 @@ from services.inference.metrics import GatewayMetrics
 from services.inference.protocol.chat import ChatCompletionRequest
 from services.inference.router import PoolRouter
 from services.inference.tokens import TokenCounter
+from services.redis_store import RedisStore
 from services.tenancy.admission import Admission
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import ImagePolicy, Tenant
-from services.tenancy.redis_state import RedisState
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ async def origin() -> AsyncIterator[tuple[str, list[str]]]:
         await runner.cleanup()
 
 
-def _chat_service(state: RedisState) -> ChatService:
+def _chat_service(state: RedisStore) -> ChatService:
     catalog = load_catalog("local")
     router = PoolRouter(catalog, {}, assign_timeout_s=1.0)
     metrics = GatewayMetrics()
@@ -81,7 +81,7 @@ def _body(url: str) -> ChatCompletionRequest:
 
 
 async def test_tenant_not_allowed_the_vision_model_gets_403_without_a_fetch(
-    state: RedisState, origin: tuple[str, list[str]]
+    state: RedisStore, origin: tuple[str, list[str]]
 ) -> None:
     url, hits = origin
     tenant = Tenant(id="text-only", allowed_models=["phi-3.5-mini"])
@@ -92,7 +92,7 @@ async def test_tenant_not_allowed_the_vision_model_gets_403_without_a_fetch(
 
 
 async def test_tenant_over_its_image_limit_gets_400_without_a_fetch(
-    state: RedisState, origin: tuple[str, list[str]]
+    state: RedisStore, origin: tuple[str, list[str]]
 ) -> None:
     url, hits = origin
     tenant = Tenant(id="no-images", images=ImagePolicy(max_images_per_request=0))

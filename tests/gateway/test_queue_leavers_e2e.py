@@ -20,9 +20,8 @@ import redis
 
 from services.errors import Overloaded
 from services.grpc.client import Client, PhiserveRpcError, user
-from services.tenancy import keys
+from services.redis_store import RedisStore, keys
 from services.tenancy.fair_queue import FairQueue
-from services.tenancy.redis_state import RedisState
 from tests.conftest import Cluster, wait_until
 
 CHAT = "/v1/chat/completions"
@@ -60,8 +59,8 @@ def test_burst_of_impatient_clients_leaves_nothing_held(cluster: Cluster, admin:
     light_key = _new_key(admin, "light")
     sync = redis.Redis.from_url(cluster.redis.url, decode_responses=True)
 
-    async def hold() -> tuple[RedisState, FairQueue, list]:  # type: ignore[type-arg]
-        state = RedisState(cluster.redis.url)
+    async def hold() -> tuple[RedisStore, FairQueue, list]:  # type: ignore[type-arg]
+        state = RedisStore(cluster.redis.url)
         other_gateway = FairQueue(state, {"text": capacity}, max_waiting=10_000, lease_ttl_s=120)
         grants = [
             await other_gateway.acquire("text", tenant_id="holder", cost=1, weight=1, priority=0, timeout_s=5)

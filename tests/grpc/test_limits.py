@@ -102,11 +102,11 @@ async def test_a_message_over_the_body_limit_is_refused_unread(small_server: Grp
 async def test_file_and_batch_rpcs_count_against_rpm(
     small_server: GrpcServer, redis_server: LocalRedis
 ) -> None:
+    from services.redis_store import RedisStore
     from services.tenancy.models import Tenant, TenantLimits
-    from services.tenancy.redis_state import RedisState
     from services.tenancy.store import TenantStore
 
-    state = RedisState(redis_server.url)
+    state = RedisStore(redis_server.url)
     try:
         store = TenantStore(state)
         await store.put_tenant(Tenant(id="grpc-rpm", limits=TenantLimits(rpm=2)))

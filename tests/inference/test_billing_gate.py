@@ -21,11 +21,10 @@ from services.inference.generation import Caller, GenerationRunner
 from services.inference.metrics import GatewayMetrics
 from services.inference.tokens import TokenCounter
 from services.pools.engine import ChatMessage, GenerationChunk, GenerationRequest, SamplingOptions
-from services.tenancy import keys
+from services.redis_store import RedisStore, keys
 from services.tenancy.admission import Admission, utc_day
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import Tenant, TenantLimits
-from services.tenancy.redis_state import RedisState
 from services.tenancy.usage import UsageLedger
 
 
@@ -56,7 +55,7 @@ class Shape:
         return usage
 
 
-def _runner(state: RedisState, error: BaseException) -> GenerationRunner:
+def _runner(state: RedisStore, error: BaseException) -> GenerationRunner:
     metrics = GatewayMetrics()
     admission = Admission(state, lease_ttl_s=30)
     fair_queue = FairQueue(state, {"text": 4}, max_waiting=10, lease_ttl_s=30)
@@ -84,7 +83,7 @@ ERRORS = [
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("error", ERRORS, ids=lambda e: type(e).__name__)
 async def test_failed_request_bills_nothing_and_releases_everything(
-    state: RedisState, error: PhiserveError, stream: bool
+    state: RedisStore, error: PhiserveError, stream: bool
 ) -> None:
     pool = load_catalog("local").enabled_pools[0]
     tenant = Tenant(

@@ -9,8 +9,8 @@ import pytest
 from services.catalog.loader import load_catalog
 from services.catalog.models import AutoscalingConfig, DeploymentConfig, PoolConfig
 from services.errors import Overloaded
+from services.redis_store import RedisStore
 from services.tenancy.fair_queue import FairQueue, Grant
-from services.tenancy.redis_state import RedisState
 
 
 def _autoscaled() -> PoolConfig:
@@ -29,7 +29,7 @@ async def _take(fq: FairQueue, pool: str) -> Grant:
     return await fq.acquire(pool, tenant_id="t", cost=1, weight=1, priority=1, timeout_s=0.2)
 
 
-async def test_autoscaled_pool_admits_what_its_live_replicas_run(state: RedisState) -> None:
+async def test_autoscaled_pool_admits_what_its_live_replicas_run(state: RedisStore) -> None:
     pool = _autoscaled()
     # As the gateway builds it: before any replica count is known, the replicas Serve starts.
     fq = FairQueue(state, {pool.name: pool.capacity}, max_waiting=10, lease_ttl_s=30)

@@ -26,11 +26,10 @@ from services.inference.metrics import GatewayMetrics
 from services.inference.ports import BatchApis
 from services.inference.tokens import TokenCounter
 from services.pools.engine import ChatMessage, GenerationChunk, GenerationRequest, SamplingOptions
-from services.tenancy import keys
+from services.redis_store import RedisStore, keys
 from services.tenancy.admission import Admission
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import Tenant, TenantLimits
-from services.tenancy.redis_state import RedisState
 
 TENANT = Tenant(id="leaver", limits=TenantLimits(max_concurrent=1))
 
@@ -63,7 +62,7 @@ class Shape:
         return usage
 
 
-def _runner(state: RedisState) -> tuple[GenerationRunner, EndlessPool, LeaseKeeper]:
+def _runner(state: RedisStore) -> tuple[GenerationRunner, EndlessPool, LeaseKeeper]:
     metrics = GatewayMetrics()
     admission = Admission(state, lease_ttl_s=30)
     fair_queue = FairQueue(state, {"text": 4}, max_waiting=10, lease_ttl_s=30)
@@ -82,21 +81,21 @@ def _request() -> GenerationRequest:
     )
 
 
-async def _held(state: RedisState) -> tuple[int, int]:
+async def _held(state: RedisStore) -> tuple[int, int]:
     return (
         int(await state.redis.zcard(keys.concurrency_leases(TENANT.id))),
         int(await state.redis.zcard(keys.pool_in_flight("text"))),
     )
 
 
-async def _until_released(state: RedisState, pool: EndlessPool, timeout_s: float = 3.0) -> None:
+async def _until_released(state: RedisStore, pool: EndlessPool, timeout_s: float = 3.0) -> None:
     deadline = time.monotonic() + timeout_s
     while await _held(state) != (0, 0) or pool.closed != 1:
         assert time.monotonic() < deadline, f"still held: {await _held(state)}, engine closed {pool.closed}"
         await asyncio.sleep(0.02)
 
 
-async def test_unstarted_stream_closed_releases_everything(state: RedisState) -> None:
+async def test_unstarted_stream_closed_releases_everything(state: RedisStore) -> None:
     runner, pool, keeper = _runner(state)
     text = load_catalog("local").enabled_pools[0]
     stream, _ = await runner.open_stream(Caller(TENANT), text, _request(), Shape(), include_usage=False)
@@ -109,7 +108,7 @@ async def test_unstarted_stream_closed_releases_everything(state: RedisState) ->
     await again.aclose()  # type: ignore[attr-defined]
 
 
-async def test_unstarted_stream_dropped_releases_everything(state: RedisState) -> None:
+async def test_unstarted_stream_dropped_releases_everything(state: RedisStore) -> None:
     runner, pool, keeper = _runner(state)
     text = load_catalog("local").enabled_pools[0]
     stream, _ = await runner.open_stream(Caller(TENANT), text, _request(), Shape(), include_usage=False)
@@ -133,7 +132,7 @@ class _CancelledContext:
         raise AssertionError("nothing is written after the cancel")
 
 
-async def test_grpc_stream_cancelled_at_send_headers_releases_everything(state: RedisState) -> None:
+async def test_grpc_stream_cancelled_at_send_headers_releases_everything(state: RedisStore) -> None:
     runner, pool, keeper = _runner(state)
     text = load_catalog("local").enabled_pools[0]
 
@@ -141,6 +140,9 @@ async def test_grpc_stream_cancelled_at_send_headers_releases_everything(state: 
     servicer = InferenceServicer(core, BatchApis(files=None, batches=None))  # type: ignore[arg-type]
     call = _Call(_CancelledContext(), "ChatStream")  # type: ignore[arg-type]
     with pytest.raises(asyncio.CancelledError):
-        await servicer._stream(call, Caller(TENANT), text, _request(), Shape(), include_usage=False)
+        chunks, headers = await runner.open_stream(
+            Caller(TENANT), text, _request(), Shape(), include_usage=False
+        )
+        await servicer._send_stream(call, chunks, headers, lambda chunk, request_id: chunk)
     await _until_released(state, pool)
     assert not keeper._active

@@ -20,10 +20,10 @@ from services.inference.gate import LeaseKeeper, TenantGate
 from services.inference.metrics import GatewayMetrics
 from services.inference.tokens import TokenCounter
 from services.pools.engine import ChatMessage, GenerationRequest, SamplingOptions
+from services.redis_store import RedisStore
 from services.tenancy.admission import Admission
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import Tenant
-from services.tenancy.redis_state import RedisState
 from tests.helpers import OffLoopProbe
 
 
@@ -39,7 +39,7 @@ class _ProbedTokenizer:
 
 
 def _text_gate(
-    state: RedisState, tiny_models: dict[str, Path], *, probe_loop: asyncio.AbstractEventLoop | None = None
+    state: RedisStore, tiny_models: dict[str, Path], *, probe_loop: asyncio.AbstractEventLoop | None = None
 ) -> tuple[TenantGate, Any, _ProbedTokenizer | None]:
     catalog = load_catalog("local")
     text_pool = next(p for p in catalog.enabled_pools if p.name == "text")
@@ -58,7 +58,7 @@ def _text_gate(
 
 
 async def test_a_prompt_too_long_for_any_tokenisation_is_refused_uncounted(
-    state: RedisState, tiny_models: dict[str, Path]
+    state: RedisStore, tiny_models: dict[str, Path]
 ) -> None:
     gate, text_pool, _ = _text_gate(state, tiny_models)
     # 4 MiB: tokenising it would hold a gateway thread for about a minute.
@@ -74,7 +74,7 @@ async def test_a_prompt_too_long_for_any_tokenisation_is_refused_uncounted(
     assert "longer in characters" in refused.value.message  # the path that never tokenises
 
 
-async def test_a_huge_prompt_is_counted_off_the_loop(state: RedisState, tiny_models: dict[str, Path]) -> None:
+async def test_a_huge_prompt_is_counted_off_the_loop(state: RedisStore, tiny_models: dict[str, Path]) -> None:
     gate, text_pool, probed = _text_gate(state, tiny_models, probe_loop=asyncio.get_running_loop())
     assert probed is not None
     # ~150 KB, below the character bound (2048 tokens x the longest vocabulary entry) so it
@@ -92,7 +92,7 @@ async def test_a_huge_prompt_is_counted_off_the_loop(state: RedisState, tiny_mod
     probed.encode_batch.assert_off_loop()
 
 
-async def test_a_short_prompt_is_counted_on_the_loop(state: RedisState, tiny_models: dict[str, Path]) -> None:
+async def test_a_short_prompt_is_counted_on_the_loop(state: RedisStore, tiny_models: dict[str, Path]) -> None:
     """The control: the probe does see work on the loop (a hop to a thread costs more than
     counting a chat message, so short prompts stay there)."""
     gate, text_pool, probed = _text_gate(state, tiny_models, probe_loop=asyncio.get_running_loop())

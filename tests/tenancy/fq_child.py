@@ -25,13 +25,12 @@ async def main(mode: str, url: str, arg: str) -> None:
     if mode in ("hold", "admit"):
         _skew(float(arg))
     from services.errors import RateLimited
-    from services.tenancy import keys
+    from services.redis_store import RedisStore, keys
     from services.tenancy.admission import Admission
     from services.tenancy.fair_queue import FairQueue
     from services.tenancy.models import Tenant, TenantLimits
-    from services.tenancy.redis_state import RedisState
 
-    state = RedisState(url)
+    state = RedisStore(url)
     fq = FairQueue(state, {"p": 1}, max_waiting=1000, lease_ttl_s=30, **_ticket_ttl())
     if mode == "waiters":
         n = int(arg)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.errors import RateLimited
-from services.tenancy import keys
+from services.redis_store import RedisStore, keys
 from services.tenancy.admission import Admission
 from services.tenancy.models import Tenant, TenantLimits
-from services.tenancy.redis_state import RedisState
 
 
 class FakeClock:
@@ -23,7 +22,7 @@ def _tenant(**limits: int) -> Tenant:
     return Tenant(id="acme", limits=TenantLimits(**limits))
 
 
-async def test_rpm_is_exact_and_slides(state: RedisState) -> None:
+async def test_rpm_is_exact_and_slides(state: RedisStore) -> None:
     clock = FakeClock()
     admission = Admission(state, lease_ttl_s=60, clock=clock)
     tenant = _tenant(rpm=10)
@@ -43,7 +42,7 @@ async def test_rpm_is_exact_and_slides(state: RedisState) -> None:
     await admission.admit(tenant, 1)
 
 
-async def test_tpm_reserves_then_settles_to_actual(state: RedisState) -> None:
+async def test_tpm_reserves_then_settles_to_actual(state: RedisStore) -> None:
     clock = FakeClock()
     admission = Admission(state, lease_ttl_s=60, clock=clock)
     tenant = _tenant(tpm=1000)
@@ -58,7 +57,7 @@ async def test_tpm_reserves_then_settles_to_actual(state: RedisState) -> None:
         await admission.admit(tenant, 1001)
 
 
-async def test_concurrency_slot_freed_by_settle_or_lease_expiry(state: RedisState) -> None:
+async def test_concurrency_slot_freed_by_settle_or_lease_expiry(state: RedisStore) -> None:
     clock = FakeClock()
     admission = Admission(state, lease_ttl_s=30, clock=clock)
     tenant = _tenant(max_concurrent=2)
@@ -75,7 +74,7 @@ async def test_concurrency_slot_freed_by_settle_or_lease_expiry(state: RedisStat
     assert await state.redis.zcard(keys.concurrency_leases("acme")) == 1
 
 
-async def test_renewed_lease_survives(state: RedisState) -> None:
+async def test_renewed_lease_survives(state: RedisStore) -> None:
     clock = FakeClock()
     admission = Admission(state, lease_ttl_s=30, clock=clock)
     tenant = _tenant(max_concurrent=1)
@@ -87,7 +86,7 @@ async def test_renewed_lease_survives(state: RedisState) -> None:
         await admission.admit(tenant, 1)
 
 
-async def test_daily_budget(state: RedisState) -> None:
+async def test_daily_budget(state: RedisStore) -> None:
     clock = FakeClock()
     admission = Admission(state, lease_ttl_s=30, clock=clock)
     tenant = _tenant(daily_token_budget=1000)
@@ -100,7 +99,7 @@ async def test_daily_budget(state: RedisState) -> None:
 
 
 async def test_redis_down_fails_closed_or_open(redis_server) -> None:  # type: ignore[no-untyped-def]
-    dead = RedisState("redis://127.0.0.1:1/0")
+    dead = RedisStore("redis://127.0.0.1:1/0")
     from services.errors import ServiceUnavailable
 
     with pytest.raises(ServiceUnavailable):

@@ -7,9 +7,8 @@ import asyncio
 import pytest
 
 from services.errors import Overloaded
-from services.tenancy import keys
+from services.redis_store import RedisStore, keys
 from services.tenancy.fair_queue import FairQueue, Grant
-from services.tenancy.redis_state import RedisState
 
 
 async def _fill(fq: FairQueue, n: int) -> list[Grant]:
@@ -18,7 +17,7 @@ async def _fill(fq: FairQueue, n: int) -> list[Grant]:
     ]
 
 
-async def test_idle_pool_grants_in_one_call(state: RedisState) -> None:
+async def test_idle_pool_grants_in_one_call(state: RedisStore) -> None:
     fq = FairQueue(state, {"p": 2}, max_waiting=10, lease_ttl_s=30)
     grant = await fq.acquire("p", tenant_id="a", cost=100, weight=1, priority=1, timeout_s=1)
     assert grant.waited_s < 0.5
@@ -27,7 +26,7 @@ async def test_idle_pool_grants_in_one_call(state: RedisState) -> None:
     assert await fq.depth("p") == (0, 0)
 
 
-async def test_weighted_shares_when_saturated(state: RedisState) -> None:
+async def test_weighted_shares_when_saturated(state: RedisStore) -> None:
     """Heavy floods with 30 tickets, light (weight 2) sends 10: light is served at twice
     the heavy tenant's token rate, not behind the whole flood."""
     fq = FairQueue(state, {"p": 1}, max_waiting=100, lease_ttl_s=30)
@@ -52,7 +51,7 @@ async def test_weighted_shares_when_saturated(state: RedisState) -> None:
     assert order.count("light") == 10
 
 
-async def test_priority_class_goes_first(state: RedisState) -> None:
+async def test_priority_class_goes_first(state: RedisStore) -> None:
     fq = FairQueue(state, {"p": 1}, max_waiting=100, lease_ttl_s=30)
     holder = (await _fill(fq, 1))[0]
     order: list[str] = []
@@ -71,7 +70,7 @@ async def test_priority_class_goes_first(state: RedisState) -> None:
     assert order[0] == "interactive"
 
 
-async def test_timeout_is_overloaded_and_leaks_nothing(state: RedisState) -> None:
+async def test_timeout_is_overloaded_and_leaks_nothing(state: RedisStore) -> None:
     fq = FairQueue(state, {"p": 1}, max_waiting=100, lease_ttl_s=30)
     holder = (await _fill(fq, 1))[0]
     with pytest.raises(Overloaded) as info:
@@ -83,7 +82,7 @@ async def test_timeout_is_overloaded_and_leaks_nothing(state: RedisState) -> Non
     assert not [k async for k in state.redis.scan_iter(keys.ticket_grant("p", "*"))]
 
 
-async def test_queue_bound(state: RedisState) -> None:
+async def test_queue_bound(state: RedisStore) -> None:
     fq = FairQueue(state, {"p": 1}, max_waiting=2, lease_ttl_s=30)
     await _fill(fq, 1)
     waiters = [
@@ -98,7 +97,7 @@ async def test_queue_bound(state: RedisState) -> None:
             await w
 
 
-async def test_crashed_holders_lease_expires(state: RedisState) -> None:
+async def test_crashed_holders_lease_expires(state: RedisStore) -> None:
     fq = FairQueue(state, {"p": 1}, max_waiting=10, lease_ttl_s=1)
     await _fill(fq, 1)  # never released: its gateway "died"
     with pytest.raises(Overloaded):
@@ -108,7 +107,7 @@ async def test_crashed_holders_lease_expires(state: RedisState) -> None:
     assert grant.pool == "p" and grant.waited_s > 0.3
 
 
-async def test_fcfs_policy_keeps_arrival_order(state: RedisState) -> None:
+async def test_fcfs_policy_keeps_arrival_order(state: RedisStore) -> None:
     fq = FairQueue(state, {"p": 1}, max_waiting=100, lease_ttl_s=30, policy="fcfs")
     holder = (await _fill(fq, 1))[0]
     order: list[str] = []

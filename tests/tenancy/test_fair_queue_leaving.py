@@ -19,16 +19,15 @@ import pytest
 
 from services.errors import Overloaded, RateLimited, ServiceUnavailable
 from services.local.redis_server import LocalRedis
-from services.tenancy import keys
+from services.redis_store import RedisStore, keys
 from services.tenancy.fair_queue import FairQueue, Grant
-from services.tenancy.redis_state import RedisState
 from tests.conftest import REPO, free_port
 
 # Short ticket leases keep the tests fast; production uses settings.queue_ticket_ttl_s.
 TICKET_TTL = {"ticket_ttl_s": 1.5}
 
 
-def _fq(state: RedisState, capacity: int = 1, **kwargs: object) -> FairQueue:
+def _fq(state: RedisStore, capacity: int = 1, **kwargs: object) -> FairQueue:
     options: dict[str, object] = {"max_waiting": 1000, "lease_ttl_s": 30, **TICKET_TTL}
     options.update(kwargs)
     return FairQueue(state, {"p": capacity}, **options)  # type: ignore[arg-type]
@@ -45,14 +44,14 @@ async def _until(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-
         await asyncio.sleep(0.02)
 
 
-async def _queued(state: RedisState, n: int) -> None:
+async def _queued(state: RedisStore, n: int) -> None:
     async def check() -> bool:
         return int(await state.redis.zcard(keys.pool_waiting("p"))) == n
 
     await _until(check)
 
 
-async def test_cancelled_waiter_leaves_no_ticket(state: RedisState) -> None:
+async def test_cancelled_waiter_leaves_no_ticket(state: RedisStore) -> None:
     """An asyncio cancel while queued (a client disconnect or a gRPC deadline in the gateway)
     removes the ticket at once; the next release grants no one who is gone."""
     fq = _fq(state)
@@ -73,7 +72,7 @@ def _release_blocking(url: str, grant: Grant) -> None:
     arrives on its socket but the waiter cannot run before it is cancelled."""
 
     async def release() -> None:
-        other = RedisState(url)
+        other = RedisStore(url)
         try:
             await _fq(other).release(grant)
         finally:
@@ -85,7 +84,7 @@ def _release_blocking(url: str, grant: Grant) -> None:
 
 
 async def test_grant_that_raced_the_cancel_is_handed_back(
-    state: RedisState, redis_server: LocalRedis
+    state: RedisStore, redis_server: LocalRedis
 ) -> None:
     """The holder releases (granting the waiter) and the waiter is cancelled before it reads
     its grant: the grant is handed back, not held by nobody."""
@@ -106,7 +105,7 @@ async def test_waiter_hit_by_a_redis_error_leaves_nothing_held(tmp_path: Path) -
     keeps in its AOF) is not granted to nobody when Redis returns."""
     server = LocalRedis(port=free_port(), directory=tmp_path)
     server.start()
-    state = RedisState(server.url)
+    state = RedisStore(server.url)
     try:
         fq = _fq(state)
         holder = await _acquire(fq, "holder")
@@ -136,7 +135,7 @@ async def test_waiter_hit_by_a_redis_error_leaves_nothing_held(tmp_path: Path) -
         server.stop()
 
 
-async def test_killed_waiters_do_not_hold_the_pool(state: RedisState, redis_server: LocalRedis) -> None:
+async def test_killed_waiters_do_not_hold_the_pool(state: RedisStore, redis_server: LocalRedis) -> None:
     """The issue's scene at small scale: a process with 20 waiting requests is killed -9.
     When the pool frees up, another tenant is served within seconds, not after the lease."""
     fq = _fq(state)
@@ -164,7 +163,7 @@ async def test_killed_waiters_do_not_hold_the_pool(state: RedisState, redis_serv
             child.wait()
 
 
-async def test_each_tenant_has_a_waiting_cap(state: RedisState) -> None:
+async def test_each_tenant_has_a_waiting_cap(state: RedisStore) -> None:
     """One tenant cannot fill the pool's waiting room: beyond its cap it gets a 429 at once,
     while other tenants still queue."""
     fq = _fq(state, max_waiting_per_tenant=3)
@@ -195,7 +194,7 @@ def _child(mode: str, url: str, arg: str) -> list[str]:
 
 
 async def test_a_gateway_with_a_slow_clock_keeps_its_slot(
-    state: RedisState, redis_server: LocalRedis
+    state: RedisStore, redis_server: LocalRedis
 ) -> None:
     """Leases run on Redis's clock: a gateway whose clock is two minutes behind takes a slot
     that the others still see as held (it used to look expired at once: over capacity)."""
@@ -208,7 +207,7 @@ async def test_a_gateway_with_a_slow_clock_keeps_its_slot(
 
 
 async def test_a_gateway_with_a_fast_clock_keeps_the_rate_window(
-    state: RedisState, redis_server: LocalRedis
+    state: RedisStore, redis_server: LocalRedis
 ) -> None:
     """Rate windows run on Redis's clock: a gateway two minutes ahead used to drop the
     other gateways' buckets as stale and admit past the tenant's RPM."""

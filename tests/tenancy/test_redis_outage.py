@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from services.tenancy import keys
+from services.redis_store import keys
 from tests.conftest import AUTH, Cluster, wait_until
 
 CHAT = "/v1/chat/completions"

@@ -15,8 +15,9 @@ import time
 import pytest
 
 from services.batch.queue import BatchQueue
+from services.errors import TenancyUnavailable
 from services.local.redis_server import LocalRedis
-from services.tenancy.redis_state import RedisState, TenancyUnavailable
+from services.redis_store import RedisStore
 
 MARGIN_S = 1.0
 HANG_GUARD_S = 10.0  # the test's own bound: today's code would wait forever
@@ -33,7 +34,7 @@ async def test_blpop_errors_within_its_block_time_when_redis_hangs(
     pausable_redis: tuple[LocalRedis, int],
 ) -> None:
     server, pid = pausable_redis
-    state = RedisState(server.url, blocking_margin_s=MARGIN_S)
+    state = RedisStore(server.url, blocking_margin_s=MARGIN_S)
     try:
         assert await state.blpop("k", 0.2) is None  # connected and working
         os.kill(pid, signal.SIGSTOP)
@@ -48,7 +49,7 @@ async def test_xreadgroup_errors_within_its_block_time_when_redis_hangs(
     pausable_redis: tuple[LocalRedis, int],
 ) -> None:
     server, pid = pausable_redis
-    state = RedisState(server.url, blocking_margin_s=MARGIN_S)
+    state = RedisStore(server.url, blocking_margin_s=MARGIN_S)
     queue = BatchQueue(state, ["p"], visibility_timeout_s=60)
     try:
         await queue.ensure_groups()
@@ -63,7 +64,7 @@ async def test_xreadgroup_errors_within_its_block_time_when_redis_hangs(
 
 async def test_every_redis_connection_has_tcp_keepalive(pausable_redis: tuple[LocalRedis, int]) -> None:
     server, _ = pausable_redis
-    state = RedisState(server.url)
+    state = RedisStore(server.url)
     try:
         for client in (state.redis, state.blocking):
             connection = await client.connection_pool.get_connection()

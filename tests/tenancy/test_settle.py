@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from services.tenancy import keys
+from services.redis_store import RedisStore, keys
 from services.tenancy.admission import Admission, Usage
 from services.tenancy.models import Tenant, TenantLimits
-from services.tenancy.redis_state import RedisState
 from services.tenancy.usage import UsageLedger
 
 NOW = 1_800_000_000.0
 
 
-async def test_settling_the_same_reservation_twice_counts_once(state: RedisState) -> None:
+async def test_settling_the_same_reservation_twice_counts_once(state: RedisStore) -> None:
     admission = Admission(state, lease_ttl_s=60, clock=lambda: NOW)
     tenant = Tenant(id="acme", limits=TenantLimits(tpm=10_000, max_concurrent=2, daily_token_budget=100_000))
     reservation = await admission.admit(tenant, 1000)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from services.errors import AuthenticationFailed, ResourceNotFound
+from services.redis_store import RedisStore
 from services.tenancy.models import Tenant, TenantsFile
-from services.tenancy.redis_state import RedisState
 from services.tenancy.store import TenantStore, hash_key
 
 
-async def _all_redis_text(state: RedisState) -> str:
+async def _all_redis_text(state: RedisStore) -> str:
     parts = []
     async for key in state.redis.scan_iter("*"):
         kind = await state.redis.type(key)
@@ -24,7 +24,7 @@ async def _all_redis_text(state: RedisState) -> str:
     return "\n".join(parts)
 
 
-async def test_keys_are_stored_only_as_hashes(state: RedisState) -> None:
+async def test_keys_are_stored_only_as_hashes(state: RedisStore) -> None:
     store = TenantStore(state)
     await store.put_tenant(Tenant(id="acme"))
     plain, record = await store.create_key("acme", name="ci")
@@ -38,7 +38,7 @@ async def test_keys_are_stored_only_as_hashes(state: RedisState) -> None:
     assert tenant.id == "acme" and got.id == record.id
 
 
-async def test_unknown_missing_and_revoked_keys_fail(state: RedisState) -> None:
+async def test_unknown_missing_and_revoked_keys_fail(state: RedisStore) -> None:
     store = TenantStore(state)
     await store.put_tenant(Tenant(id="acme"))
     plain, record = await store.create_key("acme")
@@ -53,7 +53,7 @@ async def test_unknown_missing_and_revoked_keys_fail(state: RedisState) -> None:
     assert listed[0].revoked_at is not None
 
 
-async def test_a_tenant_cannot_revoke_another_tenants_key(state: RedisState) -> None:
+async def test_a_tenant_cannot_revoke_another_tenants_key(state: RedisStore) -> None:
     store = TenantStore(state)
     await store.put_tenant(Tenant(id="a"))
     await store.put_tenant(Tenant(id="b"))
@@ -63,7 +63,7 @@ async def test_a_tenant_cannot_revoke_another_tenants_key(state: RedisState) -> 
     assert (await store.authenticate(plain_b))[0].id == "b"
 
 
-async def test_disabled_tenant_is_refused(state: RedisState) -> None:
+async def test_disabled_tenant_is_refused(state: RedisStore) -> None:
     store = TenantStore(state)
     await store.put_tenant(Tenant(id="acme"))
     plain, _ = await store.create_key("acme")
@@ -72,7 +72,7 @@ async def test_disabled_tenant_is_refused(state: RedisState) -> None:
         await store.authenticate(plain)
 
 
-async def test_bootstrap_is_idempotent(state: RedisState) -> None:
+async def test_bootstrap_is_idempotent(state: RedisStore) -> None:
     store = TenantStore(state)
     file = TenantsFile.model_validate(
         {"tenants": [{"id": "t1", "weight": 2, "api_keys": ["psk-boot0001-secret-one"]}, {"id": "t2"}]}
@@ -89,7 +89,7 @@ async def test_bootstrap_is_idempotent(state: RedisState) -> None:
 # listed prefix was its first 12 characters (most of a short key).
 
 
-async def test_key_ids_have_64_bits(state: RedisState) -> None:
+async def test_key_ids_have_64_bits(state: RedisStore) -> None:
     store = TenantStore(state)
     await store.put_tenant(Tenant(id="acme"))
     plain, record = await store.create_key("acme")
@@ -98,7 +98,7 @@ async def test_key_ids_have_64_bits(state: RedisState) -> None:
 
 
 async def test_a_colliding_key_id_never_replaces_another_key(
-    state: RedisState, monkeypatch: pytest.MonkeyPatch
+    state: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two keys drawn with the same id: the second must get another id, not take over the
     first one's id (revoking tenant A's key by its id would then revoke B's instead)."""
@@ -127,7 +127,7 @@ async def test_a_colliding_key_id_never_replaces_another_key(
 
 
 @pytest.mark.parametrize("plain", ["psk-demo0000-test-demo-key", "short-secret", "wxyzwxyz"])
-async def test_a_bootstrap_keys_listed_prefix_reveals_almost_nothing(state: RedisState, plain: str) -> None:
+async def test_a_bootstrap_keys_listed_prefix_reveals_almost_nothing(state: RedisStore, plain: str) -> None:
     store = TenantStore(state)
     await store.put_tenant(Tenant(id="acme"))
     record = await store.ensure_key("acme", plain, name="bootstrap")
@@ -138,7 +138,7 @@ async def test_a_bootstrap_keys_listed_prefix_reveals_almost_nothing(state: Redi
     assert (await store.authenticate(plain))[1].id == record.id
 
 
-async def test_concurrent_bootstraps_of_one_key_store_one_record(state: RedisState) -> None:
+async def test_concurrent_bootstraps_of_one_key_store_one_record(state: RedisStore) -> None:
     import asyncio
 
     store = TenantStore(state)

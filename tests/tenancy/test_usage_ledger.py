@@ -13,9 +13,9 @@ import redis.asyncio as aioredis
 from services.errors import InvalidRequest
 from services.inference.usage_report import usage_report
 from services.local.redis_server import LocalRedis
+from services.redis_store import RedisStore
 from services.tenancy.admission import Admission, Usage
 from services.tenancy.models import Tenant
-from services.tenancy.redis_state import RedisState
 from services.tenancy.usage import UsageLedger
 from tests.conftest import UNIT_DB
 
@@ -29,7 +29,7 @@ async def _use(admission: Admission, tenant_id: str, model: str, prompt: int, co
     return reservation.day
 
 
-async def _keys_read_during(redis_server: LocalRedis, state: RedisState, query) -> list[str]:  # type: ignore[no-untyped-def]
+async def _keys_read_during(redis_server: LocalRedis, state: RedisStore, query) -> list[str]:  # type: ignore[no-untyped-def]
     """The keys of every command Redis ran while `query` ran (MONITOR)."""
     watcher = aioredis.Redis.from_url(
         f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}", decode_responses=True
@@ -50,7 +50,7 @@ async def _keys_read_during(redis_server: LocalRedis, state: RedisState, query) 
         await watcher.aclose()
 
 
-async def test_a_tenant_reads_only_its_own_usage_keys(redis_server: LocalRedis, state: RedisState) -> None:
+async def test_a_tenant_reads_only_its_own_usage_keys(redis_server: LocalRedis, state: RedisStore) -> None:
     admission = Admission(state, lease_ttl_s=60, clock=lambda: NOW)
     day = await _use(admission, "alpha", "phi-3.5-mini", 11, 7)
     await _use(admission, "alpha", "phi-3.5-moe", 3, 2)
@@ -91,13 +91,13 @@ async def test_a_tenant_reads_only_its_own_usage_keys(redis_server: LocalRedis, 
     ],
 )
 async def test_usage_dates_out_of_range_are_400(
-    state: RedisState, date: str | None, days: int, param: str
+    state: RedisStore, date: str | None, days: int, param: str
 ) -> None:
     with pytest.raises(InvalidRequest) as info:
         await usage_report(UsageLedger(state), date=date, days=days, tenant_id="alpha")
     assert info.value.param == param
 
 
-async def test_first_day_of_the_calendar_alone_is_fine(state: RedisState) -> None:
+async def test_first_day_of_the_calendar_alone_is_fine(state: RedisStore) -> None:
     report = await usage_report(UsageLedger(state), date="0001-01-01", days=1, tenant_id="alpha")
     assert report == {"object": "list", "data": []}

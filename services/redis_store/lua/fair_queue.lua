@@ -12,19 +12,23 @@
 -- grant pushed to a waiter gets that short lease until the waiter claims it (issue 9).
 -- KEYS: 1 in-flight leases (zset), 2 waiting tickets (zset), 3 tickets (hash: "<start>|<tenant>"),
 --       4 virtual times (hash: "vt" and "t:<tenant>" last finish tags),
---       5 waiting-ticket leases (zset), 6 waiting tickets per tenant (hash)
--- ARGV: 1 op, 2 capacity, 3 lease_ms, 4 ticket_ttl_ms, 5 grant key prefix, then
---       acquire: 6 ticket, 7 tenant, 8 cost, 9 weight, 10 class, 11 max_waiting,
---                12 max_waiting_per_tenant (0: none),
---                13 policy ("fair", or "fcfs": plain arrival order, the benchmarks' baseline)
---       release: 6 ticket
---       renew:   6.. tickets
--- acquire returns 1 granted now, 0 queued (BLPOP the grant key), -1 the pool's waiting
--- room is full, -2 the tenant's waiting cap is reached;
--- release returns 1 if the ticket was still waiting (never granted), else 0;
--- renew returns, per ticket, 1 waiting, 2 granted (lease extended), 0 unknown (expired or released).
+--       5 waiting-ticket leases (zset), 6 waiting tickets per tenant (hash),
+--       7.. the grant lists of the tickets named in ARGV, in their order
+-- ARGV: 1 op, 2 capacity, 3 lease_ms, 4 ticket_ttl_ms, then
+--       acquire: 5 ticket, 6 tenant, 7 cost, 8 weight, 9 class, 10 max_waiting,
+--                11 max_waiting_per_tenant (0: none),
+--                12 policy ("fair", or "fcfs": plain arrival order, the benchmarks' baseline)
+--       release: 5 ticket
+--       renew:   5.. tickets
+-- Returns {result, granted}. result: acquire 1 granted now, 0 queued (BLPOP the grant key),
+-- -1 the pool's waiting room is full, -2 the tenant's waiting cap is reached;
+-- release 1 if the ticket was still waiting (never granted), else 0;
+-- renew, per ticket, 1 waiting, 2 granted (lease extended), 0 unknown (expired or released).
+-- granted: the other waiters' tickets this step's dispatch granted. Their grant lists are
+-- not this call's keys (no one knows before the call which tickets dispatch picks), so the
+-- caller pushes them; a waiter whose push is lost still finds its grant by its next renew.
 local op, capacity = ARGV[1], tonumber(ARGV[2])
-local lease_ms, ticket_ttl_ms, grant_prefix = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local lease_ms, ticket_ttl_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 local CLASS_SPAN = 1e15
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -47,20 +51,21 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now_ms, 'LIMIT'
 end
 local vt = tonumber(redis.call('HGET', KEYS[4], 'vt') or '0')
 local result = 0
-local ticket = ARGV[6]
+local granted = {}
+local ticket = ARGV[5]
 
 if op == 'acquire' then
-  local tenant, cost, weight, class = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+  local tenant, cost, weight, class = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
   -- The caps bind only when the caller would have to wait.
   if redis.call('ZCARD', KEYS[1]) >= capacity then
-    if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[11]) then return -1 end
-    local cap = tonumber(ARGV[12])
-    if cap > 0 and tonumber(redis.call('HGET', KEYS[6], tenant) or '0') >= cap then return -2 end
+    if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[10]) then return {-1, granted} end
+    local cap = tonumber(ARGV[11])
+    if cap > 0 and tonumber(redis.call('HGET', KEYS[6], tenant) or '0') >= cap then return {-2, granted} end
   end
   local last_finish = tonumber(redis.call('HGET', KEYS[4], 't:' .. tenant) or '0')
   local start = math.max(vt, last_finish)
   redis.call('HSET', KEYS[4], 't:' .. tenant, start + cost / weight)
-  if ARGV[13] == 'fcfs' then
+  if ARGV[12] == 'fcfs' then
     redis.call('ZADD', KEYS[2], now_ms, ticket)
   else
     redis.call('ZADD', KEYS[2], class * CLASS_SPAN + start, ticket)
@@ -71,17 +76,17 @@ if op == 'acquire' then
 elseif op == 'release' then
   if unqueue(ticket) then result = 1 end
   redis.call('ZREM', KEYS[1], ticket)
-  redis.call('DEL', grant_prefix .. ticket)
+  redis.call('DEL', KEYS[7])
 else
   result = {}
-  for i = 6, #ARGV do
+  for i = 5, #ARGV do
     local id = ARGV[i]
     if redis.call('ZSCORE', KEYS[5], id) then
       redis.call('ZADD', KEYS[5], now_ms + ticket_ttl_ms, id)
       result[#result + 1] = 1
     elseif redis.call('ZSCORE', KEYS[1], id) then
       redis.call('ZADD', KEYS[1], now_ms + lease_ms, id)
-      redis.call('DEL', grant_prefix .. id)  -- claimed: a grant not yet read is not needed
+      redis.call('DEL', KEYS[i + 2])  -- claimed: a grant not yet read is not needed
       result[#result + 1] = 2
     else
       result[#result + 1] = 0
@@ -104,9 +109,8 @@ while redis.call('ZCARD', KEYS[1]) < capacity do
   else
     -- The waiter claims its grant (a renew) within a ticket lease, or it is freed.
     redis.call('ZADD', KEYS[1], now_ms + ticket_ttl_ms, id)
-    redis.call('RPUSH', grant_prefix .. id, 1)
-    redis.call('PEXPIRE', grant_prefix .. id, 2 * ticket_ttl_ms)
+    granted[#granted + 1] = id
   end
 end
 redis.call('HSET', KEYS[4], 'vt', vt)
-return result
+return {result, granted}

@@ -1,6 +1,7 @@
 """Every Redis key phiserve uses (tenancy, fair queue, batch), in one place.
 
-`{...}` parts are ids, never secrets.
+`{...}` parts are ids, never secrets. Lua scripts get every key they touch from these
+functions, through KEYS; none builds a key name of its own.
 """
 
 from __future__ import annotations

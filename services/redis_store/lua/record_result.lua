@@ -2,21 +2,22 @@
 -- A redelivered item (its worker died after writing) finds its result already there: the
 -- count is not bumped again and the entry is just acknowledged. Several items are recorded
 -- per call (the worker coalesces results for a few milliseconds).
--- KEYS: 1 the pool's item stream
--- ARGV: 1 consumer group, 2 key prefix, then per item two strings:
---       "<batch id>|<line>|<completed or failed>|<entry id>" and the result JSON
+-- KEYS: 1 the pool's item stream, then per item n (from 1): 2n its batch's record (hash),
+--       2n + 1 its batch's results (hash)
+-- ARGV: 1 consumer group, then per item n: 2n "<line>|<completed or failed>|<entry id>",
+--       2n + 1 the result JSON
 -- Returns per item: new (0/1), completed, failed, total (the batch's counts after this call)
 local FINAL = {completed = true, failed = true, cancelled = true, expired = true}
 local news, batches, entries, added = {}, {}, {}, {}
-for i = 3, #ARGV, 2 do
-  local batch, line, outcome, entry = string.match(ARGV[i], '^([^|]+)|([^|]+)|([^|]+)|([^|]+)$')
-  local batch_key = ARGV[2] .. ':batch:' .. batch
+for n = 1, (#ARGV - 1) / 2 do
+  local line, outcome, entry = string.match(ARGV[2 * n], '^([^|]+)|([^|]+)|([^|]+)$')
+  local batch_key, results_key = KEYS[2 * n], KEYS[2 * n + 1]
   -- A finished (or expired) batch's results have left Redis for its files: a late duplicate
   -- must not bring the hash back nor count twice.
   local status = redis.call('HGET', batch_key, 'status')
   local new = 0
   if status and not FINAL[status] then
-    new = redis.call('HSETNX', batch_key .. ':results', line, ARGV[i + 1])
+    new = redis.call('HSETNX', results_key, line, ARGV[2 * n + 1])
   end
   if new == 1 then
     local counter = batch_key .. '\0' .. outcome
