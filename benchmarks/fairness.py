@@ -35,12 +35,12 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog  # noqa: E402
-from pydantic import SecretStr  # noqa: E402
+from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog
+from pydantic import SecretStr
 
-from services.local.redis_server import LocalRedis  # noqa: E402
-from services.local.tiny_models import build_tiny_models  # noqa: E402
-from services.settings import Settings  # noqa: E402
+from services.local.redis_server import LocalRedis
+from services.local.tiny_models import build_tiny_models
+from services.settings import Settings
 
 ADMIN_KEY = "fairness-bench-admin-key-0123456789"
 MAX_TOKENS = 32
@@ -167,16 +167,16 @@ def main() -> None:
     redis.start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    base = dict(
-        port=port,
-        grpc_port=None,
-        cache_dir=cache,
-        redis_url=redis.url,
-        admin_key=SecretStr(ADMIN_KEY),
-        batch_workers=0,
-        files_dir=tmp / "files",
-        queue_timeout_s=120.0,
-    )
+    base = {
+        "port": port,
+        "grpc_port": None,
+        "cache_dir": cache,
+        "redis_url": redis.url,
+        "admin_key": SecretStr(ADMIN_KEY),
+        "batch_workers": 0,
+        "files_dir": tmp / "files",
+        "queue_timeout_s": 120.0,
+    }
     catalog = text_catalog(max_in_flight=args.capacity)
     try:
         with serve_session(port):

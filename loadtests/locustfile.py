@@ -48,18 +48,18 @@ import grpc.experimental.gevent as grpc_gevent
 # This has to happen before the first channel is created.
 grpc_gevent.init_gevent()
 
-from locust import FastHttpUser, User, events, task  # noqa: E402
-from locust.env import Environment  # noqa: E402
+from locust import FastHttpUser, User, events, task
+from locust.env import Environment
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import lt_config  # noqa: E402
-from lt_clients import LoadTestError, LocustInterceptor, PhiserveUser, RestMixin, http_failure, multipart  # noqa: E402
-from lt_config import BATCH, FINAL_BATCH_STATES, USER_CLASS_KEYS, build_config  # noqa: E402
+import lt_config
+from lt_clients import LoadTestError, LocustInterceptor, PhiserveUser, RestMixin, http_failure, multipart
+from lt_config import BATCH, FINAL_BATCH_STATES, USER_CLASS_KEYS, build_config
 
-from services.grpc.client import Client, PhiserveRpcError, user  # noqa: E402
+from services.grpc.client import Client, PhiserveRpcError, user
 
 # -- command line ------------------------------------------------------------------------
 

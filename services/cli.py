@@ -177,6 +177,7 @@ def _shutdown_remote_serve(address: str) -> None:
             capture_output=True,
             text=True,
             timeout=REMOTE_TIMEOUT_S,
+            check=False,  # a failure is reported below, with its last line
         )
     except subprocess.TimeoutExpired:
         _log(f"Ray at {address} did not answer within {REMOTE_TIMEOUT_S:.0f} s; nothing stopped there")
@@ -210,7 +211,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
     def connect() -> None:
         try:
             ray.init(address=address, log_to_driver=False)
-        except BaseException as exc:  # reported below, in the main thread
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which exits with it
             failure.append(exc)
         finally:
             connected.set()

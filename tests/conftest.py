@@ -75,7 +75,7 @@ def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.5, what: st
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # keep polling; report the last failure
+        except Exception as exc:  # noqa: BLE001 - keep polling; the timeout reports the last failure
             last_exc = exc
         time.sleep(interval_s)
     raise TimeoutError(f"{what} not reached within {timeout_s} s (last error: {last_exc!r})")

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-import services.errors as errors
+from services import errors
 from services.errors import PhiserveError, ServiceUnavailable
 
 ALL_ERRORS = [obj for _, obj in inspect.getmembers(errors, inspect.isclass) if issubclass(obj, PhiserveError)]

@@ -32,7 +32,7 @@ class PoolCapacity:
     async def refresh(self) -> None:
         try:
             live = await self._live_replicas()
-        except Exception as exc:  # the controller is restarting: keep the last capacity
+        except Exception as exc:  # noqa: BLE001 - the controller is restarting: keep the last capacity
             logger.warning("could not read live replica counts: %s", exc)
             return
         for pool in self._pools:

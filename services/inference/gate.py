@@ -89,7 +89,7 @@ class LeaseKeeper:
                     in_flight, waiting = await self._fair_queue.depth(pool)
                     self._metrics.pool_in_flight.set(in_flight, tags={"pool": pool})
                     self._metrics.pool_waiting.set(waiting, tags={"pool": pool})
-            except Exception as exc:  # Redis down: leases run out; nothing to undo here
+            except Exception as exc:  # noqa: BLE001 - Redis down: leases run out; the keeper goes on
                 logger.warning("lease renewal failed: %s", exc)
 
     def stop(self) -> None:

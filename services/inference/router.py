@@ -52,7 +52,7 @@ class PoolRouter:
             # Outside a Serve request context Ray does not cancel the remote call for us.
             response.cancel()
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the one translation point; cancellation passes as is
             raise _translate(exc, pool) from None
         return result
 
@@ -67,7 +67,7 @@ class PoolRouter:
             # generator, which aborts the engine request.
             response.cancel()
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the one translation point; cancellation passes as is
             raise _translate(exc, pool) from None
 
     async def ready(self, pool: PoolConfig) -> bool:
@@ -77,7 +77,7 @@ class PoolRouter:
         """A replica of the deployment behind `handle` answers its `ready()` in time."""
         try:
             await asyncio.wait_for(handle.ready.remote(), timeout=self._assign_timeout_s)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever the probe meets, the pool is not ready
             return False
         return True
 
@@ -99,7 +99,7 @@ class PoolRouter:
                 f"no replica of pool '{pool.name}' is available; retry shortly",
                 code="no_live_replica",
             ) from None
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the one translation point; cancellation passes as is
             raise _translate(exc, pool) from None
 
 

@@ -115,8 +115,8 @@ class TokenCounter:
         try:
             # Reads the header only; decoding happens in the pool.
             width, height = Image.open(io.BytesIO(blob)).size
-        except Exception:
-            return 0  # the pool refuses it with a clear 400
+        except Exception:  # noqa: BLE001 - any unreadable image: the pool refuses it with a clear 400
+            return 0
         return phi3v_image_tokens(width, height, self._num_crops[pool.name])
 
 
@@ -136,6 +136,6 @@ def _load_tokenizer(model: str) -> Any:
 
             path = Path(hf_hub_download(model, "tokenizer.json"))
         return Tokenizer.from_file(str(path))
-    except Exception as exc:  # counted approximately; settlement uses the engine's count
+    except Exception as exc:  # noqa: BLE001 - counted approximately; settlement uses the engine's count
         logger.warning("no tokenizer.json for %s (%s); estimating prompt tokens from length", model, exc)
         return None

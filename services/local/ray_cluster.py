@@ -81,7 +81,7 @@ def start_local_ray(settings: Settings) -> str:
     # Read by every Ray process at import: it must be in the environment of `ray start`.
     env = {**os.environ, **ray_process_env(settings.proxy_mode, folder), **AUTH_ENV, MARKER: str(folder)}
     for _ in range(START_ATTEMPTS):
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)  # tried again
         address = gcs_address(folder)
         if result.returncode == 0 and address is not None:
             return address

@@ -65,7 +65,7 @@ def num_tokens_for(h: int, w: int) -> int:
 
 
 class TinyPhi3VImageProcessor(BaseImageProcessor):
-    model_input_names = ["pixel_values", "image_sizes"]
+    model_input_names = ["pixel_values", "image_sizes"]  # noqa: RUF012 - a list, as transformers' base declares it
 
     def __init__(self, num_crops=4, image_mean=None, image_std=None, do_convert_rgb=True, **kwargs):
         super().__init__(**kwargs)
@@ -118,9 +118,6 @@ class TinyPhi3VImageProcessor(BaseImageProcessor):
             "num_img_tokens": num_img_tokens,
         }
         return BatchFeature(data=data, tensor_type=return_tensors)
-
-    def __call__(self, images, **kwargs):
-        return self.preprocess(images, **kwargs)
 
 
 class TinyPhi3VProcessor(ProcessorMixin):

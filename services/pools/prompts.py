@@ -45,7 +45,7 @@ class PromptRenderer:
             rendered = self._tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=True
             )
-        except Exception as exc:  # a template error is caused by the conversation's shape
+        except Exception as exc:  # noqa: BLE001 - a template error is caused by the conversation's shape
             raise InvalidRequest(f"messages cannot be rendered: {exc}", param="messages") from None
         return str(rendered)
 
@@ -69,7 +69,7 @@ def decode_images(blobs: tuple[bytes, ...]) -> list[Any]:
                 images.append(image.convert("RGB"))
         except InvalidRequest:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, the image is the client's
             raise InvalidRequest(
                 f"image {index + 1} could not be decoded ({type(exc).__name__}); "
                 "send a PNG, JPEG, GIF or WebP as a base64 data: URL",

@@ -41,7 +41,7 @@ def test_another_tenant_reusing_a_request_id_cannot_abort_the_stream(
             ):
                 chunks.append(chunk)
                 started.set()
-        except BaseException as exc:  # reported by the test thread
+        except BaseException as exc:  # noqa: BLE001 - any failure in this thread fails the test's assertion
             failure.append(exc)
         finally:
             started.set()
