@@ -36,16 +36,17 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     return error_response(invalid_request_from(exc.errors()))
 
 
-def count_refusal(metrics: GatewayMetrics | None, exc: PhiserveError) -> None:
-    """Redis down is a refusal of the gateway's own, counted at the edge because it can come
-    from any Redis step (auth, admission, usage); other refusals are counted where decided."""
+def count_redis_down(metrics: GatewayMetrics | None, exc: PhiserveError) -> None:
+    """Count a `TenancyUnavailable` as a refusal (reason `tenancy_unavailable`): counted at
+    the edge because it can come from any Redis step (auth, admission, usage); every other
+    refusal is counted where it is decided."""
     if metrics is not None and isinstance(exc, TenancyUnavailable):
         metrics.rejected.inc(tags={"reason": "tenancy_unavailable"})
 
 
 async def _on_phiserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PhiserveError)
-    count_refusal(getattr(request.app.state, "metrics", None), exc)
+    count_redis_down(getattr(request.app.state, "metrics", None), exc)
     return error_response(exc)
 
 

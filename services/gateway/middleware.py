@@ -27,7 +27,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import ClientClosedRequest, PhiserveError
-from services.gateway.errors import count_refusal, error_body, error_payload
+from services.gateway.errors import count_redis_down, error_body, error_payload
 from services.inference.errors import error_row
 from services.inference.identity import presented_key, request_id
 from services.inference.metrics import GatewayMetrics
@@ -115,7 +115,7 @@ class GatewayMiddleware:
                 state["tenant"], _ = await self._tenants.authenticate(presented_key(Headers(scope=scope)))
             except PhiserveError as exc:
                 # Answered without reading the body; the server discards what follows.
-                count_refusal(self._metrics, exc)
+                count_redis_down(self._metrics, exc)
                 state["status"] = await _send_error(send, exc)
                 return
 

@@ -31,7 +31,7 @@ from services.errors import (
     TenancyUnavailable,
     UnsupportedContent,
 )
-from services.gateway.errors import count_refusal, install_error_handlers, sse_error_event
+from services.gateway.errors import count_redis_down, install_error_handlers, sse_error_event
 from services.grpc.errors import grpc_status
 from services.inference.errors import ERROR_TABLE, batch_error_line, error_payload, error_row
 from tests.test_errors import ALL_ERRORS
@@ -199,11 +199,11 @@ class _Metrics:
 
 def test_redis_down_is_counted_by_type_not_by_code() -> None:
     metrics = _Metrics()
-    count_refusal(metrics, TenancyUnavailable("redis down"))  # type: ignore[arg-type]
-    count_refusal(metrics, ServiceUnavailable("no replica"))  # type: ignore[arg-type]
+    count_redis_down(metrics, TenancyUnavailable("redis down"))  # type: ignore[arg-type]
+    count_redis_down(metrics, ServiceUnavailable("no replica"))  # type: ignore[arg-type]
     # The code string alone no longer decides: only the Redis boundary's type is counted.
-    count_refusal(metrics, ServiceUnavailable("x", code="tenancy_unavailable"))  # type: ignore[arg-type]
-    count_refusal(None, TenancyUnavailable("no metrics yet"))
+    count_redis_down(metrics, ServiceUnavailable("x", code="tenancy_unavailable"))  # type: ignore[arg-type]
+    count_redis_down(None, TenancyUnavailable("no metrics yet"))
     assert metrics.rejected.calls == [{"reason": "tenancy_unavailable"}]
 
 

@@ -136,7 +136,7 @@ def _middleware(seen: dict[str, Any]) -> tuple[GatewayMiddleware, _Metrics, _Ten
 async def test_http_middleware_applies_the_rules() -> None:
     seen: dict[str, Any] = {}
     middleware, metrics, tenants = _middleware(seen)
-    transport = httpx.ASGITransport(app=middleware)
+    transport = httpx.ASGITransport(app=middleware)  # type: ignore[arg-type]  # ASGI by duck type
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         await client.get("/v1/usage", headers={"x-request-id": "client-7", "api-key": "psk-2"})
         assert seen["request_id"] == "client-7"
