@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
-BATCH_DURATION_BUCKETS_S = [1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600]
+BATCH_DURATION_BUCKETS_S: list[float] = [1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600]
 
 
 class BatchMetrics:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
 
 from fastapi.responses import StreamingResponse
 
@@ -15,7 +14,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE_EVENT = "data: [DONE]\n\n"
 
 
-async def sse_events(payloads: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+async def sse_events(payloads: AsyncIterator[Mapping[str, object]]) -> AsyncIterator[str]:
     try:
         async for payload in payloads:
             yield f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
@@ -28,7 +27,7 @@ async def sse_events(payloads: AsyncIterator[dict[str, Any]]) -> AsyncIterator[s
 
 
 def sse_response(
-    payloads: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None
+    payloads: AsyncIterator[Mapping[str, object]], headers: dict[str, str] | None = None
 ) -> StreamingResponse:
     return StreamingResponse(
         sse_events(payloads), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}

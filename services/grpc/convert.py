@@ -1,55 +1,33 @@
-"""Proto messages <-> the REST API's models and results, so gRPC runs the REST code path.
+"""Proto requests -> the REST API's request models, so gRPC runs the REST code path.
 
 A gRPC request becomes the REST API's pydantic model (`ChatCompletionRequest`,
-`CompletionRequest`) and is validated by it, so both APIs accept and refuse exactly the
-same requests; the gateway's results become proto messages through `ResponseShape`s.
-Errors name REST fields (`param`); `proto_field()` turns those into the proto field path
-that `google.rpc.BadRequest` reports.
+`CompletionRequest`, `CreateBatchRequest`) and is validated by it, so both APIs accept and
+refuse exactly the same requests. Errors name REST fields (`param`); `proto_field()` turns
+those into the proto field path that `google.rpc.BadRequest` reports. The answers go the
+other way in `responses.py` (generation, models) and `batch_messages.py` (files, batches).
 """
 
 from __future__ import annotations
 
 import base64
 import re
-import time
-import uuid
 from typing import Any
 
 from pydantic import ValidationError
 
 from services.errors import InvalidRequest
-from services.grpc.gen.phiserve.v1 import (
-    batch_pb2,
-    chat_pb2,
-    common_pb2,
-    completion_pb2,
-    models_pb2,
-)
-from services.grpc.gen.phiserve.v1 import (
-    inference_service_pb2 as pb,
-)
+from services.grpc.gen.phiserve.v1 import chat_pb2, common_pb2
+from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 from services.inference.errors import invalid_request_from
-from services.inference.protocol.batches import BatchObject, BatchStatus, FileObject
 from services.inference.protocol.batches import CreateBatchRequest as CreateBatchBody
 from services.inference.protocol.chat import ChatCompletionRequest
 from services.inference.protocol.completions import CompletionRequest
-from services.pools.engine import GenerationResult
 
 ROLES: dict[int, str] = {
     chat_pb2.ROLE_SYSTEM: "system",
     chat_pb2.ROLE_DEVELOPER: "developer",
     chat_pb2.ROLE_USER: "user",
     chat_pb2.ROLE_ASSISTANT: "assistant",
-}
-FINISH_REASONS: dict[str | None, common_pb2.FinishReason] = {
-    None: common_pb2.FINISH_REASON_UNSPECIFIED,
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "abort": common_pb2.FINISH_REASON_ABORT,
-}
-MODALITIES: dict[str, models_pb2.Modality] = {
-    "text": models_pb2.MODALITY_TEXT,
-    "vision": models_pb2.MODALITY_VISION,
 }
 # SamplingParams fields with presence: unset means "the REST default", not zero.
 OPTIONAL_SAMPLING = (
@@ -193,145 +171,6 @@ def proto_field(param: str | None, renames: dict[str, str] | None = None) -> str
     return f"messages[{i}].parts[{j}]" + (".image" if image else "")
 
 
-def finish(reason: str | None) -> common_pb2.FinishReason:
-    return FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_UNSPECIFIED)
-
-
-class _Ids:
-    """What every response message of one request repeats: the client's request id
-    (echoed) and a response id of the server's own, never derived from the client's
-    (issue 9, item 1)."""
-
-    def __init__(self, prefix: str, request_id: str, model: str) -> None:
-        self.id = f"{prefix}{uuid.uuid4().hex}"
-        self.request_id, self.model, self.created = request_id, model, int(time.time())
-
-    def fields(self) -> dict[str, Any]:
-        return {"id": self.id, "request_id": self.request_id, "model": self.model, "created": self.created}
-
-
-def usage(totals: dict[str, Any]) -> common_pb2.Usage:
-    """The REST usage object (`services.inference.generation.usage`) as a message."""
-    return common_pb2.Usage(
-        prompt_tokens=totals["prompt_tokens"],
-        completion_tokens=totals["completion_tokens"],
-        total_tokens=totals["total_tokens"],
-        prompt_tokens_details=common_pb2.PromptTokensDetails(
-            cached_tokens=totals.get("prompt_tokens_details", {}).get("cached_tokens", 0)
-        ),
-    )
-
-
-def _result_usage(result: GenerationResult) -> common_pb2.Usage:
-    return common_pb2.Usage(
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        total_tokens=result.prompt_tokens + result.completion_tokens,
-        prompt_tokens_details=common_pb2.PromptTokensDetails(cached_tokens=result.cached_tokens),
-    )
-
-
-class ChatShape:
-    """`ResponseShape` of Chat / ChatStream: ChatResponse and ChatStreamResponse messages."""
-
-    def __init__(self, request_id: str, model: str) -> None:
-        self._ids = _Ids("chatcmpl-", request_id, model)
-
-    def response(self, result: GenerationResult) -> pb.ChatResponse:
-        message = chat_pb2.ChatMessage(role=chat_pb2.ROLE_ASSISTANT, text=result.text)
-        choice = chat_pb2.ChatChoice(index=0, message=message, finish_reason=finish(result.finish_reason))
-        return pb.ChatResponse(**self._ids.fields(), choices=[choice], usage=_result_usage(result))
-
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> pb.ChatStreamResponse:
-        delta = chat_pb2.ChatDelta(
-            role=chat_pb2.ROLE_ASSISTANT if first else chat_pb2.ROLE_UNSPECIFIED, content=text
-        )
-        choice = chat_pb2.ChatStreamChoice(index=0, delta=delta, finish_reason=finish(finish_reason))
-        return pb.ChatStreamResponse(**self._ids.fields(), choices=[choice])
-
-    def usage_chunk(self, totals: dict[str, Any]) -> pb.ChatStreamResponse:
-        return pb.ChatStreamResponse(**self._ids.fields(), usage=usage(totals))
-
-
-class CompletionShape:
-    """`ResponseShape` of Complete / CompleteStream."""
-
-    def __init__(self, request_id: str, model: str, *, echo_prefix: str = "") -> None:
-        self._ids = _Ids("cmpl-", request_id, model)
-        self._echo_prefix = echo_prefix
-
-    def response(self, result: GenerationResult) -> pb.CompleteResponse:
-        choice = completion_pb2.CompletionChoice(
-            index=0, text=self._echo_prefix + result.text, finish_reason=finish(result.finish_reason)
-        )
-        return pb.CompleteResponse(**self._ids.fields(), choices=[choice], usage=_result_usage(result))
-
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> pb.CompleteStreamResponse:
-        if first:
-            text = self._echo_prefix + text
-        choice = completion_pb2.CompletionChoice(index=0, text=text, finish_reason=finish(finish_reason))
-        return pb.CompleteStreamResponse(**self._ids.fields(), choices=[choice])
-
-    def usage_chunk(self, totals: dict[str, Any]) -> pb.CompleteStreamResponse:
-        return pb.CompleteStreamResponse(**self._ids.fields(), usage=usage(totals))
-
-
-class Collector:
-    """A `ResponseShape` that keeps the raw pieces, to build one unary result from a stream."""
-
-    def response(self, result: GenerationResult) -> GenerationResult:
-        return result
-
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> tuple[str, str | None]:
-        return text, finish_reason
-
-    def usage_chunk(self, totals: dict[str, Any]) -> dict[str, Any]:
-        return totals
-
-
-def models_response(listing: dict[str, Any]) -> pb.ListModelsResponse:
-    """The REST listing (`ModelsService.list()`) as proto, so both list the same models."""
-    return pb.ListModelsResponse(
-        models=[
-            models_pb2.Model(
-                id=entry["id"],
-                root=entry["root"],
-                pool=entry["pool"],
-                modality=MODALITIES.get(entry["modality"], models_pb2.MODALITY_UNSPECIFIED),
-                max_model_len=entry["max_model_len"],
-                max_images_per_request=entry["max_images_per_request"],
-                created=entry["created"],
-                owned_by=entry["owned_by"],
-            )
-            for entry in listing["data"]
-        ]
-    )
-
-
-# -- Batch API ---------------------------------------------------------------------------
-
-BATCH_STATUSES: dict[BatchStatus, batch_pb2.BatchStatus] = {
-    BatchStatus.validating: batch_pb2.BATCH_STATUS_VALIDATING,
-    BatchStatus.in_progress: batch_pb2.BATCH_STATUS_IN_PROGRESS,
-    BatchStatus.finalizing: batch_pb2.BATCH_STATUS_FINALIZING,
-    BatchStatus.completed: batch_pb2.BATCH_STATUS_COMPLETED,
-    BatchStatus.failed: batch_pb2.BATCH_STATUS_FAILED,
-    BatchStatus.cancelling: batch_pb2.BATCH_STATUS_CANCELLING,
-    BatchStatus.cancelled: batch_pb2.BATCH_STATUS_CANCELLED,
-    BatchStatus.expired: batch_pb2.BATCH_STATUS_EXPIRED,
-}
-_BATCH_TIMES = (
-    "in_progress_at",
-    "expires_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-)
-
-
 def create_batch_body(request: pb.CreateBatchRequest) -> CreateBatchBody:
     """CreateBatch as REST's body, validated by the same model (unset window: "24h")."""
     raw: dict[str, Any] = {"input_file_id": request.input_file_id, "endpoint": request.endpoint}
@@ -341,59 +180,3 @@ def create_batch_body(request: pb.CreateBatchRequest) -> CreateBatchBody:
         raw["metadata"] = dict(request.metadata)
     body: CreateBatchBody = _validated(CreateBatchBody, raw)
     return body
-
-
-def batch_message(batch: BatchObject) -> batch_pb2.Batch:
-    """REST's Batch object as proto: the same fields, null as unset."""
-    message = batch_pb2.Batch(
-        id=batch.id,
-        endpoint=batch.endpoint,
-        input_file_id=batch.input_file_id,
-        completion_window=batch.completion_window,
-        status=BATCH_STATUSES.get(batch.status, batch_pb2.BATCH_STATUS_UNSPECIFIED),
-        created_at=batch.created_at,
-        request_counts=batch_pb2.BatchRequestCounts(
-            total=batch.request_counts.total,
-            completed=batch.request_counts.completed,
-            failed=batch.request_counts.failed,
-        ),
-        metadata=batch.metadata or {},
-    )
-    if batch.output_file_id:
-        message.output_file_id = batch.output_file_id
-    if batch.error_file_id:
-        message.error_file_id = batch.error_file_id
-    for name in _BATCH_TIMES:
-        value = getattr(batch, name)
-        if value is not None:
-            setattr(message, name, value)
-    for entry in batch.errors.data if batch.errors else ():
-        error = batch_pb2.BatchError(
-            code=str(entry.get("code") or ""),
-            message=str(entry.get("message") or ""),
-            param=str(entry.get("param") or ""),
-        )
-        if isinstance(entry.get("line"), int):
-            error.line = entry["line"]
-        message.errors.append(error)
-    return message
-
-
-def file_message(file: FileObject) -> batch_pb2.File:
-    return batch_pb2.File(
-        id=file.id,
-        bytes=file.bytes,
-        created_at=file.created_at,
-        filename=file.filename,
-        purpose=file.purpose,
-        status=file.status,
-    )
-
-
-def list_batches_response(batches: list[BatchObject], has_more: bool) -> pb.ListBatchesResponse:
-    return pb.ListBatchesResponse(
-        batches=[batch_message(batch) for batch in batches],
-        first_id=batches[0].id if batches else "",
-        last_id=batches[-1].id if batches else "",
-        has_more=has_more,
-    )

@@ -84,24 +84,32 @@ def _server_streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Refuse a request that does not parse as its message with INVALID_ARGUMENT, before
     any servicer code runs (gRPC itself would answer UNKNOWN)."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:  # reflection: a client stream
             return handler
         deserializer = _tolerant(handler.request_deserializer)
         if handler.response_streaming:
-            return handler._replace(
-                request_deserializer=deserializer, unary_stream=_server_streaming(handler.unary_stream)
+            assert handler.unary_stream is not None  # a unary-request, streaming-response method
+            return grpc.unary_stream_rpc_method_handler(
+                _server_streaming(handler.unary_stream),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
             )
-        return handler._replace(request_deserializer=deserializer, unary_unary=_unary(handler.unary_unary))
+        assert handler.unary_unary is not None  # neither side streams
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(handler.unary_unary),
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:

@@ -2,18 +2,19 @@
 
 Each method authenticates from metadata, converts the proto request into the REST model
 (`services.grpc.convert`), and calls the same services as the REST routes: the chat and
-completion services' `prepare`, the `GenerationRunner` (tenant gate: admission, fair
-queue, settlement) and the pool router. Errors map through the core's one error table
-(`services.inference.errors`, as gRPC status by `services.grpc.errors.grpc_status`); the
-API key and request-id rules are REST's (`services.inference.identity`).
+completion services (the `GenerationRunner`: tenant gate, fair queue, settlement, pool
+router), whose typed bodies `services.grpc.responses` converts to proto. Errors map through
+the core's one error table (`services.inference.errors`, as gRPC status by
+`services.grpc.errors.grpc_status`); the API key and request-id rules are REST's
+(`services.inference.identity`).
 
 The Batch API's methods (files and batches) call the same `FileService` and `BatchService`
 objects as REST's /v1/files and /v1/batches routes, scoped to the caller's tenant.
 
-Unary calls run on the runner's stream and are assembled here: closing that stream on
-cancellation (deadline passed, client gone) aborts the engine request and settles the
-tenant's tokens, which an awaited unary handle call does not do outside a Serve request
-(see docs/grpc.md).
+Unary calls run on the runner's stream, assembled by the core (`GenerationRunner.collect`):
+closing that stream on cancellation (deadline passed, client gone) aborts the engine
+request and settles the tenant's tokens, which an awaited unary handle call does not do
+outside a Serve request (see docs/grpc.md).
 """
 
 from __future__ import annotations
@@ -21,24 +22,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
-from services.catalog.models import PoolConfig
 from services.errors import ClientClosedRequest, GenerationFailed, PhiserveError
-from services.grpc import convert
+from services.grpc import batch_messages, convert, responses
 from services.grpc.errors import grpc_status
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 from services.grpc.gen.phiserve.v1 import inference_service_pb2_grpc as pb_grpc
 from services.inference.core import Core
 from services.inference.errors import error_row
-from services.inference.generation import Caller, ResponseShape
+from services.inference.generation import Caller
 from services.inference.identity import presented_key, request_id
 from services.inference.metrics import tenant_label
 from services.inference.ports import BatchApis
-from services.pools.engine import GenerationRequest, GenerationResult
 from services.tenancy.models import Tenant
 
 logger = logging.getLogger(__name__)
@@ -49,6 +48,8 @@ CLIENT_CLOSED_REQUEST = error_row(ClientClosedRequest).http_status  # recorded f
 # 4 MiB receive limit, whatever the file's size).
 FILE_CHUNK_BYTES = 1024 * 1024
 T = TypeVar("T")
+C = TypeVar("C")  # a stream chunk of the core (services/inference/protocol/responses.py)
+StreamMessage = pb.ChatStreamResponse | pb.CompleteStreamResponse
 
 
 def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -85,11 +86,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async def run(call: _Call) -> pb.ChatResponse:
             caller = await self._caller(call)
             body = convert.chat_body(request, stream=False)
-            pool, generation = await self._core.chat.prepare(body, call.request_id, tenant=caller.tenant)
-            response: pb.ChatResponse = await self._unary(
-                call, caller, pool, generation, convert.ChatShape(call.request_id, body.model)
-            )
-            return response
+            # Assembled from the pool's stream, so a deadline aborts the engine request at
+            # once and bills what was generated (docs/grpc.md).
+            answer, headers = await self._core.chat.create(caller, body, call.request_id, from_stream=True)
+            await call.send_headers(headers)
+            return responses.chat_response(answer, call.request_id)
 
         return await self._run(context, "Chat", run)
 
@@ -97,9 +98,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async def run(call: _Call) -> None:
             caller = await self._caller(call)
             body = convert.chat_body(request, stream=True)
-            pool, generation = await self._core.chat.prepare(body, call.request_id, tenant=caller.tenant)
-            shape = convert.ChatShape(call.request_id, body.model)
-            await self._stream(call, caller, pool, generation, shape, include_usage=body.include_usage())
+            chunks, headers = await self._core.chat.create_stream(caller, body, call.request_id)
+            await self._send_stream(call, chunks, headers, responses.chat_chunk)
 
         await self._run(context, "ChatStream", run)
 
@@ -109,12 +109,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async def run(call: _Call) -> pb.CompleteResponse:
             caller = await self._caller(call)
             body = convert.completion_body(request, stream=False)
-            pool, generation, _ = self._core.completions.prepare(body, call.request_id)
-            shape = convert.CompletionShape(
-                call.request_id, body.model, echo_prefix=request.prompt if body.echo else ""
+            answer, headers = await self._core.completions.create(
+                caller, body, call.request_id, from_stream=True
             )
-            response: pb.CompleteResponse = await self._unary(call, caller, pool, generation, shape)
-            return response
+            await call.send_headers(headers)
+            return responses.completion_response(answer, call.request_id)
 
         return await self._run(context, "Complete", run)
 
@@ -124,11 +123,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async def run(call: _Call) -> None:
             caller = await self._caller(call)
             body = convert.completion_body(request, stream=True)
-            pool, generation, _ = self._core.completions.prepare(body, call.request_id)
-            shape = convert.CompletionShape(
-                call.request_id, body.model, echo_prefix=request.prompt if body.echo else ""
-            )
-            await self._stream(call, caller, pool, generation, shape, include_usage=body.include_usage())
+            chunks, headers = await self._core.completions.create_stream(caller, body, call.request_id)
+            await self._send_stream(call, chunks, headers, responses.completion_chunk)
 
         await self._run(context, "CompleteStream", run)
 
@@ -138,7 +134,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async def run(call: _Call) -> pb.ListModelsResponse:
             # As GET /v1/models: no key needed.
             await call.send_headers({})
-            return convert.models_response(self._core.models.list())
+            return responses.models_response(self._core.models.list())
 
         return await self._run(context, "ListModels", run)
 
@@ -153,7 +149,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 tenant.id, filename=request.filename, purpose=request.purpose or "batch", data=request.data
             )
             await call.send_headers({})
-            return pb.UploadFileResponse(file=convert.file_message(file))
+            return pb.UploadFileResponse(file=batch_messages.file_message(file))
 
         return await self._run(context, "UploadFile", run, renames=convert.BATCH_FIELDS)
 
@@ -164,7 +160,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             tenant = await self._limited_tenant(call)
             file = await self._files.get(tenant.id, request.file_id)
             await call.send_headers({})
-            return pb.GetFileResponse(file=convert.file_message(file))
+            return pb.GetFileResponse(file=batch_messages.file_message(file))
 
         return await self._run(context, "GetFile", run)
 
@@ -187,7 +183,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             tenant = await self._limited_tenant(call)
             batch = await self._batches.create(tenant.id, convert.create_batch_body(request))
             await call.send_headers({})
-            return pb.CreateBatchResponse(batch=convert.batch_message(batch))
+            return pb.CreateBatchResponse(batch=batch_messages.batch_message(batch))
 
         return await self._run(context, "CreateBatch", run)
 
@@ -198,7 +194,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             tenant = await self._limited_tenant(call)
             batch = await self._batches.get(tenant.id, request.batch_id)
             await call.send_headers({})
-            return pb.GetBatchResponse(batch=convert.batch_message(batch))
+            return pb.GetBatchResponse(batch=batch_messages.batch_message(batch))
 
         return await self._run(context, "GetBatch", run)
 
@@ -211,7 +207,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 tenant.id, after=request.after or None, limit=request.limit or convert.DEFAULT_BATCH_PAGE
             )
             await call.send_headers({})
-            return convert.list_batches_response(batches, has_more)
+            return batch_messages.list_batches_response(batches, has_more)
 
         return await self._run(context, "ListBatches", run)
 
@@ -222,7 +218,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             tenant = await self._limited_tenant(call)
             batch = await self._batches.cancel(tenant.id, request.batch_id)
             await call.send_headers({})
-            return pb.CancelBatchResponse(batch=convert.batch_message(batch))
+            return pb.CancelBatchResponse(batch=batch_messages.batch_message(batch))
 
         return await self._run(context, "CancelBatch", run)
 
@@ -246,52 +242,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             tenant=tenant, deadline_s=call.context.time_remaining(), started=call.started, labels=call.labels
         )
 
-    async def _unary(
-        self, call: _Call, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape
-    ) -> Any:
-        chunks, headers = await self._core.runner.open_stream(
-            caller, pool, request, convert.Collector(), include_usage=True
-        )
-        texts: list[str] = []
-        finish_reason: str | None = None
-        totals: dict[str, Any] = {}
-        try:
-            async for item in chunks:
-                if isinstance(item, dict):
-                    totals = item
-                else:
-                    texts.append(item[0])
-                    finish_reason = item[1] or finish_reason
-        finally:
-            # Cancelled (deadline, client gone) or failed: abort the engine request, settle.
-            await chunks.aclose()  # type: ignore[attr-defined]
-        result = GenerationResult(
-            text="".join(texts),
-            prompt_tokens=totals.get("prompt_tokens", 0),
-            completion_tokens=totals.get("completion_tokens", 0),
-            finish_reason=finish_reason or "stop",
-            cached_tokens=totals.get("prompt_tokens_details", {}).get("cached_tokens", 0),
-        )
-        await call.send_headers(headers)
-        return shape.response(result)
-
-    async def _stream(
+    async def _send_stream(
         self,
         call: _Call,
-        caller: Caller,
-        pool: PoolConfig,
-        request: GenerationRequest,
-        shape: ResponseShape,
-        *,
-        include_usage: bool,
+        chunks: AsyncIterator[C],
+        headers: dict[str, str],
+        to_message: Callable[[C, str], StreamMessage],
     ) -> None:
-        chunks, headers = await self._core.runner.open_stream(
-            caller, pool, request, shape, include_usage=include_usage
-        )
+        """Write the core's chunks as proto messages (`to_message(chunk, request_id)`)."""
         try:
             await call.send_headers(headers)
-            async for message in chunks:
-                await call.context.write(message)
+            async for chunk in chunks:
+                await call.context.write(to_message(chunk, call.request_id))
         finally:
             # However the RPC ends (done, failed, deadline, cancelled): close the stream so
             # the engine request is aborted and the tenant settled now, not at GC time.

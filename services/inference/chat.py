@@ -5,14 +5,22 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import cast
 
 from services.catalog.models import Modality, Platform, PoolConfig
 from services.errors import InvalidRequest, UnsupportedContent
 from services.inference.gate import check_access
-from services.inference.generation import Caller, GenerationRunner, usage
+from services.inference.generation import Caller, GenerationRunner
 from services.inference.images import ImageLoader
 from services.inference.protocol.chat import ChatCompletionRequest, ImagePart, TextPart
+from services.inference.protocol.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    FinishReason,
+    Usage,
+    usage,
+)
 from services.inference.router import PoolRouter
 from services.inference.sampling import sampling_options
 from services.pools.engine import ChatMessage, GenerationRequest, GenerationResult
@@ -29,33 +37,49 @@ class ChatShape:
         self._model = model
         self._created = int(time.time())
 
-    def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self._id, "object": obj, "created": self._created, "model": self._model}
+    def response(self, result: GenerationResult) -> ChatCompletion:
+        return {
+            "id": self._id,
+            "object": "chat.completion",
+            "created": self._created,
+            "model": self._model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "logprobs": None,
+                    "finish_reason": cast(FinishReason, result.finish_reason),
+                }
+            ],
+            "usage": usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
+        }
 
-    def response(self, result: GenerationResult) -> dict[str, Any]:
-        body = self._base("chat.completion")
-        body["choices"] = [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "logprobs": None,
-                "finish_reason": result.finish_reason,
-            }
-        ]
-        body["usage"] = usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-        return body
+    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> ChatCompletionChunk:
+        delta: ChatDelta = {"role": "assistant", "content": text} if first else {"content": text}
+        return {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": cast("FinishReason | None", finish_reason),
+                }
+            ],
+        }
 
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> dict[str, Any]:
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        body = self._base("chat.completion.chunk")
-        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-        return body
-
-    def usage_chunk(self, totals: dict[str, Any]) -> dict[str, Any]:
-        body = self._base("chat.completion.chunk")
-        body["choices"] = []
-        body["usage"] = totals
-        return body
+    def usage_chunk(self, totals: Usage) -> ChatCompletionChunk:
+        return {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "choices": [],
+            "usage": totals,
+        }
 
 
 class ChatService:
@@ -95,14 +119,18 @@ class ChatService:
         return pool, request
 
     async def create(
-        self, caller: Caller, body: ChatCompletionRequest, request_id: str
-    ) -> tuple[dict[str, Any], dict[str, str]]:
+        self, caller: Caller, body: ChatCompletionRequest, request_id: str, *, from_stream: bool = False
+    ) -> tuple[ChatCompletion, dict[str, str]]:
+        """`from_stream`: assembled from the pool's stream (`GenerationRunner.collect`)."""
         pool, request = await self.prepare(body, request_id, tenant=caller.tenant)
-        return await self._runner.complete(caller, pool, request, ChatShape(uuid.uuid4().hex, body.model))
+        shape = ChatShape(uuid.uuid4().hex, body.model)
+        if from_stream:
+            return await self._runner.collect(caller, pool, request, shape)
+        return await self._runner.complete(caller, pool, request, shape)
 
     async def create_stream(
         self, caller: Caller, body: ChatCompletionRequest, request_id: str
-    ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, str]]:
+    ) -> tuple[AsyncIterator[ChatCompletionChunk], dict[str, str]]:
         pool, request = await self.prepare(body, request_id, tenant=caller.tenant)
         return await self._runner.open_stream(
             caller, pool, request, ChatShape(uuid.uuid4().hex, body.model), include_usage=body.include_usage()

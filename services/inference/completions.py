@@ -5,12 +5,19 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import cast
 
 from services.catalog.models import Platform, PoolConfig
 from services.errors import InvalidRequest
-from services.inference.generation import Caller, GenerationRunner, usage
+from services.inference.generation import Caller, GenerationRunner
 from services.inference.protocol.completions import CompletionRequest
+from services.inference.protocol.responses import (
+    Completion,
+    CompletionChunk,
+    FinishReason,
+    Usage,
+    usage,
+)
 from services.inference.router import PoolRouter
 from services.inference.sampling import sampling_options
 from services.pools.engine import GenerationRequest, GenerationResult
@@ -25,38 +32,50 @@ class CompletionShape:
         self._created = int(time.time())
         self._echo_prefix = echo_prefix
 
-    def _body(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    def response(self, result: GenerationResult) -> Completion:
         return {
             "id": self._id,
             "object": "text_completion",
             "created": self._created,
             "model": self._model,
-            "choices": choices,
-        }
-
-    def response(self, result: GenerationResult) -> dict[str, Any]:
-        body = self._body(
-            [
+            "choices": [
                 {
                     "index": 0,
                     "text": self._echo_prefix + result.text,
                     "logprobs": None,
-                    "finish_reason": result.finish_reason,
+                    "finish_reason": cast(FinishReason, result.finish_reason),
                 }
-            ]
-        )
-        body["usage"] = usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-        return body
+            ],
+            "usage": usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
+        }
 
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> dict[str, Any]:
+    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> CompletionChunk:
         if first:
             text = self._echo_prefix + text
-        return self._body([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+        return {
+            "id": self._id,
+            "object": "text_completion",
+            "created": self._created,
+            "model": self._model,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": cast("FinishReason | None", finish_reason),
+                }
+            ],
+        }
 
-    def usage_chunk(self, totals: dict[str, Any]) -> dict[str, Any]:
-        body = self._body([])
-        body["usage"] = totals
-        return body
+    def usage_chunk(self, totals: Usage) -> CompletionChunk:
+        return {
+            "id": self._id,
+            "object": "text_completion",
+            "created": self._created,
+            "model": self._model,
+            "choices": [],
+            "usage": totals,
+        }
 
 
 class CompletionService:
@@ -90,14 +109,17 @@ class CompletionService:
         return pool, request, shape
 
     async def create(
-        self, caller: Caller, body: CompletionRequest, request_id: str
-    ) -> tuple[dict[str, Any], dict[str, str]]:
+        self, caller: Caller, body: CompletionRequest, request_id: str, *, from_stream: bool = False
+    ) -> tuple[Completion, dict[str, str]]:
+        """`from_stream`: assembled from the pool's stream (`GenerationRunner.collect`)."""
         pool, request, shape = self.prepare(body, request_id)
+        if from_stream:
+            return await self._runner.collect(caller, pool, request, shape)
         return await self._runner.complete(caller, pool, request, shape)
 
     async def create_stream(
         self, caller: Caller, body: CompletionRequest, request_id: str
-    ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, str]]:
+    ) -> tuple[AsyncIterator[CompletionChunk], dict[str, str]]:
         pool, request, shape = self.prepare(body, request_id)
         return await self._runner.open_stream(
             caller, pool, request, shape, include_usage=body.include_usage()

@@ -12,12 +12,13 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from services.catalog.models import PoolConfig
 from services.errors import GenerationFailed, PhiserveError
 from services.inference.gate import Admitted, TenantGate
 from services.inference.metrics import GatewayMetrics
+from services.inference.protocol.responses import Usage, usage
 from services.inference.router import PoolRouter
 from services.pools.engine import GenerationChunk, GenerationRequest, GenerationResult
 from services.tenancy.cache_salt import CacheSalts
@@ -26,25 +27,25 @@ from services.tenancy.models import Tenant
 logger = logging.getLogger(__name__)
 
 
-class ResponseShape(Protocol):
-    """Shapes results for one API surface (OpenAI JSON dicts for REST, messages for gRPC)."""
-
-    def response(self, result: GenerationResult) -> Any: ...
-
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> Any: ...
-
-    def usage_chunk(self, usage: dict[str, Any]) -> Any: ...
+R_co = TypeVar("R_co", covariant=True)
+C_co = TypeVar("C_co", covariant=True)
+R = TypeVar("R")
+C = TypeVar("C")
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """OpenAI's usage object; `cached_tokens` are prompt tokens served from the tenant's
-    own prefix cache (never another tenant's: the pools salt the cache per tenant)."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
+class ResponseShape(Protocol[R_co, C_co]):
+    """Shapes results for one API surface: the response body `R_co` and each stream chunk
+    `C_co` (the typed dicts of services/inference/protocol/responses.py; every transport
+    converts from those)."""
+
+    def response(self, result: GenerationResult) -> R_co: ...
+
+    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> C_co: ...
+
+    def usage_chunk(self, usage: Usage) -> C_co: ...
+
+
+__all__ = ["Caller", "GenerationRunner", "GenerationStream", "ResponseShape", "usage"]
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,8 @@ class GenerationRunner:
         return replace(request, cache_salt=self._cache_salts.for_tenant(caller.tenant.id))
 
     async def complete(
-        self, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape
-    ) -> tuple[Any, dict[str, str]]:
+        self, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape[R, C]
+    ) -> tuple[R, dict[str, str]]:
         caller.labels["model"] = pool.served_names[0]
         request = self._salted(caller, request)
         admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
@@ -146,15 +147,49 @@ class GenerationRunner:
         )
         return shape.response(result), admitted.headers
 
+    async def collect(
+        self, caller: Caller, pool: PoolConfig, request: GenerationRequest, shape: ResponseShape[R, C]
+    ) -> tuple[R, dict[str, str]]:
+        """A unary answer assembled from the pool's stream (gRPC's Chat and Complete).
+
+        Unlike `complete`, a caller that leaves mid-generation (a gRPC deadline) closes the
+        stream, which aborts the engine request at once and bills the tokens generated so
+        far (docs/grpc.md, "Unary calls run on the runner's stream"). The engine's own
+        `complete()` is the concatenation of its stream: the body is the same as `complete`'s.
+        """
+        stream, headers = await self.open_stream(caller, pool, request, _Pieces(), include_usage=True)
+        texts: list[str] = []
+        finish_reason: str | None = None
+        totals: Usage | None = None
+        try:
+            async for piece in stream:
+                if isinstance(piece, tuple):
+                    texts.append(piece[0])
+                    finish_reason = piece[1] or finish_reason
+                else:
+                    totals = piece
+        finally:
+            # Cancelled (deadline, client gone) or failed: abort the engine request, settle.
+            await stream.aclose()  # type: ignore[attr-defined]
+        assert totals is not None, "include_usage=True ends every stream with its usage"
+        result = GenerationResult(
+            text="".join(texts),
+            prompt_tokens=totals["prompt_tokens"],
+            completion_tokens=totals["completion_tokens"],
+            finish_reason=finish_reason or "stop",
+            cached_tokens=totals["prompt_tokens_details"]["cached_tokens"],
+        )
+        return shape.response(result), headers
+
     async def open_stream(
         self,
         caller: Caller,
         pool: PoolConfig,
         request: GenerationRequest,
-        shape: ResponseShape,
+        shape: ResponseShape[R, C],
         *,
         include_usage: bool,
-    ) -> tuple[AsyncIterator[Any], dict[str, str]]:
+    ) -> tuple[AsyncIterator[C], dict[str, str]]:
         """Return the stream of shaped chunks; raises (so the caller still answers with a
         normal error status) if the first chunk fails. A failure after that is raised from
         the iterator; the transport (SSE, gRPC) renders it."""
@@ -194,11 +229,11 @@ class GenerationRunner:
         admitted: Admitted,
         first: GenerationChunk,
         chunks: AsyncIterator[GenerationChunk],
-        shape: ResponseShape,
+        shape: ResponseShape[R, C],
         *,
         include_usage: bool,
         first_at: float,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncIterator[C]:
         last = first
         try:
             yield shape.chunk(first.text, first.finish_reason, first=True)
@@ -221,3 +256,16 @@ class GenerationRunner:
             await self._gate.leave(
                 admitted, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens
             )
+
+
+class _Pieces:
+    """The `ResponseShape` `collect` streams with: the raw text pieces and the usage."""
+
+    def response(self, result: GenerationResult) -> GenerationResult:
+        return result
+
+    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> tuple[str, str | None] | Usage:
+        return text, finish_reason
+
+    def usage_chunk(self, usage: Usage) -> tuple[str, str | None] | Usage:
+        return usage

@@ -19,6 +19,10 @@ TOKEN_LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0
 OTHER_TENANTS = "other"
 
 
+# ray.serve.metrics annotates `tag_keys` as Tuple[str] (one name) where ray.util.metrics, which it
+# wraps, takes Tuple[str, ...]: the ignores below go when Ray's annotation does.
+
+
 class GatewayMetrics:
     """Created inside the gateway replica (metrics need a running Ray worker)."""
 
@@ -26,13 +30,13 @@ class GatewayMetrics:
         self.requests = metrics.Counter(
             "phiserve_requests_total",
             description="HTTP requests answered by the gateway.",
-            tag_keys=("model", "status", "tenant"),
+            tag_keys=("model", "status", "tenant"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
         )
         self.request_duration = metrics.Histogram(
             "phiserve_request_duration_seconds",
             description="Time from request arrival to the last byte of the response.",
             boundaries=LATENCY_BUCKETS_S,
-            tag_keys=("model", "endpoint"),
+            tag_keys=("model", "endpoint"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
         )
         self.time_to_first_token = metrics.Histogram(
             "phiserve_time_to_first_token_seconds",
@@ -60,12 +64,12 @@ class GatewayMetrics:
         self.prompt_tokens = metrics.Counter(
             "phiserve_prompt_tokens_total",
             description="Prompt tokens of finished requests.",
-            tag_keys=("model", "tenant"),
+            tag_keys=("model", "tenant"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
         )
         self.completion_tokens = metrics.Counter(
             "phiserve_completion_tokens_total",
             description="Generated tokens of finished requests (streams included).",
-            tag_keys=("model", "tenant"),
+            tag_keys=("model", "tenant"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
         )
         self.pool_in_flight = metrics.Gauge(
             "phiserve_pool_in_flight",

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from services.catalog.models import Catalog
+from services.inference.protocol.responses import ModelList
 
 
 class ModelsService:
     def __init__(self, catalog: Catalog) -> None:
         created = int(time.time())
-        self._listing: dict[str, Any] = {
+        self._listing: ModelList = {
             "object": "list",
             "data": [
                 {
@@ -30,5 +30,5 @@ class ModelsService:
             ],
         }
 
-    def list(self) -> dict[str, Any]:
+    def list(self) -> ModelList:
         return self._listing

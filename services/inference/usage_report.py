@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 from datetime import date as Date
-from typing import Any
+from typing import cast
 
 from services.errors import InvalidRequest
+from services.inference.protocol.responses import UsageReport, UsageRow
 from services.tenancy.usage import UsageLedger
 
 MAX_DAYS = 92
@@ -28,6 +29,6 @@ def _days(date: str | None, days: int) -> list[str]:
 
 async def usage_report(
     ledger: UsageLedger, *, date: str | None, days: int, tenant_id: str | None
-) -> dict[str, Any]:
+) -> UsageReport:
     rows = await ledger.rows(_days(date, days), tenant_id=tenant_id)
-    return {"object": "list", "data": [dataclasses.asdict(row) for row in rows]}
+    return {"object": "list", "data": [cast(UsageRow, dataclasses.asdict(row)) for row in rows]}

@@ -1,0 +1,133 @@
+"""The core's typed response bodies (services/inference/protocol/responses.py) as proto
+messages: gRPC answers with what REST and batch output answer, converted, never shaped a
+second time. Each message adds the client's request id (echoed) to the core's body."""
+
+from __future__ import annotations
+
+from services.grpc.gen.phiserve.v1 import chat_pb2, common_pb2, completion_pb2, models_pb2
+from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
+from services.inference.protocol.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    ModelList,
+    Usage,
+)
+
+FINISH_REASONS: dict[str | None, common_pb2.FinishReason] = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
+MODALITIES: dict[str, models_pb2.Modality] = {
+    "text": models_pb2.MODALITY_TEXT,
+    "vision": models_pb2.MODALITY_VISION,
+}
+
+
+def finish(reason: str | None) -> common_pb2.FinishReason:
+    return FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_UNSPECIFIED)
+
+
+def usage(totals: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=totals["prompt_tokens"],
+        completion_tokens=totals["completion_tokens"],
+        total_tokens=totals["total_tokens"],
+        prompt_tokens_details=common_pb2.PromptTokensDetails(
+            cached_tokens=totals["prompt_tokens_details"]["cached_tokens"]
+        ),
+    )
+
+
+def chat_response(body: ChatCompletion, request_id: str) -> pb.ChatResponse:
+    return pb.ChatResponse(
+        id=body["id"],
+        request_id=request_id,
+        model=body["model"],
+        created=body["created"],
+        choices=[
+            chat_pb2.ChatChoice(
+                index=choice["index"],
+                message=chat_pb2.ChatMessage(role=chat_pb2.ROLE_ASSISTANT, text=choice["message"]["content"]),
+                finish_reason=finish(choice["finish_reason"]),
+            )
+            for choice in body["choices"]
+        ],
+        usage=usage(body["usage"]),
+    )
+
+
+def chat_chunk(chunk: ChatCompletionChunk, request_id: str) -> pb.ChatStreamResponse:
+    return pb.ChatStreamResponse(
+        id=chunk["id"],
+        request_id=request_id,
+        model=chunk["model"],
+        created=chunk["created"],
+        choices=[
+            chat_pb2.ChatStreamChoice(
+                index=choice["index"],
+                delta=chat_pb2.ChatDelta(
+                    # Only the first chunk names the role, as REST's delta.
+                    role=chat_pb2.ROLE_ASSISTANT if "role" in choice["delta"] else chat_pb2.ROLE_UNSPECIFIED,
+                    content=choice["delta"]["content"],
+                ),
+                finish_reason=finish(choice["finish_reason"]),
+            )
+            for choice in chunk["choices"]
+        ],
+        usage=usage(chunk["usage"]) if "usage" in chunk else None,
+    )
+
+
+def completion_response(body: Completion, request_id: str) -> pb.CompleteResponse:
+    return pb.CompleteResponse(
+        id=body["id"],
+        request_id=request_id,
+        model=body["model"],
+        created=body["created"],
+        choices=[
+            completion_pb2.CompletionChoice(
+                index=choice["index"], text=choice["text"], finish_reason=finish(choice["finish_reason"])
+            )
+            for choice in body["choices"]
+        ],
+        usage=usage(body["usage"]),
+    )
+
+
+def completion_chunk(chunk: CompletionChunk, request_id: str) -> pb.CompleteStreamResponse:
+    return pb.CompleteStreamResponse(
+        id=chunk["id"],
+        request_id=request_id,
+        model=chunk["model"],
+        created=chunk["created"],
+        choices=[
+            completion_pb2.CompletionChoice(
+                index=choice["index"], text=choice["text"], finish_reason=finish(choice["finish_reason"])
+            )
+            for choice in chunk["choices"]
+        ],
+        usage=usage(chunk["usage"]) if "usage" in chunk else None,
+    )
+
+
+def models_response(listing: ModelList) -> pb.ListModelsResponse:
+    """GET /v1/models' listing as proto, so both list the same models."""
+    return pb.ListModelsResponse(
+        models=[
+            models_pb2.Model(
+                id=entry["id"],
+                root=entry["root"],
+                pool=entry["pool"],
+                modality=MODALITIES.get(entry["modality"], models_pb2.MODALITY_UNSPECIFIED),
+                max_model_len=entry["max_model_len"],
+                max_images_per_request=entry["max_images_per_request"],
+                created=entry["created"],
+                owned_by=entry["owned_by"],
+            )
+            for entry in listing["data"]
+        ]
+    )
