@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.errors import PhiserveError, TenancyUnavailable
+from services.errors import GenerationFailed, PhiserveError, TenancyUnavailable
 from services.inference.errors import error_body, error_payload, invalid_request_from
 from services.inference.metrics import GatewayMetrics
 
@@ -63,9 +63,8 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The client sees no stack trace; the log has it.
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse(
-        error_body("internal server error", "server_error", code="internal_error"), status_code=500
-    )
+    # The same error as gRPC's for an unexpected failure (services/grpc/servicer.py).
+    return error_response(GenerationFailed("internal server error", code="internal_error"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.errors import ClientClosedRequest, PhiserveError
-from services.gateway.errors import count_redis_down, error_body, error_payload
+from services.errors import ClientClosedRequest, PhiserveError, RequestTooLarge
+from services.gateway.errors import count_redis_down, error_payload
 from services.inference.errors import error_row
 from services.inference.identity import presented_key, request_id
 from services.inference.metrics import GatewayMetrics
@@ -186,9 +186,4 @@ async def _send_json(send: Any, status: int, payload: dict[str, Any], headers: d
 
 
 async def _send_too_large(send: Any, limit: int) -> None:
-    body = error_body(
-        f"The request body is larger than the limit of {limit} bytes",
-        "invalid_request_error",
-        code="request_too_large",
-    )
-    await _send_json(send, 413, body, {})
+    await _send_error(send, RequestTooLarge(f"The request body is larger than the limit of {limit} bytes"))

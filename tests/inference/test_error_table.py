@@ -32,6 +32,7 @@ from services.errors import (
     UnsupportedContent,
 )
 from services.gateway.errors import count_redis_down, install_error_handlers, sse_error_event
+from services.gateway.middleware import GatewayMiddleware
 from services.grpc.errors import grpc_status
 from services.inference.errors import ERROR_TABLE, batch_error_line, error_payload, error_row
 from tests.test_errors import ALL_ERRORS
@@ -192,9 +193,15 @@ class _Counter:
         self.calls.append(dict(tags or {}))
 
 
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.calls.append(dict(tags or {}))
+
+
 class _Metrics:
     def __init__(self) -> None:
         self.rejected = _Counter()
+        self.requests = _Counter()
+        self.request_duration = _Counter()
 
 
 def test_redis_down_is_counted_by_type_not_by_code() -> None:
@@ -236,6 +243,38 @@ async def test_http_handler_answers_and_counts_redis_down() -> None:
     }
     assert other.status_code == 503 and other.json()["error"]["code"] == "service_unavailable"
     assert metrics.rejected.calls == [{"reason": "tenancy_unavailable"}]
+
+
+async def test_http_adapters_own_errors_are_table_rows() -> None:
+    """A body over the limit (refused by the middleware before it is read) and an unexpected
+    exception: the same bytes as before the table produced them."""
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/v1/usage")
+    async def crash() -> None:
+        raise RuntimeError("boom")
+
+    middleware = GatewayMiddleware(
+        app, max_body_bytes=8, max_upload_bytes=8, max_json_body_bytes=8, metrics=_Metrics()  # type: ignore[arg-type]
+    )
+    transport = httpx.ASGITransport(app=middleware, raise_app_exceptions=False)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        too_large = await client.post("/v1/usage", content=b"x" * 9)
+        crashed = await client.post("/v1/usage", content=b"{}")
+    assert too_large.status_code == 413
+    assert too_large.json() == {
+        "error": {
+            "message": "The request body is larger than the limit of 8 bytes",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "request_too_large",
+        }
+    }
+    assert crashed.status_code == 500 and "retry-after" not in crashed.headers
+    assert crashed.json() == {
+        "error": {"message": "internal server error", "type": "server_error", "param": None, "code": "internal_error"}
+    }
 
 
 def test_grpc_code_names_are_grpc_status_codes() -> None:
