@@ -61,9 +61,7 @@ def build_pool(pool: PoolConfig, catalog: Catalog, settings: Settings) -> Applic
     else:
         options["num_replicas"] = dep.num_replicas
     model_path = pool.resolve_model_path(settings.model_dir.resolve())
-    return serve.deployment(PoolReplica, **options).bind(  # type: ignore[attr-defined]
-        pool.for_replica(), model_path
-    )
+    return serve.deployment(**options)(PoolReplica).bind(pool.for_replica(), model_path)
 
 
 def edge_actor_options(settings: Settings) -> dict[str, Any]:
@@ -79,8 +77,8 @@ def build_app(settings: Settings, catalog: Catalog) -> Application:
     pools = {pool.name: build_pool(pool, catalog, settings) for pool in catalog.enabled_pools}
     worker = None
     if settings.batch_workers:
+        # serve.deployment(**options)(cls): the form Serve's annotations describe.
         worker = serve.deployment(
-            BatchWorker,
             name=BATCH_DEPLOYMENT,
             # Scaled by stream lag (services/batch/autoscaling.py), not by handle traffic.
             autoscaling_config={
@@ -96,15 +94,14 @@ def build_app(settings: Settings, catalog: Catalog) -> Application:
             health_check_period_s=5,
             graceful_shutdown_timeout_s=5,
             ray_actor_options=edge_actor_options(settings),
-        ).bind(catalog, settings, pools)
+        )(BatchWorker).bind(catalog, settings, pools)
     gateway = serve.deployment(
-        GatewayIngress,
         name=GATEWAY_DEPLOYMENT,
         num_replicas=settings.gateway_replicas,
         max_ongoing_requests=1024,
         ray_actor_options=edge_actor_options(settings),
-    )
-    return gateway.bind(catalog, settings, pools, batch_worker=worker)  # type: ignore[attr-defined]
+    )(GatewayIngress)
+    return gateway.bind(catalog, settings, pools, batch_worker=worker)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -19,7 +19,9 @@ from services.settings import Settings
 
 
 class BatchWorker:
-    async def __init__(self, catalog: Catalog, settings: Settings, pool_handles: dict[str, Any]) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
+        self, catalog: Catalog, settings: Settings, pool_handles: dict[str, Any]
+    ) -> None:
         logging.basicConfig(level=logging.INFO)
         self._core = build_core(settings, catalog, pool_handles)
         _, batches = build_batch_api(self._core, settings)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -182,9 +182,8 @@ class PhiserveRpcError(Exception):
                 error_details_pb2.BadRequest,
                 error_details_pb2.RetryInfo,
             ):
-                if packed.Is(cls.DESCRIPTOR):
-                    detail = cls()
-                    packed.Unpack(detail)
+                detail = cls()
+                if packed.Unpack(detail):  # False when the packed type is another
                     self.details.append(detail)
                     self._note(detail)
 
@@ -200,8 +199,10 @@ class PhiserveRpcError(Exception):
 
     @classmethod
     def from_call(cls, error: grpc.RpcError) -> PhiserveRpcError:
-        trailing = error.trailing_metadata() or ()  # type: ignore[attr-defined]
-        return cls(error.code(), error.details() or "", tuple(trailing))  # type: ignore[attr-defined]
+        # A sync call gives grpc's (key, value) namedtuples, an aio call an aio.Metadata: both
+        # iterate as pairs, which the stub's tuple[_Metadatum, ...] does not say.
+        trailing = cast("Iterable[tuple[str, Any]]", error.trailing_metadata() or ())
+        return cls(error.code(), error.details() or "", tuple(trailing))
 
 
 # -- call options ------------------------------------------------------------------------
