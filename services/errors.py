@@ -133,7 +133,7 @@ class ServiceUnavailable(PhiserveError):
 
 
 class TenancyUnavailable(ServiceUnavailable):
-    """Redis did not answer (raised only by services.tenancy.redis_state); auth and
+    """Redis did not answer (raised only by services.redis_store.client); auth and
     admission fail closed, and the gateway counts it as a refusal of its own."""
 
     default_code = "tenancy_unavailable"
