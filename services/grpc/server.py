@@ -55,7 +55,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext) -> None:
+async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     if isinstance(request, _Malformed):
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -64,7 +64,7 @@ async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext) -> 
 
 
 def _unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _refuse_malformed(request, context)
         return await behavior(request, context)
 
@@ -72,7 +72,7 @@ def _unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _server_streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def checked(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await _refuse_malformed(request, context)
         result = behavior(request, context)
         if hasattr(result, "__aiter__"):  # an async-generator handler
