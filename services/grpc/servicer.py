@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -52,14 +52,14 @@ C = TypeVar("C")  # a stream chunk of the core (services/inference/protocol/resp
 StreamMessage = pb.ChatStreamResponse | pb.CompleteStreamResponse
 
 
-def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
+def metadata_dict(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
 
 
 class _Call:
     """One RPC's request id, labels and metadata."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, method: str) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
         self.context = context
         self.method = method
         self.metadata = metadata_dict(context)
@@ -82,7 +82,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # -- RPCs ---------------------------------------------------------------------------
 
-    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
+    async def Chat(
+        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ChatResponse:
         async def run(call: _Call) -> pb.ChatResponse:
             caller = await self._caller(call)
             body = convert.chat_body(request, stream=False)
@@ -94,7 +96,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
         return await self._run(context, "Chat", run)
 
-    async def ChatStream(self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext) -> None:
+    async def ChatStream(
+        self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         async def run(call: _Call) -> None:
             caller = await self._caller(call)
             body = convert.chat_body(request, stream=True)
@@ -104,7 +108,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         await self._run(context, "ChatStream", run)
 
     async def Complete(
-        self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CompleteResponse:
         async def run(call: _Call) -> pb.CompleteResponse:
             caller = await self._caller(call)
@@ -118,7 +122,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return await self._run(context, "Complete", run)
 
     async def CompleteStream(
-        self, request: pb.CompleteStreamRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CompleteStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         async def run(call: _Call) -> None:
             caller = await self._caller(call)
@@ -129,7 +133,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         await self._run(context, "CompleteStream", run)
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         async def run(call: _Call) -> pb.ListModelsResponse:
             # As GET /v1/models: no key needed.
@@ -141,7 +145,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     # -- Batch API: the services of REST's /v1/files and /v1/batches --------------------
 
     async def UploadFile(
-        self, request: pb.UploadFileRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UploadFileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UploadFileResponse:
         async def run(call: _Call) -> pb.UploadFileResponse:
             tenant = await self._limited_tenant(call)
@@ -154,7 +158,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return await self._run(context, "UploadFile", run, renames=convert.BATCH_FIELDS)
 
     async def GetFile(
-        self, request: pb.GetFileRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetFileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetFileResponse:
         async def run(call: _Call) -> pb.GetFileResponse:
             tenant = await self._limited_tenant(call)
@@ -165,7 +169,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return await self._run(context, "GetFile", run)
 
     async def GetFileContent(
-        self, request: pb.GetFileContentRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetFileContentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         async def run(call: _Call) -> None:
             tenant = await self._limited_tenant(call)
@@ -177,7 +181,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         await self._run(context, "GetFileContent", run)
 
     async def CreateBatch(
-        self, request: pb.CreateBatchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateBatchResponse:
         async def run(call: _Call) -> pb.CreateBatchResponse:
             tenant = await self._limited_tenant(call)
@@ -188,7 +192,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return await self._run(context, "CreateBatch", run)
 
     async def GetBatch(
-        self, request: pb.GetBatchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetBatchResponse:
         async def run(call: _Call) -> pb.GetBatchResponse:
             tenant = await self._limited_tenant(call)
@@ -199,7 +203,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return await self._run(context, "GetBatch", run)
 
     async def ListBatches(
-        self, request: pb.ListBatchesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListBatchesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListBatchesResponse:
         async def run(call: _Call) -> pb.ListBatchesResponse:
             tenant = await self._limited_tenant(call)
@@ -212,7 +216,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return await self._run(context, "ListBatches", run)
 
     async def CancelBatch(
-        self, request: pb.CancelBatchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CancelBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CancelBatchResponse:
         async def run(call: _Call) -> pb.CancelBatchResponse:
             tenant = await self._limited_tenant(call)
@@ -261,7 +265,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def _run(
         self,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
         method: str,
         handler: Callable[[_Call], Awaitable[T]],
         *,
