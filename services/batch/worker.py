@@ -151,7 +151,7 @@ class BatchProcessor:
                     )
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis down or restarting: wait and go on
+            except Exception as exc:  # noqa: BLE001 - Redis down or restarting: the loop waits and goes on
                 logger.warning("batch worker %s: %s; retrying", self._consumer, exc)
                 await asyncio.sleep(1.0)
 
@@ -191,7 +191,7 @@ class BatchProcessor:
                 await self._batches.finalize(item.batch_id)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # left un-acknowledged: reclaimed after the visibility timeout
+        except Exception as exc:  # noqa: BLE001 - not acknowledged: reclaimed after its visibility timeout
             logger.warning("batch item %s/%s not recorded: %s", item.batch_id, item.line, exc)
 
     async def _run_item(self, item: QueueItem) -> tuple[bool, dict[str, Any]] | None:
@@ -256,7 +256,7 @@ class BatchProcessor:
     def _delay(self, tries: int, exc: PhiserveError) -> float:
         """Exponential from `backoff_s`, at least the error's Retry-After, capped; half of it
         jittered so items refused together do not come back together."""
-        base = min(self._backoff_s * 2 ** (tries - 1), self._max_backoff_s)
+        base = min(self._backoff_s * 2.0 ** (tries - 1), self._max_backoff_s)
         base = max(base, min(float(exc.retry_after_s or 0), self._max_backoff_s))
         return base / 2 + self._jitter() * base / 2
 
