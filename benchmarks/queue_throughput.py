@@ -29,14 +29,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog  # noqa: E402
+from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog
 
-from services.batch.queue import BatchQueue, ResultWriter, item_fields  # noqa: E402
-from services.local.redis_server import LocalRedis  # noqa: E402
-from services.redis_store import (
-    RedisStore,  # noqa: E402
-    keys,  # noqa: E402
-)
+from services.batch.queue import BatchQueue, ResultWriter, item_fields
+from services.local.redis_server import LocalRedis
+from services.redis_store import RedisStore, keys
 
 READ_COUNT = 64
 ENQUEUE_CHUNK = 1000
