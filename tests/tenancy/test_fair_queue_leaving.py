@@ -7,7 +7,6 @@ with its process must not leave a ticket that the dispatcher later grants to nob
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -141,26 +140,26 @@ async def test_killed_waiters_do_not_hold_the_pool(state: RedisStore, redis_serv
     fq = _fq(state)
     holder = await _acquire(fq, "holder")
     url = f"redis://127.0.0.1:{redis_server.port}/3"  # the `state` fixture's database
-    child = subprocess.Popen(
-        [sys.executable, "-m", "tests.tenancy.fq_child", "waiters", url, "20"],
+    # asyncio's subprocess: the test's event loop keeps running while the child starts.
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.tenancy.fq_child", "waiters", url, "20",
         cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert child.stdout is not None
-        assert child.stdout.readline().strip() == "queued"
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(10)
+        assert (await asyncio.wait_for(child.stdout.readline(), 60)).decode().strip() == "queued"
+        child.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(child.wait(), 10)
         await fq.release(holder)
         started = time.monotonic()
         grant = await _acquire(fq, "live", timeout_s=15)
         assert time.monotonic() - started < 5, "the dead process's tickets held the pool"
         await fq.release(grant)
     finally:
-        if child.poll() is None:
+        if child.returncode is None:
             child.kill()
-            child.wait()
+            await child.wait()
 
 
 async def test_each_tenant_has_a_waiting_cap(state: RedisStore) -> None:
