@@ -18,6 +18,7 @@ from services.gateway.errors import install_error_handlers
 from services.gateway.files.router import router as files_router
 from services.gateway.middleware import GENERATION_PATHS, GatewayMiddleware
 from services.gateway.models.router import router as models_router
+from services.gateway.openapi import install_openapi
 from services.gateway.usage.router import router as usage_router
 from services.inference.core import Core
 from services.inference.ports import BatchApis
@@ -64,6 +65,7 @@ def create_app(core: Core, batch_apis: BatchApis, settings: Settings) -> FastAPI
     app.state.batch_apis = batch_apis
     app.state.metrics = core.metrics
     install_error_handlers(app)
+    install_openapi(app)
     for router in (
         chat_router,
         completions_router,

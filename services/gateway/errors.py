@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.errors import GenerationFailed, PhiserveError, TenancyUnavailable
 from services.inference.errors import error_body, error_payload, invalid_request_from
 from services.inference.metrics import GatewayMetrics
+from services.inference.protocol.responses import ErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +75,17 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
-# Documented in OpenAPI through each route's `responses=`.
+# Documented in OpenAPI through each route's `responses=`: every error is OpenAI's body.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Invalid request (OpenAI error body; `param` names the field)"},
-    401: {"description": "Missing, unknown or revoked API key"},
-    403: {"description": "The key's tenant may not use this model or route"},
-    404: {"description": "Unknown model"},
-    413: {"description": "Request body too large"},
-    429: {"description": "Tenant limit reached or queue timeout; see Retry-After and x-ratelimit-*"},
-    503: {"description": "No live replica for the model; retry after `Retry-After` seconds"},
+    status: {"description": description, "model": ErrorResponse}
+    for status, description in (
+        (400, "Invalid request (`param` names the field)"),
+        (401, "Missing, unknown or revoked API key"),
+        (403, "The key's tenant may not use this model or route"),
+        (404, "Unknown model, file or batch"),
+        (413, "Request body too large"),
+        (429, "Tenant limit reached or queue timeout; see Retry-After and x-ratelimit-*"),
+        (500, "The engine failed to generate"),
+        (503, "No live replica for the model; retry after `Retry-After` seconds"),
+    )
 }

@@ -10,16 +10,21 @@ from services.pools.engine import SamplingOptions
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = Field(False, description="Send a last chunk with token usage.")
 
 
 class SamplingFields(BaseModel):
-    """OpenAI sampling parameters, plus vLLM's `top_k`, `repetition_penalty`, `ignore_eos`."""
+    """OpenAI sampling parameters, plus vLLM's `top_k`, `repetition_penalty`, `ignore_eos`.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict, as every request model: a field takes exactly the JSON type its schema in
+    /openapi.json names (no "0" for false, no "5" for 5), so the document is exact."""
 
-    model: str = Field(..., min_length=1, max_length=256, description="Model name or alias.")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(
+        ..., min_length=1, max_length=256, description="Model name or alias.", examples=["phi-3.5-mini"]
+    )
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -8,7 +8,7 @@ from services.tenancy.models import ApiKeyRecord, Tenant
 
 
 class CreateKeyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field("", max_length=100, description="A label for the key.")
 
 

@@ -8,6 +8,8 @@ from fastapi.responses import JSONResponse
 from services.gateway.admin.protocol import CreatedKey, CreateKeyRequest, KeyList, TenantList
 from services.gateway.deps import AdminOnly, CoreServices
 from services.gateway.errors import ERROR_RESPONSES
+from services.gateway.usage.router import ReportDate, ReportDays
+from services.inference.protocol.responses import UsageReport
 from services.inference.usage_report import usage_report
 from services.tenancy.models import ApiKeyRecord, Tenant
 
@@ -45,8 +47,8 @@ async def revoke_key(tenant_id: str, key_id: str, core: CoreServices) -> ApiKeyR
     return await core.tenants.revoke_key(tenant_id, key_id)
 
 
-@router.get("/usage")
+@router.get("/usage", response_model=UsageReport)
 async def all_usage(
-    core: CoreServices, date: str | None = None, days: int = 1, tenant_id: str | None = None
+    core: CoreServices, date: ReportDate = None, days: ReportDays = 1, tenant_id: str | None = None
 ) -> JSONResponse:
     return JSONResponse(await usage_report(core.usage, date=date, days=days, tenant_id=tenant_id))

@@ -20,11 +20,11 @@ async def create_batch(body: CreateBatchRequest, tenant: LimitedTenant, batches:
 async def list_batches(
     tenant: LimitedTenant, batches: Batches, after: str | None = None, limit: int = 20
 ) -> BatchList:
-    batches, has_more = await batches.list(tenant.id, after=after, limit=limit)
+    page, has_more = await batches.list(tenant.id, after=after, limit=limit)
     return BatchList(
-        data=batches,
-        first_id=batches[0].id if batches else None,
-        last_id=batches[-1].id if batches else None,
+        data=page,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
         has_more=has_more,
     )
 

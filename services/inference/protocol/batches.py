@@ -75,14 +75,22 @@ class BatchObject(BaseModel):
 
 
 class CreateBatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     input_file_id: str = Field(..., min_length=1, max_length=128)
-    endpoint: str = Field(..., description="/v1/chat/completions or /v1/completions")
+    endpoint: Literal["/v1/chat/completions", "/v1/completions"] = Field(
+        ..., description="The endpoint every line of the input file calls."
+    )
     completion_window: Literal["24h"] = Field("24h", description="Only 24h is offered (as OpenAI).")
     metadata: dict[str, str] | None = Field(
         None,
         description=f"Up to {MAX_METADATA_PAIRS} string pairs; keys of at most "
         f"{MAX_METADATA_KEY_CHARS} characters, values of at most {MAX_METADATA_VALUE_CHARS}.",
+        # The bounds `_bounded_metadata` enforces (with its own messages), in the document.
+        json_schema_extra={
+            "maxProperties": MAX_METADATA_PAIRS,
+            "propertyNames": {"maxLength": MAX_METADATA_KEY_CHARS},
+            "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE_CHARS},
+        },
     )
 
     @field_validator("metadata")
