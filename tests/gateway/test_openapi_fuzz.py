@@ -16,6 +16,7 @@ clients (the loop is idle while a synchronous test runs).
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 from schemathesis.config import HealthCheck, SchemathesisConfig
 from schemathesis.core.failures import FailureGroup
+from schemathesis.core.transport import Response
 from schemathesis.pytest.lazy import get_all_tests
 from urllib3 import HTTPHeaderDict, HTTPResponse
 
@@ -55,9 +57,11 @@ class InProcessAdapter(BaseAdapter):
         response.status_code = answer.status_code
         response.reason = answer.reason_phrase
         response.headers = CaseInsensitiveDict(answer.headers)
-        # schemathesis reads the headers (each value of a repeated one) from the raw response.
+        # schemathesis reads the headers (each value of a repeated one) from the raw response,
+        # and an event stream's events from its body.
         response.raw = HTTPResponse(
-            body=b"",
+            body=io.BytesIO(answer.content),
+            preload_content=False,
             headers=HTTPHeaderDict(answer.headers.multi_items()),
             status=answer.status_code,
             version=11,
@@ -146,3 +150,36 @@ def test_every_operation_conforms_to_the_document(
             failures.append(f"{operation.label}:\n{found}")
     assert operations >= 20, f"only {operations} operations in the document"
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize(
+    ("path", "request_model"),
+    [("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/completions", "CompletionRequest")],
+)
+def test_stream_events_are_checked_against_their_chunk_schema(
+    served: tuple[InProcessGateway, asyncio.AbstractEventLoop], path: str, request_model: str
+) -> None:
+    """The fuzz run validates every event of a stream (the control: a chunk whose `object`
+    is wrong fails), so the streams it passes are the documented chunks."""
+    gateway, loop = served
+    schema = _schema(gateway, loop)
+    body = schema.raw_schema["components"]["schemas"][request_model]["examples"][-1]
+    assert body["stream"] is True
+    case = schema[path]["POST"].Case(body=body, media_type="application/json")
+    answer = case.call(session=_session(gateway, loop))
+    assert answer.status_code == 200 and answer.content.count(b"data: ") >= 3, answer.content
+    case.validate_response(answer)  # the real stream conforms
+    broken = answer.content.replace(b'"object":"', b'"object":"not-', 1)
+    answer = Response(
+        status_code=200,
+        headers=answer.headers,
+        content=broken,
+        request=answer.request,
+        elapsed=0.0,
+        message="OK",
+        encoding="utf-8",
+        http_version="1.1",
+        verify=True,
+    )
+    with pytest.raises(FailureGroup, match="SSE event violates schema"):
+        case.validate_response(answer)
