@@ -8,6 +8,9 @@ FastAPI documents what the routes declare; three things it cannot know are fixed
   type's `schema` describes one event, as schemathesis and OpenAPI 3.2's `itemSchema` read
   it): its `data` is one chunk as JSON (or, after the stream started, an error body), then
   the literal `[DONE]`. The chunk models are added to `components` for those references.
+* Authentication happens in the middleware, before routing, so no route declares it: the
+  key schemes (a bearer token, or Azure's `api-key` header) are added to every operation
+  of the tenant routes (/v1/*, except the public model list) and the admin routes.
 * 405: a path's `Allow` lists every method of every route on that path
   (`method_not_allowed`); Starlette's router names only the first route's methods.
 """
@@ -23,10 +26,20 @@ from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from services.gateway.middleware import PUBLIC_PATHS, TENANT_PREFIX
 from services.inference.errors import error_body
 from services.inference.protocol.responses import ChatCompletionChunk, CompletionChunk, ErrorResponse
 
 REF = "#/components/schemas/{model}"
+ADMIN_PREFIX = "/admin/"
+SECURITY_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer <key>`: a tenant's API key (the admin key on /admin)",
+    },
+    "api-key": {"type": "apiKey", "in": "header", "name": "api-key", "description": "The same key"},
+}
 # Referenced only from the documents' event-stream entries, so FastAPI does not add them.
 STREAMED_MODELS: tuple[type, ...] = (ChatCompletionChunk, CompletionChunk, ErrorResponse)
 
@@ -65,6 +78,7 @@ def install_openapi(app: FastAPI) -> None:
                 routes=app.routes,
             )
             _drop_validation_422(document)
+            _declare_keys(document)
             _add_models(document, STREAMED_MODELS)
             app.openapi_schema = document
         return app.openapi_schema
@@ -97,6 +111,15 @@ def _drop_validation_422(document: dict[str, Any]) -> None:
     schemas = document.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+
+
+def _declare_keys(document: dict[str, Any]) -> None:
+    document.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    for path, item in document.get("paths", {}).items():
+        tenant_route = path.startswith(TENANT_PREFIX) and path not in PUBLIC_PATHS
+        if tenant_route or path.startswith(ADMIN_PREFIX):
+            for operation in item.values():
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
 
 
 def _add_models(document: dict[str, Any], models: tuple[type, ...]) -> None:

@@ -8,9 +8,9 @@ check: a server error, a schema-valid request rejected, a schema-invalid one acc
 status or content type the document does not list, a body that breaks its schema, a 405
 without the right `Allow`.
 
-Schemathesis drives the app through a `requests` session whose adapter hands each prepared
-request to the fixture's `httpx` client, on the event loop that owns the app's Redis
-clients (the loop is idle while a synchronous test runs).
+Schemathesis drives the app through `requests`, whose adapter for the app's base URL hands
+each prepared request to the fixture's `httpx` client, on the event loop that owns the app's
+Redis clients (the loop is idle while a synchronous test runs).
 """
 
 from __future__ import annotations
@@ -83,9 +83,22 @@ async def served(inprocess_gateway: InProcessGateway) -> tuple[InProcessGateway,
     return inprocess_gateway, asyncio.get_running_loop()
 
 
-def _session(gateway: InProcessGateway, loop: asyncio.AbstractEventLoop) -> requests.Session:
+@pytest.fixture
+def session(
+    served: tuple[InProcessGateway, asyncio.AbstractEventLoop], monkeypatch: pytest.MonkeyPatch
+) -> requests.Session:
+    """A session with the tenant's key. Every `requests` session of the test reaches the
+    in-process app, not only this one: schemathesis's `ignored_auth` check sends its
+    keyless probes through a session of its own."""
+    gateway, loop = served
+    adapter = InProcessAdapter(gateway.client, loop)
+    network = requests.Session.get_adapter
+
+    def get_adapter(self: requests.Session, url: str) -> BaseAdapter:
+        return adapter if url.startswith(BASE_URL) else network(self, url)
+
+    monkeypatch.setattr(requests.Session, "get_adapter", get_adapter)
     http = requests.Session()
-    http.mount(BASE_URL, InProcessAdapter(gateway.client, loop))
     http.headers["Authorization"] = f"Bearer {gateway.api_key}"
     return http
 
@@ -130,10 +143,9 @@ def _call_and_validate(case: Any, session: requests.Session) -> None:
 
 
 def test_every_operation_conforms_to_the_document(
-    served: tuple[InProcessGateway, asyncio.AbstractEventLoop],
+    served: tuple[InProcessGateway, asyncio.AbstractEventLoop], session: requests.Session
 ) -> None:
     gateway, loop = served
-    session = _session(gateway, loop)
     failures: list[str] = []
     operations = 0
     # The tests `@schema.parametrize()` would run, one per operation (coverage phase, then
@@ -157,7 +169,10 @@ def test_every_operation_conforms_to_the_document(
     [("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/completions", "CompletionRequest")],
 )
 def test_stream_events_are_checked_against_their_chunk_schema(
-    served: tuple[InProcessGateway, asyncio.AbstractEventLoop], path: str, request_model: str
+    served: tuple[InProcessGateway, asyncio.AbstractEventLoop],
+    session: requests.Session,
+    path: str,
+    request_model: str,
 ) -> None:
     """The fuzz run validates every event of a stream (the control: a chunk whose `object`
     is wrong fails), so the streams it passes are the documented chunks."""
@@ -166,7 +181,7 @@ def test_stream_events_are_checked_against_their_chunk_schema(
     body = schema.raw_schema["components"]["schemas"][request_model]["examples"][-1]
     assert body["stream"] is True
     case = schema[path]["POST"].Case(body=body, media_type="application/json")
-    answer = case.call(session=_session(gateway, loop))
+    answer = case.call(session=session)
     assert answer.status_code == 200 and answer.content.count(b"data: ") >= 3, answer.content
     case.validate_response(answer)  # the real stream conforms
     broken = answer.content.replace(b'"object":"', b'"object":"not-', 1)
