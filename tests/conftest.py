@@ -36,11 +36,16 @@ AUTH = {"Authorization": f"Bearer {DEMO_KEY}"}
 CACHE_SALT_SECRET = "test-cache-salt-secret-0123456789"
 
 
+# Fixtures that bring up the real parts: Ray + vLLM, or the tiny models (torch) they load.
+REAL_PARTS_FIXTURES = {"cluster", "tiny_models"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that needs the session cluster (directly or through another fixture),
-    so `pytest -m "not cluster"` runs the fast, in-process layer alone."""
+    """Mark every test that needs the real parts (directly or through another fixture), so
+    `pytest -m "not cluster"` runs the fast, in-process layer alone. Tests that start a Ray
+    cluster of their own carry the marker themselves (tests/local/test_ray_cluster.py)."""
     for item in items:
-        if "cluster" in getattr(item, "fixturenames", ()):
+        if REAL_PARTS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
 
 

@@ -23,6 +23,9 @@ from services.local.redis_server import LocalRedis
 from services.settings import Settings
 from tests.conftest import REPO, free_port, wait_until
 
+# Starts Ray clusters of its own (minutes): not part of the fast layer.
+pytestmark = pytest.mark.cluster
+
 DOWN_BOUND_S = 30.0
 
 # Run inside the cluster the way Serve's proxy actor starts HAProxy (its own Ray code, the
