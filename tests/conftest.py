@@ -43,7 +43,7 @@ REAL_PARTS_FIXTURES = {"cluster", "tiny_models"}
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that needs the real parts (directly or through another fixture), so
     `pytest -m "not cluster"` runs the fast, in-process layer alone. Tests that start a Ray
-    cluster of their own carry the marker themselves (tests/local/test_ray_cluster.py)."""
+    cluster of their own or build the models carry the marker themselves (tests/local/)."""
     for item in items:
         if REAL_PARTS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)

@@ -17,6 +17,10 @@ ARCHITECTURES = {
 }
 
 
+# Builds the models with torch and transformers: not part of the fast layer.
+pytestmark = pytest.mark.cluster
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("tiny-models")
