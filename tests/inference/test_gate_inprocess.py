@@ -26,6 +26,7 @@ from tests.fakes.engine import fake_tokens
 from tests.fakes.gateway import InProcessGateway, run_inprocess_gateway
 
 QUEUE_TIMEOUT_S = 2.0
+CALL_BOUND_S = 20.0
 ONE = Tenant(id="solo", limits=TenantLimits(max_concurrent=1))
 HEAVY = Tenant(id="heavy")
 # What the fake engine reports for `chat_request()` ("one two three" -> " one two three").
@@ -45,10 +46,14 @@ async def gw(redis_server: LocalRedis, tmp_path: Path) -> AsyncIterator[InProces
         yield gateway
 
 
-def _complete(gw: InProcessGateway, tenant: Tenant, request_id: str = "req") -> asyncio.Future[object]:
-    pool = gw.core.router.resolve("phi-3.5-mini")
+def _complete(
+    gw: InProcessGateway, tenant: Tenant, request_id: str = "req", *, model: str = "phi-3.5-mini"
+) -> asyncio.Future[object]:
+    """One generation, as a task; bounded, so a request stuck by a bug fails the test."""
+    pool = gw.core.router.resolve(model)
+    request = chat_request(request_id=request_id, model=model)
     return asyncio.ensure_future(
-        gw.core.runner.complete(Caller(tenant), pool, chat_request(request_id=request_id), PlainShape())
+        asyncio.wait_for(gw.core.runner.complete(Caller(tenant), pool, request, PlainShape()), CALL_BOUND_S)
     )
 
 
@@ -94,13 +99,10 @@ async def test_waiting_past_the_queue_timeout_is_429_and_holds_nothing(gw: InPro
 async def test_a_tenant_at_its_concurrency_limit_is_refused_at_once(gw: InProcessGateway) -> None:
     engine = gw.engine("phi-3.5-moe")  # a pool with free slots: only the tenant's limit refuses
     engine.pause()
-    pool = gw.core.router.resolve("phi-3.5-moe")
-    first = asyncio.ensure_future(
-        gw.core.runner.complete(Caller(ONE), pool, chat_request(model="phi-3.5-moe"), PlainShape())
-    )
+    first = _complete(gw, ONE, model="phi-3.5-moe")
     await until(lambda: engine.running == 1, what="the first request running")
     with pytest.raises(RateLimited) as caught:
-        await gw.core.runner.complete(Caller(ONE), pool, chat_request(model="phi-3.5-moe"), PlainShape())
+        await _complete(gw, ONE, model="phi-3.5-moe")
     assert caught.value.param == "concurrency"
     assert error_payload(caught.value)[0] == 429
     assert "Retry-After" in error_payload(caught.value)[2]
