@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.catalog.models import Catalog
-from services.redis_store import RedisStore, keys
+from services.redis_store import RedisStore, keys, text_hash, texts
 from services.settings import Settings
 
 
@@ -50,8 +50,8 @@ class ClusterStatus:
                 f"  {p.name}: {p.deployment_status.lower()}, replicas {replicas}; "
                 f"queue: {p.in_flight} in flight, {p.waiting} waiting"
             )
-        for name, replicas in sorted(self.other_deployments.items()):
-            counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(replicas.items())) or "none"
+        for name, states in sorted(self.other_deployments.items()):
+            counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items())) or "none"
             out.append(f"{name}: replicas {counts}")
         out.append(f"active batches: {len(self.batches)}")
         for b in self.batches:
@@ -95,8 +95,8 @@ async def collect_status(
     pool_names = {pool_deployment_name(pool) for pool in catalog.enabled_pools}
     others = {name: replicas for name, (_, replicas) in deployments.items() if name not in pool_names}
     batches = []
-    for batch_id in sorted(await redis.smembers(keys.ACTIVE_BATCHES)):
-        raw: dict[str, Any] = await redis.hgetall(keys.batch_record(batch_id))
+    for batch_id in texts(sorted(await redis.smembers(keys.ACTIVE_BATCHES))):
+        raw = text_hash(await redis.hgetall(keys.batch_record(batch_id)))
         if raw:
             batches.append(
                 BatchProgress(

@@ -25,7 +25,7 @@ from typing import Any
 from services.batch.quotas import Quota, TenantQuotas
 from services.errors import InvalidRequest, RequestTooLarge, ResourceNotFound, ServiceUnavailable
 from services.inference.protocol.batches import BATCH_ENDPOINTS, FileObject
-from services.redis_store import RedisStore, keys
+from services.redis_store import RedisStore, keys, texts
 
 MAX_CUSTOM_ID_LENGTH = 512
 # Deeper than any real request (tool schemas nest ~10 levels); far below the depth where
@@ -266,7 +266,7 @@ class FileService:
         return file
 
     async def list(self, tenant_id: str, *, limit: int) -> list[FileObject]:
-        ids = await self._redis.zrevrange(keys.tenant_files(tenant_id), 0, limit - 1)
+        ids = texts(await self._redis.zrevrange(keys.tenant_files(tenant_id), 0, limit - 1))
         files = []
         for file_id in ids:
             try:

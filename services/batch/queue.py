@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from services.redis_store import RedisStore, Script, keys
+from services.redis_store import EntryFields, EntryIds, RedisStore, Script, keys
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class QueueItem:
     deliveries: int = 1  # times Redis handed this entry to a consumer, this one included
 
 
-def item_fields(batch_id: str, item: dict[str, Any]) -> dict[str, str]:
+def item_fields(batch_id: str, item: dict[str, Any]) -> EntryFields:
     # One field holding the item: one encode per item for redis-py, one decode for workers.
     payload = {
         "batch": batch_id,
@@ -127,7 +127,7 @@ class BatchQueue:
     async def touch(self, consumer: str, items: list[QueueItem]) -> None:
         """Reset the idle time of entries this worker is still working on."""
         for pool in {item.pool for item in items}:
-            ids = [item.entry_id for item in items if item.pool == pool]
+            ids: EntryIds = [item.entry_id for item in items if item.pool == pool]
             await self._redis.xclaim(keys.batch_stream(pool), keys.BATCH_GROUP, consumer, 0, ids, justid=True)
 
     async def record(
@@ -160,7 +160,7 @@ class BatchQueue:
         oldest = await self._redis.xrange(keys.batch_stream(pool), count=1)
         if not oldest:
             return 0.0
-        return max((now_ms - int(oldest[0][0].split("-")[0])) / 1000, 0.0)
+        return max((now_ms - int(str(oldest[0][0]).split("-")[0])) / 1000, 0.0)
 
     async def depth(self, pool: str) -> tuple[int, int]:
         """(entries in the stream, entries delivered but not acknowledged)."""
@@ -199,7 +199,7 @@ class ResultWriter:
             taken, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
             try:
                 answers = await self._queue.record_many([(item, result, ok) for item, result, ok, _ in taken])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - not swallowed: every waiter gets it
                 for *_, future in taken:
                     if not future.done():
                         future.set_exception(exc)

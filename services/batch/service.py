@@ -37,7 +37,7 @@ from services.inference.protocol.batches import (
     RequestCounts,
 )
 from services.inference.router import PoolRouter
-from services.redis_store import RedisStore, keys
+from services.redis_store import EntryFields, RedisStore, keys, text_hash, text_set, texts
 
 COMPLETION_WINDOW_S = 24 * 3600
 FINALIZE_LOCK_S = 120
@@ -124,7 +124,7 @@ class BatchService:
     ) -> int:
         """Record (not ready), items chunk by chunk (ids noted in `added`), then ready."""
         now = int(self._clock())
-        record = {
+        record: EntryFields = {
             "id": batch_id,
             "tenant_id": tenant_id,
             "endpoint": req.endpoint,
@@ -171,7 +171,7 @@ class BatchService:
             for pool_name, reply in zip(pools, replies, strict=True):
                 if pool_name is not None:
                     added.setdefault(pool_name, []).append(reply)
-        ready: dict[str, Any] = {
+        ready: EntryFields = {
             "status": BatchStatus.in_progress.value,
             "in_progress_at": int(self._clock()),
             "failed": unroutable,
@@ -197,7 +197,7 @@ class BatchService:
             logger.warning("cleaning up batch %s after a failed create: %s", batch_id, exc)
 
     async def record(self, batch_id: str) -> dict[str, str]:
-        return dict(await self._redis.hgetall(keys.batch_record(batch_id)))
+        return text_hash(await self._redis.hgetall(keys.batch_record(batch_id)))
 
     async def get(self, tenant_id: str, batch_id: str) -> BatchObject:
         raw = await self.record(batch_id)
@@ -208,7 +208,7 @@ class BatchService:
     async def list(self, tenant_id: str, *, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
         if not 1 <= limit <= 100:
             raise InvalidRequest("limit must be between 1 and 100", param="limit")
-        ids: list[str] = await self._redis.zrevrange(keys.tenant_batches(tenant_id), 0, -1)
+        ids = texts(await self._redis.zrevrange(keys.tenant_batches(tenant_id), 0, -1))
         if after is not None:
             if after not in ids:
                 raise InvalidRequest(f"after: no batch '{after}'", param="after")
@@ -257,7 +257,7 @@ class BatchService:
         outputs = [json.dumps(r["line"]) for r in ordered if r["ok"]]
         errors = [json.dumps(r["line"]) for r in ordered if not r["ok"]]
         tenant_id = raw["tenant_id"]
-        update: dict[str, Any] = {}
+        update: EntryFields = {}
         if outputs:
             out = await self._files.save(
                 tenant_id,
@@ -298,7 +298,7 @@ class BatchService:
 
     async def sweep(self) -> None:
         """Expire overdue batches and finish any whose items are all resolved."""
-        for batch_id in await self._redis.smembers(keys.ACTIVE_BATCHES):
+        for batch_id in text_set(await self._redis.smembers(keys.ACTIVE_BATCHES)):
             raw = await self.record(batch_id)
             if not raw:
                 await self._redis.srem(keys.ACTIVE_BATCHES, batch_id)

@@ -49,7 +49,7 @@ def create_app(core: Core, batch_apis: BatchApis, settings: Settings) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await bootstrap_tenants(core.tenants, settings)
-        except Exception as exc:  # Redis may come later; auth fails closed meanwhile
+        except Exception as exc:  # noqa: BLE001 - Redis may come later; auth fails closed meanwhile
             logger.error("tenant bootstrap failed (will serve 503 until Redis answers): %s", exc)
         core.start()
         yield

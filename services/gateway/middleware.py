@@ -27,8 +27,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import ClientClosedRequest, PhiserveError, RequestTooLarge
-from services.gateway.errors import count_redis_down, error_payload
-from services.inference.errors import error_row
+from services.gateway.errors import count_redis_down
+from services.inference.errors import error_payload, error_row
 from services.inference.identity import presented_key, request_id
 from services.inference.metrics import GatewayMetrics
 from services.tenancy.store import TenantStore

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
@@ -73,7 +73,7 @@ class GenerationStream:
     def __init__(
         self,
         payloads: AsyncGenerator[Any, None],
-        settle_unstarted: Callable[[], Awaitable[None]],
+        settle_unstarted: Callable[[], Coroutine[Any, Any, None]],
         background: set[asyncio.Task[None]],
     ) -> None:
         self._payloads = payloads
@@ -104,7 +104,7 @@ class GenerationStream:
         settle, background, loop = self._settle_unstarted, self._background, self._loop
 
         def spawn() -> None:
-            task = loop.create_task(settle())  # type: ignore[arg-type]
+            task = loop.create_task(settle())
             background.add(task)  # held until done: the loop keeps only weak references
             task.add_done_callback(background.discard)
 
@@ -215,25 +215,25 @@ class GenerationRunner:
         async def settle_unstarted() -> None:
             # What `_payloads`' finally does, for a stream closed before it ever ran.
             try:
-                await chunks.aclose()  # type: ignore[attr-defined]
+                await chunks.aclose()
             finally:
                 await self._gate.leave(
                     admitted, prompt_tokens=first.prompt_tokens, completion_tokens=first.completion_tokens
                 )
 
-        stream = GenerationStream(payloads, settle_unstarted, self._settling)  # type: ignore[arg-type]
+        stream = GenerationStream(payloads, settle_unstarted, self._settling)
         return stream, admitted.headers
 
     async def _payloads(
         self,
         admitted: Admitted,
         first: GenerationChunk,
-        chunks: AsyncIterator[GenerationChunk],
+        chunks: AsyncGenerator[GenerationChunk, None],
         shape: ResponseShape[R, C],
         *,
         include_usage: bool,
         first_at: float,
-    ) -> AsyncIterator[C]:
+    ) -> AsyncGenerator[C, None]:
         last = first
         try:
             yield shape.chunk(first.text, first.finish_reason, first=True)
@@ -252,7 +252,7 @@ class GenerationRunner:
             raise
         finally:
             # Also on disconnect: settle what was generated and free the slot.
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
             await self._gate.leave(
                 admitted, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens
             )

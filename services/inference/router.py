@@ -6,7 +6,7 @@ Ray and Serve errors are translated into `services.errors` here and nowhere else
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -56,7 +56,9 @@ class PoolRouter:
             raise _translate(exc, pool) from None
         return result
 
-    async def stream(self, pool: PoolConfig, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def stream(
+        self, pool: PoolConfig, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationChunk, None]:
         response = self._stream_handles[pool.name].generate_stream.remote(request)
         await self._await_assignment(pool, response)
         try:

@@ -10,10 +10,36 @@ neither of them.
   reads, and the one translation of redis-py errors into `TenancyUnavailable`;
 * `scripts.Script`: every Lua script (`lua/`), registered once by the store;
 * `keys`: every key name, batch keys included.
+* `text`, `texts`, `text_set`, `text_hash`, `EntryFields`, `EntryIds`: the types of replies and
+  arguments as mypy should see them (redis-py annotates replies bytes | str even when decoded).
 """
 
 from services.redis_store import keys
-from services.redis_store.client import GroupCreation, GroupRead, RedisStore, StreamEntries
+from services.redis_store.client import (
+    EntryFields,
+    EntryIds,
+    GroupCreation,
+    GroupRead,
+    RedisStore,
+    StreamEntries,
+    text,
+    text_hash,
+    text_set,
+    texts,
+)
 from services.redis_store.scripts import Script
 
-__all__ = ["GroupCreation", "GroupRead", "RedisStore", "Script", "StreamEntries", "keys"]
+__all__ = [
+    "EntryFields",
+    "EntryIds",
+    "GroupCreation",
+    "GroupRead",
+    "RedisStore",
+    "Script",
+    "StreamEntries",
+    "keys",
+    "text",
+    "text_hash",
+    "text_set",
+    "texts",
+]

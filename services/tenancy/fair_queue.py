@@ -191,7 +191,7 @@ class FairQueue:
             await asyncio.shield(self._step(pool, "release", [ticket]))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - best effort: the ticket's lease expires instead
             logger.warning(
                 "fair queue: could not withdraw ticket %s of pool %s (it expires): %s", ticket, pool, exc
             )

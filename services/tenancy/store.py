@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from services.errors import AuthenticationFailed, ResourceNotFound, ServiceUnavailable
-from services.redis_store import RedisStore, keys
+from services.redis_store import RedisStore, keys, text, texts
 from services.tenancy.models import ApiKeyRecord, Tenant, TenantsFile
 
 KEY_PREFIX = "psk-"
@@ -68,7 +68,7 @@ class TenantStore:
         return Tenant.model_validate_json(raw)
 
     async def list_tenants(self) -> list[Tenant]:
-        ids = sorted(await self._redis.smembers(keys.TENANT_IDS))
+        ids = texts(sorted(await self._redis.smembers(keys.TENANT_IDS)))
         if not ids:
             return []
         raws = await self._redis.mget([keys.tenant(i) for i in ids])
@@ -101,6 +101,7 @@ class TenantStore:
             # once): the first record stays, this id is given back.
             await self._redis.delete(keys.api_key_by_id(key_id))
             existing = await self._redis.get(keys.api_key_by_hash(digest))
+            assert existing is not None  # SET NX refused it, and key records are never deleted
             return candidate, _loaded(existing)[0]
         await self._redis.sadd(keys.tenant_keys(tenant_id), key_id)
         return candidate, record
@@ -121,7 +122,7 @@ class TenantStore:
 
     async def list_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
         await self.get_tenant(tenant_id)
-        key_ids = sorted(await self._redis.smembers(keys.tenant_keys(tenant_id)))
+        key_ids = texts(sorted(await self._redis.smembers(keys.tenant_keys(tenant_id))))
         records = []
         for key_id in key_ids:
             record = await self._record_by_id(key_id)
@@ -136,7 +137,9 @@ class TenantStore:
             raise ResourceNotFound(f"tenant '{tenant_id}' has no key '{key_id}'", param="key_id")
         revoked = record.model_copy(update={"revoked_at": int(self._clock())})
         digest = await self._redis.get(keys.api_key_by_id(key_id))
-        await self._redis.set(keys.api_key_by_hash(digest), _stored(revoked, digest))
+        if digest is None:  # the id was given back since _record_by_id read it
+            raise ResourceNotFound(f"tenant '{tenant_id}' has no key '{key_id}'", param="key_id")
+        await self._redis.set(keys.api_key_by_hash(text(digest)), _stored(revoked, text(digest)))
         return revoked
 
     async def authenticate(self, plain: str | None) -> tuple[Tenant, ApiKeyRecord]:
@@ -179,7 +182,7 @@ class TenantStore:
         digest = await self._redis.get(keys.api_key_by_id(key_id))
         if digest is None:
             return None
-        raw = await self._redis.get(keys.api_key_by_hash(digest))
+        raw = await self._redis.get(keys.api_key_by_hash(text(digest)))
         return None if raw is None else _loaded(raw)[0]
 
 
@@ -187,6 +190,6 @@ def _stored(record: ApiKeyRecord, digest: str) -> str:
     return json.dumps({"record": record.model_dump(), "hash": digest})
 
 
-def _loaded(raw: str) -> tuple[ApiKeyRecord, str]:
+def _loaded(raw: str | bytes) -> tuple[ApiKeyRecord, str]:
     data = json.loads(raw)
     return ApiKeyRecord.model_validate(data["record"]), str(data["hash"])

@@ -69,10 +69,34 @@ async def test_scripts_survive_a_script_cache_flush(state: RedisStore) -> None:
 
 def test_the_public_surface() -> None:
     assert sorted(redis_store.__all__) == [
+        "EntryFields",
+        "EntryIds",
         "GroupCreation",
         "GroupRead",
         "RedisStore",
         "Script",
         "StreamEntries",
         "keys",
+        "text",
+        "text_hash",
+        "text_set",
+        "texts",
     ]
+
+
+async def test_replies_are_text_as_the_typing_helpers_say(state: RedisStore) -> None:
+    """`text`, `texts`, `text_set` and `text_hash` only tell mypy what the replies are (both
+    clients decode): a client that returned bytes would make them lie."""
+    await state.redis.set("s", "v")
+    await state.redis.sadd("set", "m")
+    await state.redis.zadd("z", {"m": 1})
+    await state.redis.hset("h", mapping={"f": "v"})
+    values = [
+        redis_store.text(await state.redis.get("s") or ""),
+        *redis_store.text_set(await state.redis.smembers("set")),
+        *redis_store.texts(await state.redis.zrevrange("z", 0, -1)),
+        *next(iter(redis_store.text_hash(await state.redis.hgetall("h")).items())),
+    ]
+    await state.redis.rpush("l", "x")
+    values.extend(await state.blpop("l", 1))  # the blocking client
+    assert values == ["v", "m", "m", "f", "v", "l", "x"] and all(isinstance(v, str) for v in values)
