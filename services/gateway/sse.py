@@ -22,7 +22,7 @@ async def sse_events(payloads: AsyncIterator[Mapping[str, object]]) -> AsyncIter
         # The status line is gone: the error travels as an event, then [DONE].
         yield sse_error_event(exc)
     finally:
-        await payloads.aclose()  # type: ignore[attr-defined]
+        await payloads.aclose()  # type: ignore[attr-defined]  # a GenerationStream: it closes
     yield DONE_EVENT
 
 

@@ -261,7 +261,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         finally:
             # However the RPC ends (done, failed, deadline, cancelled): close the stream so
             # the engine request is aborted and the tenant settled now, not at GC time.
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()  # type: ignore[attr-defined]  # a GenerationStream: it closes
 
     async def _run(
         self,

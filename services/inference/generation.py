@@ -170,7 +170,7 @@ class GenerationRunner:
                     totals = piece
         finally:
             # Cancelled (deadline, client gone) or failed: abort the engine request, settle.
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()  # type: ignore[attr-defined]  # a GenerationStream: it closes
         assert totals is not None, "include_usage=True ends every stream with its usage"
         result = GenerationResult(
             text="".join(texts),
