@@ -92,6 +92,7 @@ class BatchProcessor:
         self._stall_after_s = stall_after_s
         self._clock = clock
         self._heartbeat = clock()
+        self._stopped = False
         self._in_flight: dict[asyncio.Task[None], QueueItem] = {}
         self._writer = ResultWriter(queue)
         self._pools = [pool.name for pool in core.catalog.enabled_pools]
@@ -133,7 +134,11 @@ class BatchProcessor:
         self._heartbeat = self._clock()
         await self._queue.ensure_groups()
         next_sweep = 0.0
-        while True:
+        # Not only the task's cancel ends the loop: on Python 3.11 a cancel that lands as a
+        # Redis read times out can be swallowed (asyncio.timeout's race), and the loop then
+        # kept reading items after `stop()` (seen as a stopped test worker taking the next
+        # test's item).
+        while not self._stopped:
             # Beat on every turn, also after an error: Redis down is not this worker's fault
             # (a new replica would not help); a call that hangs is.
             self._heartbeat = self._clock()
@@ -288,5 +293,6 @@ class BatchProcessor:
         return len(self._in_flight)
 
     def stop(self) -> None:
+        self._stopped = True
         for task in list(self._in_flight):
             task.cancel()

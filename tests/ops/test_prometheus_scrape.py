@@ -55,6 +55,10 @@ def _query(prom: str, expr: str) -> list[dict]:  # type: ignore[type-arg]
     return resp.json()["data"]["result"]  # type: ignore[no-any-return]
 
 
+def _counted(series: list[dict], *, at_least: float) -> list[dict] | None:  # type: ignore[type-arg]
+    return series if sum(float(r["value"][1]) for r in series) >= at_least else None
+
+
 def test_gateway_and_vllm_metrics_reach_prometheus(cluster: Cluster, prometheus: str) -> None:
     body = {"model": "phi-3.5-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
     for _ in range(3):
@@ -65,14 +69,16 @@ def test_gateway_and_vllm_metrics_reach_prometheus(cluster: Cluster, prometheus:
             == 200
         )
 
+    # Selected by the replica's own `deployment` label: the test process also exports this
+    # counter (the in-process app tests build the same metrics while connected to Ray).
+    gateway_200 = 'ray_phiserve_requests_total{model="phi-3.5-mini",status="200",deployment="gateway"}'
     requests = wait_until(
-        lambda: _query(prometheus, 'ray_phiserve_requests_total{model="phi-3.5-mini",status="200"}'),
+        lambda: _counted(_query(prometheus, gateway_200), at_least=3),
         timeout_s=90,
         interval_s=1,
         what="gateway request counter scraped",
     )
-    assert sum(float(r["value"][1]) for r in requests) >= 3
-    assert requests[0]["metric"]["deployment"] == "gateway"
+    assert {r["metric"]["deployment"] for r in requests} == {"gateway"}
 
     running = wait_until(
         lambda: _query(prometheus, 'ray_vllm_num_requests_running{model_name="phi-3.5-mini"}'),
@@ -88,5 +94,5 @@ def test_gateway_and_vllm_metrics_reach_prometheus(cluster: Cluster, prometheus:
         what="vLLM token counter scraped",
     )
     assert sum(float(r["value"][1]) for r in generated) >= 15
-    tokens = _query(prometheus, 'ray_phiserve_completion_tokens_total{model="phi-3.5-mini"}')
+    tokens = _query(prometheus, 'ray_phiserve_completion_tokens_total{model="phi-3.5-mini",deployment="gateway"}')
     assert tokens and sum(float(r["value"][1]) for r in tokens) >= 15
