@@ -35,7 +35,6 @@ from services.errors import (
     RateLimited,
     ServiceUnavailable,
 )
-from services.inference.chat import ChatShape
 from services.inference.core import Core
 from services.inference.errors import batch_error_line, invalid_request_from
 from services.inference.generation import Caller
@@ -271,13 +270,15 @@ class BatchProcessor:
         try:
             if item.url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(item.body)
-                pool, request = await core.chat.prepare(chat, item_id, tenant=tenant)
-                shape: Any = ChatShape(item_id, chat.model)
+                prepared: tuple[Any, ...] = await core.chat.prepare(
+                    chat, item_id, tenant=tenant, response_id=item_id
+                )
             else:
                 completion = CompletionRequest.model_validate(item.body)
-                pool, request, shape = core.completions.prepare(completion, item_id, response_id=item_id)
+                prepared = core.completions.prepare(completion, item_id, response_id=item_id)
         except ValidationError as exc:
             raise invalid_request_from(exc.errors()) from None
+        pool, request, shape = prepared
         body, _ = await core.runner.complete(caller, pool, request, shape)
         return dict(body)
 

@@ -41,6 +41,13 @@ class EngineConfig(_Strict):
     max_num_batched_tokens: int | None = Field(
         None, ge=16, description="Token budget of one scheduler step (chunked prefill)."
     )
+    enable_chunked_prefill: bool | None = Field(
+        None,
+        description=(
+            "Split long prompts across scheduler steps (vLLM's default: on). Off on the CPU: "
+            "there vLLM cannot rewind a seeded sampler for a split prompt and the engine dies."
+        ),
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica for TP.")
     enable_expert_parallel: bool = Field(
         False, description="Shard MoE experts across the TP group (GPU only)."
@@ -69,6 +76,18 @@ class EngineConfig(_Strict):
     mm_processor_kwargs: dict[str, Any] | None = Field(
         None, description='Image processor options, e.g. {"num_crops": 4}.'
     )
+
+    @model_validator(mode="after")
+    def _whole_prompts_fit_a_step(self) -> EngineConfig:
+        # Without chunked prefill a prompt is prefilled in one step; vLLM refuses to start
+        # when the step's budget is below the context window. Say so at catalog load.
+        budget = self.max_num_batched_tokens
+        if self.enable_chunked_prefill is False and budget is not None and budget < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({budget}) is below max_model_len ({self.max_model_len}) "
+                "with enable_chunked_prefill false; raise max_num_batched_tokens or leave it unset"
+            )
+        return self
 
     def to_engine_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

@@ -51,7 +51,9 @@ def chat_response(body: ChatCompletion, request_id: str) -> pb.ChatResponse:
         choices=[
             chat_pb2.ChatChoice(
                 index=choice["index"],
-                message=chat_pb2.ChatMessage(role=chat_pb2.ROLE_ASSISTANT, text=choice["message"]["content"]),
+                message=chat_pb2.ChatMessage(
+                    role=chat_pb2.ROLE_ASSISTANT, text=choice["message"]["content"] or ""
+                ),
                 finish_reason=finish(choice["finish_reason"]),
             )
             for choice in body["choices"]
@@ -72,7 +74,7 @@ def chat_chunk(chunk: ChatCompletionChunk, request_id: str) -> pb.ChatStreamResp
                 delta=chat_pb2.ChatDelta(
                     # Only the first chunk names the role, as REST's delta.
                     role=chat_pb2.ROLE_ASSISTANT if "role" in choice["delta"] else chat_pb2.ROLE_UNSPECIFIED,
-                    content=choice["delta"]["content"],
+                    content=choice["delta"].get("content", ""),
                 ),
                 finish_reason=finish(choice["finish_reason"]),
             )

@@ -2,84 +2,24 @@
 
 from __future__ import annotations
 
-import time
+import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import cast
+from dataclasses import replace
 
 from services.catalog.models import Modality, Platform, PoolConfig
 from services.errors import InvalidRequest, UnsupportedContent
+from services.inference.chat_shape import ChatShape
 from services.inference.gate import check_access
 from services.inference.generation import Caller, GenerationRunner
 from services.inference.images import ImageLoader
-from services.inference.protocol.chat import ChatCompletionRequest, ImagePart, TextPart
-from services.inference.protocol.responses import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatDelta,
-    FinishReason,
-    Usage,
-    usage,
-)
+from services.inference.protocol.chat import ChatCompletionRequest, ChatMessageIn, ImagePart, TextPart
+from services.inference.protocol.responses import ChatCompletion, ChatCompletionChunk
 from services.inference.router import PoolRouter
 from services.inference.sampling import sampling_options
-from services.pools.engine import ChatMessage, GenerationRequest, GenerationResult
+from services.inference.tool_calls import plan_tools
+from services.pools.engine import ChatMessage, GenerationRequest
 from services.tenancy.models import Tenant
-
-
-class ChatShape:
-    """OpenAI's chat.completion objects. `response_id` is the server's (a fresh uuid, or
-    a batch line's `<batch>-<line>`), never the client's x-request-id: two tenants sending
-    the same x-request-id must not get the same response id (issue 9, item 1)."""
-
-    def __init__(self, response_id: str, model: str) -> None:
-        self._id = f"chatcmpl-{response_id}"
-        self._model = model
-        self._created = int(time.time())
-
-    def response(self, result: GenerationResult) -> ChatCompletion:
-        return {
-            "id": self._id,
-            "object": "chat.completion",
-            "created": self._created,
-            "model": self._model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "logprobs": None,
-                    "finish_reason": cast(FinishReason, result.finish_reason),
-                }
-            ],
-            "usage": usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
-        }
-
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> ChatCompletionChunk:
-        delta: ChatDelta = {"role": "assistant", "content": text} if first else {"content": text}
-        return {
-            "id": self._id,
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": None,
-                    "finish_reason": cast("FinishReason | None", finish_reason),
-                }
-            ],
-        }
-
-    def usage_chunk(self, totals: Usage) -> ChatCompletionChunk:
-        return {
-            "id": self._id,
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-            "choices": [],
-            "usage": totals,
-        }
 
 
 class ChatService:
@@ -97,18 +37,28 @@ class ChatService:
         self._platform = platform
 
     async def prepare(
-        self, body: ChatCompletionRequest, request_id: str, *, tenant: Tenant | None = None
-    ) -> tuple[PoolConfig, GenerationRequest]:
+        self,
+        body: ChatCompletionRequest,
+        request_id: str,
+        *,
+        tenant: Tenant | None = None,
+        response_id: str | None = None,
+    ) -> tuple[PoolConfig, GenerationRequest, ChatShape]:
         """`tenant`: checked for the model and its image limit before any image is fetched or
-        decoded (the gate checks again, for callers that pass none)."""
+        decoded (the gate checks again, for callers that pass none). `response_id`: a batch
+        line's, else a fresh one."""
         pool = self._router.resolve(body.model)
         image_count = _check_image_parts(body, pool)
         if tenant is not None:
             check_access(tenant, pool, model=body.model, images=image_count)
-        if body.max_completion_tokens is not None:
-            body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
+        _check_tool_history(body)
+        tools = plan_tools(body)
         sampling = sampling_options(body, pool, self._platform)
+        if tools.structured is not None:
+            sampling = replace(sampling, structured=tools.structured)
         messages, images = await self._messages(body)
+        if tools.system_note is not None:
+            messages = (ChatMessage(role="system", text=tools.system_note), *messages)
         request = GenerationRequest(
             request_id=request_id,
             model=body.model,
@@ -116,14 +66,17 @@ class ChatService:
             messages=messages,
             images=images,
         )
-        return pool, request
+        echo = ""
+        if body.echo and body.messages[-1].role == "assistant":
+            echo = messages[-1].text
+        shape = ChatShape(response_id or uuid.uuid4().hex, body.model, tools=tools.output, echo_prefix=echo)
+        return pool, request, shape
 
     async def create(
         self, caller: Caller, body: ChatCompletionRequest, request_id: str, *, from_stream: bool = False
     ) -> tuple[ChatCompletion, dict[str, str]]:
         """`from_stream`: assembled from the pool's stream (`GenerationRunner.collect`)."""
-        pool, request = await self.prepare(body, request_id, tenant=caller.tenant)
-        shape = ChatShape(uuid.uuid4().hex, body.model)
+        pool, request, shape = await self.prepare(body, request_id, tenant=caller.tenant)
         if from_stream:
             return await self._runner.collect(caller, pool, request, shape)
         return await self._runner.complete(caller, pool, request, shape)
@@ -131,9 +84,14 @@ class ChatService:
     async def create_stream(
         self, caller: Caller, body: ChatCompletionRequest, request_id: str
     ) -> tuple[AsyncIterator[ChatCompletionChunk], dict[str, str]]:
-        pool, request = await self.prepare(body, request_id, tenant=caller.tenant)
+        pool, request, shape = await self.prepare(body, request_id, tenant=caller.tenant)
         return await self._runner.open_stream(
-            caller, pool, request, ChatShape(uuid.uuid4().hex, body.model), include_usage=body.include_usage()
+            caller,
+            pool,
+            request,
+            shape,
+            include_usage=body.include_usage(),
+            continuous_usage=body.continuous_usage(),
         )
 
     async def _messages(
@@ -144,7 +102,7 @@ class ChatService:
         for i, message in enumerate(body.messages):
             content = message.content
             if content is None or isinstance(content, str):
-                messages.append(ChatMessage(role=message.role, text=content or ""))
+                messages.append(ChatMessage(role=message.role, text=_history_text(message, content or "")))
                 continue
             texts: list[str] = []
             count = 0
@@ -156,7 +114,8 @@ class ChatService:
                 param = f"messages[{i}].content[{j}].image_url.url"
                 images.append(await self._images.load(part.image_url.url, param=param))
                 count += 1
-            messages.append(ChatMessage(role=message.role, text="\n".join(texts), image_count=count))
+            text = _history_text(message, "\n".join(texts))
+            messages.append(ChatMessage(role=message.role, text=text, image_count=count))
         return tuple(messages), tuple(images)
 
 
@@ -185,3 +144,26 @@ def _check_image_parts(body: ChatCompletionRequest, pool: PoolConfig) -> int:
                 )
             count += 1
     return count
+
+
+def _check_tool_history(body: ChatCompletionRequest) -> None:
+    for i, message in enumerate(body.messages):
+        if message.tool_calls is not None and message.role != "assistant":
+            raise InvalidRequest(
+                "only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls"
+            )
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequest("a tool message needs the tool_call_id it answers", param=f"messages[{i}]")
+        if message.tool_call_id is not None and message.role != "tool":
+            raise InvalidRequest("only tool messages carry tool_call_id", param=f"messages[{i}].tool_call_id")
+
+
+def _history_text(message: ChatMessageIn, text: str) -> str:
+    """Earlier tool calls and their results, written into the conversation: Phi-3.5's chat
+    template has no place for them (a tool message is rendered as the user's)."""
+    if message.tool_calls:
+        calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls]
+        return (text + "\n" if text else "") + json.dumps(calls, separators=(",", ":"))
+    if message.role == "tool":
+        return f"Result of tool call {message.tool_call_id}:\n{text}"
+    return text

@@ -1,4 +1,5 @@
-"""Legacy completions: one prompt, routed to its pool, in OpenAI's text_completion shape."""
+"""Legacy completions: prompts (text or token ids), routed to their pool, in OpenAI's
+text_completion shape."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import cast
 from services.catalog.models import Platform, PoolConfig
 from services.errors import InvalidRequest
 from services.inference.generation import Caller, GenerationRunner
+from services.inference.logprobs import completion_logprobs
 from services.inference.protocol.completions import CompletionRequest
 from services.inference.protocol.responses import (
     Completion,
+    CompletionChoice,
     CompletionChunk,
     FinishReason,
     Usage,
@@ -20,52 +23,73 @@ from services.inference.protocol.responses import (
 )
 from services.inference.router import PoolRouter
 from services.inference.sampling import sampling_options
-from services.pools.engine import GenerationRequest, GenerationResult
+from services.inference.tokens import TokenCounter
+from services.pools.engine import GenerationChunk, GenerationRequest, GenerationResult, Prompt
 
 
 class CompletionShape:
-    """OpenAI's text_completion objects; `response_id` is the server's (see `ChatShape`)."""
+    """OpenAI's text_completion objects; `response_id` is the server's (see `ChatShape`).
 
-    def __init__(self, response_id: str, model: str, *, echo_prefix: str = "") -> None:
+    `echo_prefixes`: with `echo`, each prompt's text, prepended to its choices' text
+    (choice `i` belongs to prompt `i // n`)."""
+
+    def __init__(
+        self, response_id: str, model: str, *, echo_prefixes: list[str] | None = None, n: int = 1
+    ) -> None:
         self._id = f"cmpl-{response_id}"
         self._model = model
         self._created = int(time.time())
-        self._echo_prefix = echo_prefix
+        self._echo = echo_prefixes
+        self._n = n
+        self._offsets: dict[int, int] = {}  # each streamed choice's text so far, for text_offset
+
+    def _prefix(self, index: int) -> str:
+        return self._echo[index // self._n] if self._echo else ""
 
     def response(self, result: GenerationResult) -> Completion:
+        choices: list[CompletionChoice] = []
+        for choice in result.choices:
+            prefix = self._prefix(choice.index)
+            choices.append(
+                {
+                    "index": choice.index,
+                    "text": prefix + choice.text,
+                    "logprobs": completion_logprobs(choice.logprobs, len(prefix)),
+                    "finish_reason": cast(FinishReason, choice.finish_reason),
+                }
+            )
         return {
             "id": self._id,
             "object": "text_completion",
             "created": self._created,
             "model": self._model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": self._echo_prefix + result.text,
-                    "logprobs": None,
-                    "finish_reason": cast(FinishReason, result.finish_reason),
-                }
-            ],
+            "choices": choices,
             "usage": usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
         }
 
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> CompletionChunk:
-        if first:
-            text = self._echo_prefix + text
-        return {
+    def chunk(self, piece: GenerationChunk, totals: Usage | None = None) -> CompletionChunk:
+        text = piece.text
+        if piece.index not in self._offsets:
+            text = self._prefix(piece.index) + text
+        offset = self._offsets.get(piece.index, 0)
+        self._offsets[piece.index] = offset + len(text)
+        body: CompletionChunk = {
             "id": self._id,
             "object": "text_completion",
             "created": self._created,
             "model": self._model,
             "choices": [
                 {
-                    "index": 0,
+                    "index": piece.index,
                     "text": text,
-                    "logprobs": None,
-                    "finish_reason": cast("FinishReason | None", finish_reason),
+                    "logprobs": completion_logprobs(piece.logprobs, offset + len(text) - len(piece.text)),
+                    "finish_reason": cast("FinishReason | None", piece.finish_reason),
                 }
             ],
         }
+        if totals is not None:
+            body["usage"] = totals
+        return body
 
     def usage_chunk(self, totals: Usage) -> CompletionChunk:
         return {
@@ -79,9 +103,12 @@ class CompletionShape:
 
 
 class CompletionService:
-    def __init__(self, router: PoolRouter, runner: GenerationRunner, *, platform: Platform) -> None:
+    def __init__(
+        self, router: PoolRouter, runner: GenerationRunner, tokens: TokenCounter, *, platform: Platform
+    ) -> None:
         self._router = router
         self._runner = runner
+        self._tokens = tokens
         self._platform = platform
 
     def prepare(
@@ -90,23 +117,21 @@ class CompletionService:
         """`request_id` is the client's (logs only); the response id is `response_id` (a
         batch line's) or a fresh one."""
         pool = self._router.resolve(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise InvalidRequest("only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise InvalidRequest("prompt must not be empty", param="prompt")
+        prompts = _prompts(body.prompt)
+        echo = [self._echo_text(pool, p) for p in prompts] if body.echo else None
         request = GenerationRequest(
             request_id=request_id,
             model=body.model,
             sampling=sampling_options(body, pool, self._platform),
-            prompt=prompt,
+            prompts=prompts,
         )
-        shape = CompletionShape(
-            response_id or uuid.uuid4().hex, body.model, echo_prefix=prompt if body.echo else ""
-        )
+        shape = CompletionShape(response_id or uuid.uuid4().hex, body.model, echo_prefixes=echo, n=body.n)
         return pool, request, shape
+
+    def _echo_text(self, pool: PoolConfig, prompt: Prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self._tokens.decode(pool, prompt)
 
     async def create(
         self, caller: Caller, body: CompletionRequest, request_id: str, *, from_stream: bool = False
@@ -122,5 +147,38 @@ class CompletionService:
     ) -> tuple[AsyncIterator[CompletionChunk], dict[str, str]]:
         pool, request, shape = self.prepare(body, request_id)
         return await self._runner.open_stream(
-            caller, pool, request, shape, include_usage=body.include_usage()
+            caller,
+            pool,
+            request,
+            shape,
+            include_usage=body.include_usage(),
+            continuous_usage=body.continuous_usage(),
         )
+
+
+# OpenAI's limit on the prompts of one request.
+MAX_PROMPTS = 2048
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> tuple[Prompt, ...]:
+    """The request's prompts, each text or token ids; none of them empty."""
+    if isinstance(prompt, str):
+        prompts: list[Prompt] = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompts = [tuple(prompt)]
+    else:
+        prompts = [p if isinstance(p, str) else tuple(p) for p in cast("list[str] | list[list[int]]", prompt)]
+    if not prompts:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise InvalidRequest(
+                "prompt must not be empty", param="prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            )
+        if not isinstance(p, str) and min(p) < 0:
+            raise InvalidRequest(
+                "token ids are not negative", param="prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            )
+    return tuple(prompts)

@@ -41,6 +41,7 @@ class Core:
     runner: GenerationRunner
     chat: ChatService
     completions: CompletionService
+    tokens: TokenCounter  # the models' own tokenizers (admission counts, /tokenize)
     models: ModelsService
     tenants: TenantStore
     usage: UsageLedger
@@ -91,10 +92,11 @@ def build_core(
             catalog.enabled_pools, fair_queue, live_replicas or serve_live_replicas(handles)
         ),
     )
+    tokens = TokenCounter.for_pools(catalog.enabled_pools, settings.model_dir.resolve())
     gate = TenantGate(
         admission,
         fair_queue,
-        TokenCounter.for_pools(catalog.enabled_pools, settings.model_dir.resolve()),
+        tokens,
         keeper,
         metrics,
         queue_timeout_s=settings.queue_timeout_s,
@@ -111,7 +113,8 @@ def build_core(
         router=router,
         runner=runner,
         chat=ChatService(router, runner, images, platform=catalog.platform),
-        completions=CompletionService(router, runner, platform=catalog.platform),
+        completions=CompletionService(router, runner, tokens, platform=catalog.platform),
+        tokens=tokens,
         models=ModelsService(catalog),
         tenants=TenantStore(redis, tenant_cache_ttl_s=settings.tenant_cache_ttl_s),
         usage=UsageLedger(redis),

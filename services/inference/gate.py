@@ -126,9 +126,14 @@ class TenantGate:
                 param="prompt" if request.messages is None else "messages",
             )
         prompt_tokens = await self._counter.count(pool, request)  # long prompts: off the loop
-        self._check_context(pool, request, prompt_tokens)
-        max_tokens = request.sampling.max_tokens or max(pool.engine.max_model_len - prompt_tokens, 1)
-        reserve = prompt_tokens + max_tokens
+        prompt_count = len(request.prompts) if request.prompts is not None else 1
+        if prompt_count == 1:  # several prompts: the engine checks each against the context
+            self._check_context(pool, request, prompt_tokens)
+        max_tokens = request.sampling.max_tokens or max(
+            pool.engine.max_model_len - prompt_tokens // prompt_count, 1
+        )
+        # Every choice may generate max_tokens: n choices per prompt are priced as n requests.
+        reserve = prompt_tokens + max_tokens * request.choice_count
         try:
             reservation = await self._admission.admit(tenant, reserve)
         except RateLimited as exc:
@@ -235,6 +240,7 @@ class TenantGate:
         self, tenant: Tenant, pool: PoolConfig, request: GenerationRequest
     ) -> GenerationRequest:
         check_access(tenant, pool, model=request.model, images=len(request.images))
+        check_sampling_limits(tenant, request)
         cap = tenant.limits.max_tokens
         sampling = request.sampling
         if cap is not None:
@@ -262,6 +268,25 @@ def check_access(tenant: Tenant, pool: PoolConfig, *, model: str, images: int) -
             param="messages",
             code="too_many_images",
         )
+
+
+def check_sampling_limits(tenant: Tenant, request: GenerationRequest) -> None:
+    """The tenant's caps on choices per request and on the size of an output schema, which
+    the pool compiles into a grammar (CPU time on the pool, before the first token)."""
+    limits = tenant.limits
+    if request.sampling.n > limits.max_n:
+        raise InvalidRequest(
+            f"n is {request.sampling.n}; this tenant may ask for at most {limits.max_n} choices", param="n"
+        )
+    structured = request.sampling.structured
+    if structured is not None and structured.json_schema is not None:
+        size = len(structured.json_schema.encode())
+        if size > limits.max_schema_bytes:
+            raise InvalidRequest(
+                f"the schema is {size} bytes as JSON; this tenant's limit is {limits.max_schema_bytes}",
+                param=structured.param,
+                code="schema_too_large",
+            )
 
 
 def client_deadline_s(headers: dict[str, str] | None, started: float | None = None) -> float | None:

@@ -40,7 +40,10 @@ class ResponseShape(Protocol[R_co, C_co]):
 
     def response(self, result: GenerationResult) -> R_co: ...
 
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> C_co: ...
+    def chunk(self, piece: GenerationChunk, totals: Usage | None = None) -> C_co:
+        """One choice's delta; `totals`: the running usage, with `continuous_usage_stats`.
+        A shape is made per request and knows each choice's first chunk itself."""
+        ...
 
     def usage_chunk(self, usage: Usage) -> C_co: ...
 
@@ -157,29 +160,15 @@ class GenerationRunner:
         far (docs/grpc.md, "Unary calls run on the runner's stream"). The engine's own
         `complete()` is the concatenation of its stream: the body is the same as `complete`'s.
         """
-        stream, headers = await self.open_stream(caller, pool, request, _Pieces(), include_usage=True)
-        texts: list[str] = []
-        finish_reason: str | None = None
-        totals: Usage | None = None
+        stream, headers = await self.open_stream(caller, pool, request, _Pieces(), include_usage=False)
+        pieces: list[GenerationChunk] = []
         try:
             async for piece in stream:
-                if isinstance(piece, tuple):
-                    texts.append(piece[0])
-                    finish_reason = piece[1] or finish_reason
-                else:
-                    totals = piece
+                pieces.append(piece)
         finally:
             # Cancelled (deadline, client gone) or failed: abort the engine request, settle.
             await stream.aclose()  # type: ignore[attr-defined]  # a GenerationStream: it closes
-        assert totals is not None, "include_usage=True ends every stream with its usage"
-        result = GenerationResult(
-            text="".join(texts),
-            prompt_tokens=totals["prompt_tokens"],
-            completion_tokens=totals["completion_tokens"],
-            finish_reason=finish_reason or "stop",
-            cached_tokens=totals["prompt_tokens_details"]["cached_tokens"],
-        )
-        return shape.response(result), headers
+        return shape.response(GenerationResult.assemble(pieces)), headers
 
     async def open_stream(
         self,
@@ -189,6 +178,7 @@ class GenerationRunner:
         shape: ResponseShape[R, C],
         *,
         include_usage: bool,
+        continuous_usage: bool = False,
     ) -> tuple[AsyncIterator[C], dict[str, str]]:
         """Return the stream of shaped chunks; raises (so the caller still answers with a
         normal error status) if the first chunk fails. A failure after that is raised from
@@ -209,7 +199,13 @@ class GenerationRunner:
             first_at - caller.started, tags={"model": caller.labels["model"]}
         )
         payloads = self._payloads(
-            admitted, first, chunks, shape, include_usage=include_usage, first_at=first_at
+            admitted,
+            first,
+            chunks,
+            shape,
+            include_usage=include_usage,
+            continuous_usage=continuous_usage,
+            first_at=first_at,
         )
 
         async def settle_unstarted() -> None:
@@ -232,14 +228,21 @@ class GenerationRunner:
         shape: ResponseShape[R, C],
         *,
         include_usage: bool,
+        continuous_usage: bool,
         first_at: float,
     ) -> AsyncGenerator[C, None]:
         last = first
+
+        def running(chunk: GenerationChunk) -> Usage | None:
+            if not continuous_usage:
+                return None
+            return usage(chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens)
+
         try:
-            yield shape.chunk(first.text, first.finish_reason, first=True)
+            yield shape.chunk(first, running(first))
             async for chunk in chunks:
                 last = chunk
-                yield shape.chunk(chunk.text, chunk.finish_reason, first=False)
+                yield shape.chunk(chunk, running(chunk))
             if include_usage:
                 yield shape.usage_chunk(usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens))
             if last.completion_tokens > first.completion_tokens:
@@ -259,13 +262,13 @@ class GenerationRunner:
 
 
 class _Pieces:
-    """The `ResponseShape` `collect` streams with: the raw text pieces and the usage."""
+    """The `ResponseShape` `collect` streams with: the engine's chunks as they are."""
 
     def response(self, result: GenerationResult) -> GenerationResult:
         return result
 
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> tuple[str, str | None] | Usage:
-        return text, finish_reason
+    def chunk(self, piece: GenerationChunk, totals: Usage | None = None) -> GenerationChunk:
+        return piece
 
-    def usage_chunk(self, usage: Usage) -> tuple[str, str | None] | Usage:
-        return usage
+    def usage_chunk(self, usage: Usage) -> GenerationChunk:
+        raise AssertionError("collect streams without include_usage")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.catalog.models import PoolConfig
+from services.errors import InvalidRequest, ServiceUnavailable
 from services.pools.engine import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -89,15 +90,29 @@ class TokenCounter:
     def cannot_fit(self, pool: PoolConfig, request: GenerationRequest) -> bool:
         """True when the prompt has more characters than the context could hold as tokens."""
         longest = self._longest_token.get(pool.name)
-        return longest is not None and _text_length(request) > longest * pool.engine.max_model_len
+        prompts = len(request.prompts) if request.prompts is not None else 1
+        return longest is not None and _text_length(request) > longest * pool.engine.max_model_len * prompts
 
     def exact(self, pool: PoolConfig) -> bool:
         """Counted with the model's own tokenizer (not estimated from the text's length)."""
         return self._tokenizers.get(pool.name) is not None
 
+    def decode(self, pool: PoolConfig, token_ids: tuple[int, ...] | list[int]) -> str:
+        """Token ids as text, with the model's own tokenizer."""
+        tokenizer = self._tokenizers.get(pool.name)
+        if tokenizer is None:
+            raise ServiceUnavailable(f"model '{pool.served_names[0]}' has no tokenizer at the gateway")
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        if any(not 0 <= i < vocab for i in token_ids):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})", param="prompt")
+        return str(tokenizer.decode(list(token_ids), skip_special_tokens=False))
+
     def prompt_tokens(self, pool: PoolConfig, request: GenerationRequest) -> int:
-        if request.messages is None:
-            texts = [request.prompt or ""]
+        if request.prompts is not None:
+            texts = [p for p in request.prompts if isinstance(p, str)]
+            overhead = sum(len(p) for p in request.prompts if not isinstance(p, str))
+        elif request.messages is None:
+            texts = []
             overhead = 0
         else:
             texts = [m.text for m in request.messages]
@@ -121,8 +136,10 @@ class TokenCounter:
 
 
 def _text_length(request: GenerationRequest) -> int:
+    if request.prompts is not None:
+        return sum(len(p) for p in request.prompts if isinstance(p, str))
     if request.messages is None:
-        return len(request.prompt or "")
+        return 0
     return sum(len(m.text) for m in request.messages)
 
 

@@ -48,24 +48,26 @@ class PoolReplica:
         return await self._engine.complete(request)
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream coalesced deltas. The first one goes out at once (time to first token)."""
-        pending: GenerationChunk | None = None
+        """Stream coalesced deltas, one pending delta per choice. The first one goes out at
+        once (time to first token)."""
+        pending: dict[int, GenerationChunk] = {}
         last_sent = 0.0
+        latest: GenerationChunk | None = None
         async for chunk in self._engine.stream(request):
-            if pending is None:
-                pending = chunk
+            latest = chunk
+            held = pending.get(chunk.index)
+            if held is None:
+                pending[chunk.index] = chunk
             else:
-                pending.text += chunk.text
-                pending.completion_tokens = chunk.completion_tokens
-                pending.cached_tokens = chunk.cached_tokens
-                pending.finish_reason = chunk.finish_reason
+                held.merge(chunk)
             now = time.monotonic()
             if chunk.finish_reason or now - last_sent >= self._coalesce_interval_s:
-                yield pending
-                pending = None
+                for held in _with_latest_totals(pending, chunk):
+                    yield held
+                pending.clear()
                 last_sent = now
-        if pending is not None:
-            yield pending
+        for held in _with_latest_totals(pending, latest):
+            yield held
 
     async def check_health(self) -> None:
         """Serve's health hook: raising marks this replica unhealthy and replaces it."""
@@ -92,3 +94,17 @@ class PoolReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _with_latest_totals(
+    pending: dict[int, GenerationChunk], latest: GenerationChunk | None
+) -> list[GenerationChunk]:
+    """The held deltas in choice order, each with the request's latest running totals (the
+    consumer reads the totals from whichever chunk comes last)."""
+    held = [pending[i] for i in sorted(pending)]
+    if latest is not None:
+        for chunk in held:
+            chunk.prompt_tokens = latest.prompt_tokens
+            chunk.completion_tokens = latest.completion_tokens
+            chunk.cached_tokens = latest.cached_tokens
+    return held

@@ -13,17 +13,37 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the output's form, compiled into a grammar by vLLM's structured-output
+    backend. Exactly one of the two is set."""
+
+    json_schema: str | None = None  # a JSON Schema, serialised
+    json_object: bool = False  # any JSON object
+    # The request field the constraint came from, named when the backend refuses it.
+    param: str = "response_format"
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingOptions:
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # per choice
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
+    min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0
+    # Choices per prompt (vLLM's parallel sampling: the prompt is prefilled once).
+    n: int = 1
+    # None: no log probabilities; k >= 0: each sampled token's, with the k most likely.
+    logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), bias in [-100, 100]
+    structured: StructuredOutput | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +55,16 @@ class ChatMessage:
     image_count: int = 0
 
 
+# A completion prompt: text, or token ids of the model's vocabulary.
+Prompt = str | tuple[int, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """One generation. Exactly one of `prompt` (completions) or `messages` (chat) is set.
+    """One generation. Exactly one of `prompts` (completions) or `messages` (chat) is set.
+
+    Each prompt makes `sampling.n` choices; choice `i * n + j` is prompt i's j-th (OpenAI's
+    order for a list of prompts). All of them share one admission and one handle call.
 
     `request_id` is the client's x-request-id (or one the gateway made up): for logs and
     tracing only. It is not unique and not trusted, so it never names the engine's request;
@@ -47,7 +74,7 @@ class GenerationRequest:
     request_id: str
     model: str
     sampling: SamplingOptions
-    prompt: str | None = None
+    prompts: tuple[Prompt, ...] | None = None
     messages: tuple[ChatMessage, ...] | None = None
     images: tuple[bytes, ...] = ()
     # vLLM request priority: lower runs first (scheduling_policy="priority").
@@ -56,10 +83,25 @@ class GenerationRequest:
     # with different salts never share cached blocks (services/tenancy/cache_salt.py).
     cache_salt: str | None = None
 
+    @property
+    def choice_count(self) -> int:
+        return self.sampling.n * (len(self.prompts) if self.prompts is not None else 1)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One sampled token's log probability and the most likely alternatives at its place."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # (token, logprob), most likely first
+
 
 @dataclass(slots=True)
 class GenerationChunk:
-    """A coalesced piece of a stream: text since the previous chunk."""
+    """A coalesced piece of a stream: choice `index`'s text since its previous chunk.
+
+    The token counts are the running totals of the whole request (every choice)."""
 
     text: str
     completion_tokens: int
@@ -67,15 +109,64 @@ class GenerationChunk:
     finish_reason: str | None = None
     # Prompt tokens served from the prefix cache (OpenAI's prompt_tokens_details.cached_tokens).
     cached_tokens: int = 0
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None  # set when the request asked for them
+
+    def merge(self, later: GenerationChunk) -> None:
+        """Fold a later chunk of the same choice into this one (the pool's coalescing)."""
+        self.text += later.text
+        self.completion_tokens = later.completion_tokens
+        self.prompt_tokens = later.prompt_tokens
+        self.cached_tokens = later.cached_tokens
+        self.finish_reason = later.finish_reason
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+
+
+@dataclass(slots=True)
+class ChoiceResult:
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
 class GenerationResult:
-    text: str
+    choices: list[ChoiceResult]
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str
     cached_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+    @classmethod
+    def assemble(cls, chunks: list[GenerationChunk]) -> GenerationResult:
+        """The unary result of a stream: each choice's pieces joined, in index order."""
+        if not chunks:  # an engine that yields nothing broke the contract
+            raise AssertionError("engine stream ended without a final chunk")
+        choices: dict[int, ChoiceResult] = {}
+        for chunk in chunks:
+            choice = choices.get(chunk.index)
+            if choice is None:
+                choice = choices[chunk.index] = ChoiceResult(chunk.index, "", "stop", None)
+            choice.text += chunk.text
+            choice.finish_reason = chunk.finish_reason or choice.finish_reason
+            if chunk.logprobs is not None:
+                choice.logprobs = (choice.logprobs or []) + chunk.logprobs
+        last = chunks[-1]
+        return cls(
+            choices=[choices[i] for i in sorted(choices)],
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+        )
 
 
 class Engine(ABC):
@@ -84,8 +175,10 @@ class Engine(ABC):
     Rules every implementation keeps:
 
     * **Streaming**: `stream()` yields `GenerationChunk`s as text is produced. Each chunk
-      carries only the new text (a delta) and the running token counts; the last
-      chunk has `finish_reason` set ("stop" or "length"). Nothing is yielded after it.
+      carries only one choice's new text (a delta), its log probabilities when asked,
+      and the request's running token counts; each choice's last chunk has
+      `finish_reason` set ("stop" or "length"). Nothing is yielded after every choice's
+      last chunk. With one choice (n=1, one prompt) every chunk has index 0.
     * **Validation first**: a request the engine cannot serve (prompt plus `max_tokens`
       beyond the context, an image the model cannot take) raises an
       `services.errors.InvalidRequest` subclass *before the first chunk*, so the gateway
@@ -114,21 +207,8 @@ class Engine(ABC):
         """Generate, yielding deltas (see the class docstring for the rules)."""
 
     async def complete(self, request: GenerationRequest) -> GenerationResult:
-        """Generate to the end and return the whole text."""
-        parts: list[str] = []
-        last: GenerationChunk | None = None
-        async for chunk in self.stream(request):
-            parts.append(chunk.text)
-            last = chunk
-        if last is None:  # an engine that yields nothing broke the contract
-            raise AssertionError("engine stream ended without a final chunk")
-        return GenerationResult(
-            text="".join(parts),
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            finish_reason=last.finish_reason or "stop",
-            cached_tokens=last.cached_tokens,
-        )
+        """Generate to the end and return every choice's whole text."""
+        return GenerationResult.assemble([chunk async for chunk in self.stream(request)])
 
     @abstractmethod
     async def check_health(self) -> None:

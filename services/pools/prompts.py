@@ -15,8 +15,9 @@ from services.pools.engine import GenerationRequest
 MAX_IMAGE_PIXELS = 6000 * 6000
 
 # OpenAI's `developer` role is the newer name for `system`. Phi's chat template knows only
-# system/user/assistant and silently drops any other role (issue 9, item 9).
-TEMPLATE_ROLES = {"developer": "system"}
+# system/user/assistant and silently drops any other role (issue 9, item 9). A tool's result
+# comes back to the model as the user's turn (the gateway labels it as a tool result).
+TEMPLATE_ROLES = {"developer": "system", "tool": "user"}
 
 
 class PromptRenderer:
@@ -27,9 +28,8 @@ class PromptRenderer:
         self._modality = modality
 
     def render(self, request: GenerationRequest) -> str:
-        if request.messages is None:
-            assert request.prompt is not None
-            return request.prompt
+        """A chat request's conversation as the model's prompt text."""
+        assert request.messages is not None, "completion prompts go to the engine as they are"
         image_number = 0
         conversation: list[dict[str, str]] = []
         for message in request.messages:

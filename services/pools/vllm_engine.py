@@ -16,8 +16,10 @@ from services.errors import (
     PhiserveError,
     ServiceUnavailable,
 )
-from services.pools.engine import Engine, GenerationChunk, GenerationRequest
+from services.pools.engine import Engine, GenerationChunk, GenerationRequest, Prompt, TokenLogprob
 from services.pools.prompts import PromptRenderer, decode_images
+from services.pools.streams import RunningTotals as _RunningTotals
+from services.pools.streams import merge_streams
 
 logger = logging.getLogger(__name__)
 
@@ -52,37 +54,82 @@ class VLLMEngine(Engine):
         logger.info("pool %s: vLLM engine ready (model %s)", self._pool.name, self._model_path)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError
-
+        """One engine request per prompt (vLLM prefills each once for its n choices); with
+        several prompts their streams are merged, and the running counts summed."""
         assert self._renderer is not None, "start() was not awaited"
-        prompt_text = self._renderer.render(request)
-        engine_input: dict[str, Any] = {"prompt": prompt_text}
-        if request.cache_salt:
-            engine_input["cache_salt"] = request.cache_salt
+        params = self._sampling_params(request)
+        inputs = await self._engine_inputs(request)
+        if len(inputs) == 1:
+            async for chunk in self._generate(request, inputs[0], params, first_index=0):
+                yield chunk
+            return
+        totals = _RunningTotals(len(inputs))
+        streams = [
+            self._generate(request, engine_input, params, first_index=i * request.sampling.n)
+            for i, engine_input in enumerate(inputs)
+        ]
+        async for position, chunk in merge_streams(streams):
+            yield totals.add(position, chunk)
+
+    async def _engine_inputs(self, request: GenerationRequest) -> list[dict[str, Any]]:
+        assert self._renderer is not None
+        if request.prompts is not None:
+            inputs = [_engine_prompt(p) for p in request.prompts]
+        else:
+            inputs = [{"prompt": self._renderer.render(request)}]
+        for engine_input in inputs:
+            if request.cache_salt:
+                engine_input["cache_salt"] = request.cache_salt
         if request.images:
             if self._pool.modality is not Modality.vision:
                 raise InvalidRequest("this model does not accept images", param="messages")
             # Decoding (up to 36 MP) on a thread: the replica's loop keeps streaming others.
             images = await asyncio.to_thread(decode_images, request.images)
-            engine_input["multi_modal_data"] = {"image": images}
+            inputs[0]["multi_modal_data"] = {"image": images}
+        return inputs
+
+    def _sampling_params(self, request: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         s = request.sampling
-        params = SamplingParams(
+        structured = None
+        if s.structured is not None:
+            # Without free whitespace: a model may otherwise emit whitespace until max_tokens
+            # (measured on the tiny models), and compact JSON is what OpenAI returns.
+            structured = StructuredOutputsParams(
+                json=s.structured.json_schema,
+                json_object=True if s.structured.json_object else None,
+                disable_any_whitespace=True,
+            )
+        return SamplingParams(
+            n=s.n,
             max_tokens=s.max_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k if s.top_k is not None else 0,
+            min_p=s.min_p,
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
             repetition_penalty=s.repetition_penalty or 1.0,
             stop=list(s.stop) or None,
+            stop_token_ids=list(s.stop_token_ids) or None,
             seed=s.seed,
             ignore_eos=s.ignore_eos,
+            min_tokens=s.min_tokens,
+            logprobs=s.logprobs,
+            logit_bias=dict(s.logit_bias) or None,
+            structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
+
+    async def _generate(
+        self, request: GenerationRequest, engine_input: dict[str, Any], params: Any, *, first_index: int
+    ) -> AsyncIterator[GenerationChunk]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        s = request.sampling
         max_model_len = self._pool.engine.max_model_len
         prompt_tokens = 0
         completion_tokens = 0
@@ -107,26 +154,26 @@ class VLLMEngine(Engine):
                         )
                 # Known from the first output on (prefill); kept on every chunk.
                 cached_tokens = max(cached_tokens, out.num_cached_tokens or 0)
-                completion = out.outputs[0]
-                completion_tokens += len(completion.token_ids)
                 finished = out.finished
-                yield GenerationChunk(
-                    text=completion.text,
-                    completion_tokens=completion_tokens,
-                    prompt_tokens=prompt_tokens,
-                    finish_reason=completion.finish_reason if finished else None,
-                    cached_tokens=cached_tokens,
-                )
+                for completion in out.outputs:
+                    completion_tokens += len(completion.token_ids)
+                    yield GenerationChunk(
+                        text=completion.text,
+                        completion_tokens=completion_tokens,
+                        prompt_tokens=prompt_tokens,
+                        finish_reason=completion.finish_reason,
+                        cached_tokens=cached_tokens,
+                        index=first_index + completion.index,
+                        logprobs=_token_logprobs(completion, s.logprobs) if s.logprobs is not None else None,
+                    )
         except (asyncio.CancelledError, GeneratorExit, PhiserveError):
             raise
         except EngineDeadError as exc:
             # Never let vLLM's own error cross the handle: unpickling it on the
             # gateway's side is slow and drags vLLM into that process.
             raise ServiceUnavailable("the model engine is not running; retry shortly") from exc
-        except VLLMClientError as exc:
-            raise _client_error(exc) from None
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        except (VLLMClientError, ValueError) as exc:
+            raise _client_error(exc, request) from None
         except Exception as exc:
             logger.exception(
                 "pool %s: generation %s (request %s) failed",
@@ -160,9 +207,43 @@ class VLLMEngine(Engine):
             self._engine = None
 
 
-def _client_error(exc: Exception) -> InvalidRequest:
+def _client_error(exc: Exception, request: GenerationRequest) -> InvalidRequest:
     message = str(exc)
     param = getattr(exc, "parameter", None)
     if "maximum model length" in message or "maximum context length" in message:
         return ContextLengthExceeded(message, param=param or "messages")
+    structured = request.sampling.structured
+    if param is None and structured is not None and _names_structured_output(message):
+        # The grammar backend refused the schema: name the request field it came from.
+        return InvalidRequest(f"the schema cannot be compiled: {message}", param=structured.param)
     return InvalidRequest(message, param=param)
+
+
+def _engine_prompt(prompt: Prompt) -> dict[str, Any]:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    return {"prompt_token_ids": list(prompt)}
+
+
+def _names_structured_output(message: str) -> bool:
+    lowered = message.lower()
+    return any(word in lowered for word in ("schema", "grammar", "structured", "json"))
+
+
+def _token_logprobs(completion: Any, top_k: int) -> list[TokenLogprob]:
+    """vLLM's per-position {token id: Logprob} as the sampled token and its `top_k` most
+    likely alternatives (the sampled token is in the map even when it ranks lower)."""
+    tokens: list[TokenLogprob] = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs or (), strict=False):
+        sampled = position[token_id]
+        top = sorted(
+            (p for p in position.values() if p.rank is not None and p.rank <= top_k), key=lambda p: p.rank
+        )
+        tokens.append(
+            TokenLogprob(
+                token=sampled.decoded_token or "",
+                logprob=max(float(sampled.logprob), -9999.0),
+                top=tuple((p.decoded_token or "", max(float(p.logprob), -9999.0)) for p in top),
+            )
+        )
+    return tokens

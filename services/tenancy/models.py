@@ -38,6 +38,12 @@ class TenantLimits(BaseModel):
     max_tokens: int | None = Field(
         None, ge=1, description="Cap on a request's max_tokens (also its default)."
     )
+    max_n: int = Field(16, ge=1, le=128, description="Cap on a request's n (choices per prompt).")
+    max_schema_bytes: int = Field(
+        65536,
+        ge=0,
+        description="Cap on a response_format or tools JSON schema's size: the pool compiles it into a grammar.",
+    )
 
 
 class Tenant(BaseModel):

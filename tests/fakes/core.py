@@ -10,17 +10,31 @@ from typing import Any
 from services.catalog.models import Catalog
 from services.inference.core import Core
 from services.inference.usage_report import usage_report
-from services.pools.engine import ChatMessage, GenerationRequest, GenerationResult, SamplingOptions
+from services.pools.engine import (
+    ChatMessage,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    SamplingOptions,
+)
 
 
 class PlainShape:
-    """A `ResponseShape` that keeps what the runner hands it, unshaped."""
+    """A `ResponseShape` that keeps what the runner hands it, unshaped: each chunk as
+    (text, finish_reason, whether it is its choice's first)."""
+
+    def __init__(self) -> None:
+        self._started: set[int] = set()
 
     def response(self, result: GenerationResult) -> GenerationResult:
         return result
 
-    def chunk(self, text: str, finish_reason: str | None, *, first: bool) -> tuple[str, str | None, bool]:
-        return text, finish_reason, first
+    def chunk(
+        self, piece: GenerationChunk, totals: dict[str, Any] | None = None
+    ) -> tuple[str, str | None, bool]:
+        first = piece.index not in self._started
+        self._started.add(piece.index)
+        return piece.text, piece.finish_reason, first
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {"usage": usage}

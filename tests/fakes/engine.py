@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 from services.catalog.models import Modality, PoolConfig
 from services.errors import ContextLengthExceeded, GenerationFailed, InvalidRequest, ServiceUnavailable
 from services.inference.tokens import phi3v_image_tokens
-from services.pools.engine import Engine, GenerationChunk, GenerationRequest
+from services.pools.engine import Engine, GenerationChunk, GenerationRequest, Prompt, TokenLogprob
 from services.pools.prompts import PromptRenderer, decode_images
 
 # vLLM's KV block: a prefix is cached (and reported) in whole blocks only.
@@ -113,25 +113,32 @@ class FakeEngine(Engine):
         if self.dead:
             raise ServiceUnavailable("the model engine is not running; retry shortly")
         self.requests.append(request)
-        prompt = self._renderer.render(request)
-        prompt_tokens = self._prompt_tokens(prompt, request)
+        prompts = [self._prompt_text(p, request) for p in request.prompts or (None,)]
+        prompt_tokens = [self._prompt_tokens(prompt, request) for prompt in prompts]
         s = request.sampling
         limit = self.pool.engine.max_model_len
-        if s.max_tokens is not None and prompt_tokens + s.max_tokens > limit:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_tokens + s.max_tokens} tokens ({prompt_tokens} in the prompt, "
-                f"{s.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                param="max_tokens",
-            )
-        cached_tokens = self._cached_tokens(request.cache_salt, tuple(fake_tokens(prompt)))
-        max_tokens = s.max_tokens if s.max_tokens is not None else max(limit - prompt_tokens, 1)
-        source = _WORD.findall(_last_text(request)) or ["ok"]
+        for count in prompt_tokens:
+            if s.max_tokens is not None and count + s.max_tokens > limit:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{count + s.max_tokens} tokens ({count} in the prompt, "
+                    f"{s.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                    param="max_tokens",
+                )
+        cached_tokens = sum(
+            self._cached_tokens(request.cache_salt, tuple(fake_tokens(prompt))) for prompt in prompts
+        )
+        # Choice i*n+j of prompt i: its words, its budget (every choice of a prompt is alike).
+        choices = [
+            _FakeChoice(i * s.n + j, _WORD.findall(_last_text(request, prompt)) or ["ok"])
+            for i, prompt in enumerate(prompts)
+            for j in range(s.n)
+        ]
+        max_tokens = s.max_tokens if s.max_tokens is not None else max(limit - max(prompt_tokens), 1)
         engine_request_id = uuid.uuid4().hex
         self._running.add(engine_request_id)
         finished = False
-        text = ""  # everything generated so far (stop strings are searched in it)
-        sent = 0  # characters of `text` already sent
+        generated = 0
         try:
             await self._go.wait()
             for n in range(1, max_tokens + 1):
@@ -140,30 +147,36 @@ class FakeEngine(Engine):
                     raise ServiceUnavailable("the model engine is not running; retry shortly")
                 if self.fail_after_tokens is not None and n > self.fail_after_tokens:
                     raise GenerationFailed("the engine failed to generate a response")
-                text += f" {source[(n - 1) % len(source)]}"
-                finish: str | None = None
-                stop_at = _first_stop(text, s.stop, sent)
-                if stop_at is not None:
-                    # Never take back text already sent (vLLM holds back a possible stop prefix).
-                    text, finish = text[: max(stop_at, sent)], "stop"
-                elif n == len(source) and not s.ignore_eos:
-                    finish = "stop"  # the end-of-sequence token
-                elif n == max_tokens:
-                    finish = "length"
-                delta, sent = text[sent:], len(text)
-                finished = finish is not None
-                yield GenerationChunk(
-                    text=delta,
-                    completion_tokens=n,
-                    prompt_tokens=prompt_tokens,
-                    finish_reason=finish,
-                    cached_tokens=cached_tokens,
-                )
-                if finished:
+                for choice in choices:
+                    if choice.done:
+                        continue
+                    generated += 1
+                    delta, finish = choice.step(n, s.stop, max_tokens, ignore_eos=s.ignore_eos)
+                    logprobs = None
+                    if s.logprobs is not None:
+                        logprobs = [
+                            TokenLogprob(delta, -0.5, tuple((delta, -0.5) for _ in range(min(s.logprobs, 1))))
+                        ]
+                    yield GenerationChunk(
+                        text=delta,
+                        completion_tokens=generated,
+                        prompt_tokens=sum(prompt_tokens),
+                        finish_reason=finish,
+                        cached_tokens=cached_tokens,
+                        index=choice.index,
+                        logprobs=logprobs,
+                    )
+                if all(choice.done for choice in choices):
+                    finished = True
                     return
         finally:
             self._running.discard(engine_request_id)
             (self.finished if finished else self.aborted).append(engine_request_id)
+
+    def _prompt_text(self, prompt: Prompt | None, request: GenerationRequest) -> str:
+        if prompt is None:
+            return self._renderer.render(request)
+        return prompt if isinstance(prompt, str) else " ".join(f"t{i}" for i in prompt)
 
     async def check_health(self) -> None:
         if self.dead or not self.started:
@@ -202,10 +215,38 @@ class FakeEngine(Engine):
         return min(best, len(tokens) - 1) // CACHE_BLOCK_TOKENS * CACHE_BLOCK_TOKENS
 
 
-def _last_text(request: GenerationRequest) -> str:
+def _last_text(request: GenerationRequest, prompt: str) -> str:
     if request.messages:
         return request.messages[-1].text
-    return request.prompt or ""
+    return prompt
+
+
+class _FakeChoice:
+    """One choice's words, cycled under ignore_eos, and what of it was sent."""
+
+    def __init__(self, index: int, source: list[str]) -> None:
+        self.index = index
+        self.source = source
+        self.text = ""  # everything generated so far (stop strings are searched in it)
+        self.sent = 0  # characters of `text` already sent
+        self.done = False
+
+    def step(
+        self, n: int, stops: tuple[str, ...], max_tokens: int, *, ignore_eos: bool
+    ) -> tuple[str, str | None]:
+        self.text += f" {self.source[(n - 1) % len(self.source)]}"
+        finish: str | None = None
+        stop_at = _first_stop(self.text, stops, self.sent)
+        if stop_at is not None:
+            # Never take back text already sent (vLLM holds back a possible stop prefix).
+            self.text, finish = self.text[: max(stop_at, self.sent)], "stop"
+        elif n == len(self.source) and not ignore_eos:
+            finish = "stop"  # the end-of-sequence token
+        elif n == max_tokens:
+            finish = "length"
+        delta, self.sent = self.text[self.sent :], len(self.text)
+        self.done = finish is not None
+        return delta, finish
 
 
 def _first_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:

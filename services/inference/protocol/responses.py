@@ -17,8 +17,8 @@ from typing import Literal, NotRequired
 
 from typing_extensions import TypedDict
 
-# vLLM's finish reasons (vllm.v1.engine.FINISH_REASON_STRINGS).
-FinishReason = Literal["stop", "length", "abort", "error", "repetition"]
+# vLLM's finish reasons (vllm.v1.engine.FINISH_REASON_STRINGS), and OpenAI's tool_calls.
+FinishReason = Literal["stop", "length", "abort", "error", "repetition", "tool_calls"]
 
 
 class PromptTokensDetails(TypedDict):
@@ -46,15 +46,44 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 # -- POST /v1/chat/completions -----------------------------------------------------------
 
 
+class FunctionCall(TypedDict):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(TypedDict):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the answer is tool calls
+    tool_calls: NotRequired[list[ToolCall]]
+
+
+class TopLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(TypedDict):
+    content: list[ChatTokenLogprob]
 
 
 class ChatChoice(TypedDict):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason
 
 
@@ -67,21 +96,34 @@ class ChatCompletion(TypedDict):
     usage: Usage
 
 
+class FunctionCallDelta(TypedDict):
+    name: NotRequired[str]  # the call's first delta only
+    arguments: str
+
+
+class ToolCallDelta(TypedDict):
+    index: int
+    id: NotRequired[str]  # the call's first delta only
+    type: NotRequired[Literal["function"]]
+    function: FunctionCallDelta
+
+
 class ChatDelta(TypedDict):
-    role: NotRequired[Literal["assistant"]]  # the first chunk only
-    content: str
+    role: NotRequired[Literal["assistant"]]  # each choice's first chunk only
+    content: NotRequired[str]
+    tool_calls: NotRequired[list[ToolCallDelta]]
 
 
 class ChatChunkChoice(TypedDict):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
 
 
 class ChatCompletionChunk(TypedDict):
     """One `data:` event of a chat stream; the last one (with `stream_options.include_usage`)
-    has no choices and carries `usage`."""
+    has no choices and carries `usage`, as does every chunk with `continuous_usage_stats`."""
 
     id: str
     object: Literal["chat.completion.chunk"]
@@ -94,10 +136,19 @@ class ChatCompletionChunk(TypedDict):
 # -- POST /v1/completions ----------------------------------------------------------------
 
 
+class CompletionLogprobs(TypedDict):
+    """The legacy completions shape: parallel lists, one entry per output token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(TypedDict):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None  # None on the stream's chunks before the last
 
 
