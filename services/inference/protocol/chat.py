@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.errors import InvalidRequest
 from services.inference.sampling import MAX_TOP_LOGPROBS, SamplingFields
+from services.pools.engine import StructuredOutput
 
 
 class TextPart(BaseModel):
@@ -149,3 +151,13 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs set to true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def structured_output(self) -> StructuredOutput | None:
+        fmt = self.response_format
+        if isinstance(fmt, ResponseFormatJsonSchema) and fmt.json_schema.schema_ is not None:
+            # Compact: the tenant's size cap (max_schema_bytes) counts these bytes.
+            schema = json.dumps(fmt.json_schema.schema_, separators=(",", ":"))
+            return StructuredOutput(json_schema=schema)
+        if isinstance(fmt, ResponseFormatJsonObject | ResponseFormatJsonSchema):  # a schema-less json_schema
+            return StructuredOutput(json_object=True)
+        return None

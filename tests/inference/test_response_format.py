@@ -1,0 +1,48 @@
+"""response_format reaches the engine as a structured-output constraint (issue 11, item 1)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from services.catalog.loader import load_catalog
+from services.inference.protocol.chat import ChatCompletionRequest
+from services.inference.sampling import sampling_options
+from services.pools.engine import StructuredOutput
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+
+
+def _options(response_format: dict[str, Any] | None) -> Any:
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "phi-3.5-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            **({"response_format": response_format} if response_format is not None else {}),
+        }
+    )
+    catalog = load_catalog("local")
+    pool = catalog.enabled_pools[0]
+    return sampling_options(body, pool, catalog.platform)
+
+
+def test_json_schema_is_sent_compact() -> None:
+    structured = _options({"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}).structured
+    assert structured == StructuredOutput(json_schema=json.dumps(SCHEMA, separators=(",", ":")))
+    assert structured.param == "response_format"
+
+
+def test_json_object() -> None:
+    assert _options({"type": "json_object"}).structured == StructuredOutput(json_object=True)
+
+
+def test_a_json_schema_without_a_schema_is_any_object() -> None:
+    structured = _options({"type": "json_schema", "json_schema": {"name": "r"}}).structured
+    assert structured == StructuredOutput(json_object=True)
+
+
+@pytest.mark.parametrize("response_format", [None, {"type": "text"}])
+def test_text_is_unconstrained(response_format: dict[str, Any] | None) -> None:
+    assert _options(response_format).structured is None
