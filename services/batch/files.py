@@ -24,7 +24,13 @@ from typing import Any
 
 from services.batch.quotas import Quota, TenantQuotas
 from services.errors import InvalidRequest, RequestTooLarge, ResourceNotFound, ServiceUnavailable
-from services.inference.protocol.batches import BATCH_ENDPOINTS, FileObject
+from services.inference.protocol.batches import (
+    BATCH_ENDPOINTS,
+    FILE_PURPOSES,
+    MAX_FILE_LIST_LIMIT,
+    FileListOrder,
+    FileObject,
+)
 from services.redis_store import RedisStore, keys, texts
 
 MAX_CUSTOM_ID_LENGTH = 512
@@ -33,6 +39,7 @@ MAX_CUSTOM_ID_LENGTH = 512
 MAX_JSON_DEPTH = 64
 ERRORS_SHOWN = 5
 UPLOAD_PURPOSES = ("batch",)
+LIST_READ_SLICE = 500
 
 logger = logging.getLogger(__name__)
 
@@ -265,12 +272,46 @@ class FileService:
         self._store.delete(tenant_id, file_id)
         return file
 
-    async def list(self, tenant_id: str, *, limit: int) -> list[FileObject]:
-        ids = texts(await self._redis.zrevrange(keys.tenant_files(tenant_id), 0, limit - 1))
-        files = []
-        for file_id in ids:
-            try:
-                files.append(await self.get(tenant_id, file_id))
-            except ResourceNotFound:
-                continue
-        return files
+    async def list(
+        self,
+        tenant_id: str,
+        *,
+        purpose: str | None = None,
+        order: FileListOrder = "desc",
+        after: str | None = None,
+        limit: int = MAX_FILE_LIST_LIMIT,
+    ) -> tuple[list[FileObject], bool]:
+        """OpenAI's list: by creation time, `after` a file of the tenant's (another tenant's
+        id is as unknown as a made-up one), `limit` files and whether more follow."""
+        if purpose is not None and purpose not in FILE_PURPOSES:
+            raise InvalidRequest(f"purpose must be one of {', '.join(FILE_PURPOSES)}", param="purpose")
+        if order not in ("asc", "desc"):
+            raise InvalidRequest("order must be 'asc' or 'desc'", param="order")
+        if not 1 <= limit <= MAX_FILE_LIST_LIMIT:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_FILE_LIST_LIMIT}", param="limit")
+        index = keys.tenant_files(tenant_id)
+        ids = texts(
+            await (
+                self._redis.zrange(index, 0, -1) if order == "asc" else self._redis.zrevrange(index, 0, -1)
+            )
+        )
+        if after is not None:
+            if after not in ids:
+                raise InvalidRequest(f"after: no file '{after}'", param="after")
+            ids = ids[ids.index(after) + 1 :]
+        files: list[FileObject] = []
+        # Records in slices (one round trip each), read only as far as the page needs.
+        for start in range(0, len(ids), LIST_READ_SLICE):
+            for raw in await self._redis.mget(
+                [keys.file_record(i) for i in ids[start : start + LIST_READ_SLICE]]
+            ):
+                record = json.loads(raw) if raw else None
+                if record is None or record["tenant_id"] != tenant_id:
+                    continue  # deleted meanwhile
+                file = FileObject.model_validate(record["file"])
+                if purpose is not None and file.purpose != purpose:
+                    continue
+                if len(files) == limit:
+                    return files, True
+                files.append(file)
+        return files, False

@@ -15,6 +15,7 @@ from services.catalog.models import Catalog
 from services.inference.api_limits import ApiRequestLimiter
 from services.inference.capacity import LiveReplicas, PoolCapacity, serve_live_replicas
 from services.inference.chat import ChatService
+from services.inference.chat_template import ChatTemplates
 from services.inference.completions import CompletionService
 from services.inference.gate import LeaseKeeper, TenantGate
 from services.inference.generation import GenerationRunner
@@ -24,11 +25,13 @@ from services.inference.model_list import ModelsService
 from services.inference.ports import PoolHandle
 from services.inference.readiness import Readiness
 from services.inference.router import PoolRouter
+from services.inference.tokenize import TokenizeService
 from services.inference.tokens import TokenCounter
 from services.redis_store import RedisStore
 from services.settings import Settings
 from services.tenancy.admission import Admission
 from services.tenancy.cache_salt import CacheSalts
+from services.tenancy.end_users import EndUserIds
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.store import TenantStore
 from services.tenancy.usage import UsageLedger
@@ -42,6 +45,7 @@ class Core:
     chat: ChatService
     completions: CompletionService
     tokens: TokenCounter  # the models' own tokenizers (admission counts, /tokenize)
+    tokenize: TokenizeService  # /tokenize and /detokenize, on `tokens`
     models: ModelsService
     tenants: TenantStore
     usage: UsageLedger
@@ -103,18 +107,22 @@ def build_core(
     )
     secret = settings.cache_salt_secret.get_secret_value() if settings.cache_salt_secret else None
     runner = GenerationRunner(router, gate, metrics, cache_salts=CacheSalts.from_secret(secret))
+    end_users = EndUserIds.from_secret(secret)  # the `user` field, hashed for the logs
     images = ImageLoader(
         allow_remote=settings.allow_remote_image_urls,
         max_bytes=settings.max_request_body_bytes,
         timeout_s=settings.remote_image_timeout_s,
     )
+    chat = ChatService(router, runner, images, platform=catalog.platform, end_users=end_users)
+    templates = ChatTemplates.for_pools(catalog.enabled_pools, settings.model_dir.resolve())
     return Core(
         catalog=catalog,
         router=router,
         runner=runner,
-        chat=ChatService(router, runner, images, platform=catalog.platform),
-        completions=CompletionService(router, runner, tokens, platform=catalog.platform),
+        chat=chat,
+        completions=CompletionService(router, runner, tokens, platform=catalog.platform, end_users=end_users),
         tokens=tokens,
+        tokenize=TokenizeService(router, chat, tokens, templates),
         models=ModelsService(catalog),
         tenants=TenantStore(redis, tenant_cache_ttl_s=settings.tenant_cache_ttl_s),
         usage=UsageLedger(redis),

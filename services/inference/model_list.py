@@ -1,16 +1,26 @@
-"""GET /v1/models: every served name and alias, with modality and context length."""
+"""GET /v1/models and /v1/models/{model}: served names and aliases, with modality and
+context length.
+
+Without a key the list names every served model (public, like /health). A tenant sees the
+models it may use, in the list and one by one: a model it may not use is answered as one
+that does not exist (the same 404 body), so a key does not learn of other tenants' models.
+"""
 
 from __future__ import annotations
 
 import time
 
 from services.catalog.models import Catalog
-from services.inference.protocol.responses import ModelList
+from services.errors import ModelNotFound
+from services.inference.protocol.responses import Model, ModelList
+from services.tenancy.models import Tenant
 
 
 class ModelsService:
     def __init__(self, catalog: Catalog) -> None:
         created = int(time.time())
+        # A tenant allowed any name of a pool may use all of its names (TenantGate's rule).
+        self._pool_names = {pool.name: pool.names for pool in catalog.enabled_pools}
         self._listing: ModelList = {
             "object": "list",
             "data": [
@@ -30,5 +40,19 @@ class ModelsService:
             ],
         }
 
-    def list(self) -> ModelList:
-        return self._listing
+    def list(self, tenant: Tenant | None = None) -> ModelList:
+        """Every served model; with a tenant, those it may use."""
+        if tenant is None:
+            return self._listing
+        return {"object": "list", "data": [m for m in self._listing["data"] if self._allows(tenant, m)]}
+
+    def retrieve(self, tenant: Tenant, model: str) -> Model:
+        """The list's entry of `model`; 404 `model_not_found` when it is not served or the
+        tenant may not use it (one answer for both)."""
+        for entry in self._listing["data"]:
+            if entry["id"] == model and self._allows(tenant, entry):
+                return entry
+        raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+
+    def _allows(self, tenant: Tenant, entry: Model) -> bool:
+        return tenant.allows(self._pool_names[entry["pool"]])

@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from services.inference.protocol.batches import BatchObject, CreateBatchRequest, FileObject
+from services.inference.protocol.batches import (
+    MAX_FILE_LIST_LIMIT,
+    BatchObject,
+    CreateBatchRequest,
+    FileListOrder,
+    FileObject,
+)
 
 
 class PoolHandle(Protocol):
@@ -36,7 +42,18 @@ class FileApi(Protocol):
 
     async def delete(self, tenant_id: str, file_id: str) -> FileObject: ...
 
-    async def list(self, tenant_id: str, *, limit: int) -> list[FileObject]: ...
+    async def list(
+        self,
+        tenant_id: str,
+        *,
+        purpose: str | None = None,
+        order: FileListOrder = "desc",
+        after: str | None = None,
+        limit: int = MAX_FILE_LIST_LIMIT,
+    ) -> tuple[list[FileObject], bool]:
+        """A page of the tenant's files and whether more follow; a bad filter is a 400 naming
+        it (`after` must be one of the tenant's files)."""
+        ...
 
 
 class BatchApi(Protocol):

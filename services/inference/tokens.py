@@ -8,6 +8,7 @@ transform makes of it: the engine counts the same, and settlement corrects any g
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import math
@@ -97,15 +98,39 @@ class TokenCounter:
         """Counted with the model's own tokenizer (not estimated from the text's length)."""
         return self._tokenizers.get(pool.name) is not None
 
-    def decode(self, pool: PoolConfig, token_ids: tuple[int, ...] | list[int]) -> str:
-        """Token ids as text, with the model's own tokenizer."""
+    def decode(
+        self, pool: PoolConfig, token_ids: tuple[int, ...] | list[int], *, param: str = "prompt"
+    ) -> str:
+        """Token ids as text, with the model's own tokenizer; `param` names the ids in a 400."""
+        tokenizer = self._tokenizer(pool)
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        if any(not 0 <= i < vocab for i in token_ids):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})", param=param)
+        return str(tokenizer.decode(list(token_ids), skip_special_tokens=False))
+
+    async def encode(self, pool: PoolConfig, text: str, *, add_special_tokens: bool) -> list[int]:
+        """A text's token ids as the engine makes them of a text prompt (off the event loop
+        when the text is long, as `count`)."""
+        tokenizer = self._tokenizer(pool)
+        if len(text) > self._off_loop_chars:
+            encoding = await asyncio.get_running_loop().run_in_executor(
+                self._executor,
+                functools.partial(tokenizer.encode, text, add_special_tokens=add_special_tokens),
+            )
+        else:
+            encoding = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
+
+    def token_strings(self, pool: PoolConfig, token_ids: list[int]) -> list[str]:
+        """Each token's vocabulary entry (e.g. '▁Once'), as vLLM's `return_token_strs`."""
+        tokenizer = self._tokenizer(pool)
+        return [str(tokenizer.id_to_token(i)) for i in token_ids]
+
+    def _tokenizer(self, pool: PoolConfig) -> Any:
         tokenizer = self._tokenizers.get(pool.name)
         if tokenizer is None:
             raise ServiceUnavailable(f"model '{pool.served_names[0]}' has no tokenizer at the gateway")
-        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-        if any(not 0 <= i < vocab for i in token_ids):
-            raise InvalidRequest(f"token ids must be in [0, {vocab})", param="prompt")
-        return str(tokenizer.decode(list(token_ids), skip_special_tokens=False))
+        return tokenizer
 
     def prompt_tokens(self, pool: PoolConfig, request: GenerationRequest) -> int:
         if request.prompts is not None:

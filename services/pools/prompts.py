@@ -27,8 +27,9 @@ class PromptRenderer:
         self._tokenizer = tokenizer
         self._modality = modality
 
-    def render(self, request: GenerationRequest) -> str:
-        """A chat request's conversation as the model's prompt text."""
+    def render(self, request: GenerationRequest, *, add_generation_prompt: bool = True) -> str:
+        """A chat request's conversation as the model's prompt text (the gateway's /tokenize
+        renders with this too, through its own template: services/inference/chat_template.py)."""
         assert request.messages is not None, "completion prompts go to the engine as they are"
         image_number = 0
         conversation: list[dict[str, str]] = []
@@ -43,7 +44,7 @@ class PromptRenderer:
             conversation.append({"role": role, "content": "".join(placeholders) + message.text})
         try:
             rendered = self._tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=True
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # noqa: BLE001 - a template error is caused by the conversation's shape
             raise InvalidRequest(f"messages cannot be rendered: {exc}", param="messages") from None

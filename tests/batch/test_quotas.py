@@ -93,7 +93,7 @@ async def test_file_quotas_count_files_and_bytes(state, redis_server, tiny_model
     await worker.files.delete("hoarder", first.id)  # deleting frees the slot
     await worker.files.upload("hoarder", filename="c.jsonl", purpose="batch", data=data)
     # Bytes: two files of 2 x len stored, a third would pass 3 x len.
-    await worker.files.delete("hoarder", (await worker.files.list("hoarder", limit=1))[0].id)
+    await worker.files.delete("hoarder", (await worker.files.list("hoarder", limit=1))[0][0].id)
     with pytest.raises(RateLimited, match="bytes"):
         await worker.files.upload("hoarder", filename="d.jsonl", purpose="batch", data=jsonl(25))
     await worker.state.close()
@@ -271,6 +271,6 @@ async def test_an_upload_that_fails_mid_write_leaves_no_temp_file(
         signal.signal(signal.SIGXFSZ, previous)
     files_dir = tmp_path / "files"
     assert [p.name for p in files_dir.rglob("*") if p.is_file()] == []
-    assert await worker.files.list("t", limit=10) == []
+    assert await worker.files.list("t", limit=10) == ([], False)
     assert await worker.state.redis.hlen(keys.tenant_file_bytes("t")) == 0
     await worker.state.close()

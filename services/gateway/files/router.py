@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
 from services.gateway.deps import Files, LimitedTenant
 from services.gateway.errors import ERROR_RESPONSES
-from services.inference.protocol.batches import FileList, FileObject
+from services.inference.protocol.batches import (
+    FILE_PURPOSES,
+    MAX_FILE_LIST_LIMIT,
+    FileList,
+    FileListOrder,
+    FileObject,
+)
 from services.inference.protocol.responses import FileDeleted
 
 router = APIRouter(prefix="/v1/files", responses=ERROR_RESPONSES)
@@ -27,8 +33,21 @@ async def upload_file(
 
 
 @router.get("")
-async def list_files(tenant: LimitedTenant, files: Files, limit: int = 100) -> FileList:
-    return FileList(data=await files.list(tenant.id, limit=max(1, min(limit, 1000))))
+async def list_files(
+    tenant: LimitedTenant,
+    files: Files,
+    purpose: Annotated[str | None, Query(description=f"One of {', '.join(FILE_PURPOSES)}.")] = None,
+    order: Annotated[FileListOrder, Query(description="By creation time.")] = "desc",
+    after: Annotated[str | None, Query(description="A file id of the previous page's last_id.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_FILE_LIST_LIMIT)] = MAX_FILE_LIST_LIMIT,
+) -> FileList:
+    page, has_more = await files.list(tenant.id, purpose=purpose, order=order, after=after, limit=limit)
+    return FileList(
+        data=page,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=has_more,
+    )
 
 
 @router.get("/{file_id}")

@@ -12,6 +12,21 @@ BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
+# GET /v1/files filters, as OpenAI's: a purpose filter may name any of OpenAI's purposes
+# (phiserve stores `batch` uploads and `batch_output` results), newest first by default.
+FILE_PURPOSES = (
+    "assistants",
+    "assistants_output",
+    "batch",
+    "batch_output",
+    "evals",
+    "fine-tune",
+    "fine-tune-results",
+    "user_data",
+    "vision",
+)
+FileListOrder = Literal["asc", "desc"]
+MAX_FILE_LIST_LIMIT = 10000
 
 
 class BatchStatus(str, Enum):
@@ -119,4 +134,6 @@ class BatchList(BaseModel):
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]
+    first_id: str | None = None
+    last_id: str | None = None
     has_more: bool = False
