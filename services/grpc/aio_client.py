@@ -18,6 +18,7 @@ import grpc
 from services.grpc.client_common import (
     ClientBase,
     PhiserveRpcError,
+    Prompt,
     batch_deadline,
     batch_pending,
     chat_request,
@@ -95,7 +96,7 @@ class AsyncClient(ClientBase):
     async def complete(
         self,
         model: str,
-        prompt: str,
+        prompt: Prompt,
         *,
         echo: bool = False,
         user: str = "",
@@ -110,7 +111,7 @@ class AsyncClient(ClientBase):
     async def complete_stream(
         self,
         model: str,
-        prompt: str,
+        prompt: Prompt,
         *,
         echo: bool = False,
         include_usage: bool = False,

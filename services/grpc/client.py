@@ -20,7 +20,12 @@ The Batch API (files and batches of the caller's tenant):
         lines = client.file_content(batch.output_file_id).decode().splitlines()
 
 Keyword arguments of the calls are `SamplingParams` fields (max_tokens, temperature, top_p,
-top_k, stop, presence_penalty, frequency_penalty, repetition_penalty, seed, ignore_eos).
+top_k, stop, presence_penalty, frequency_penalty, repetition_penalty, seed, ignore_eos, n,
+stop_token_ids, min_tokens, logit_bias, min_p, max_completion_tokens) or fields of the request
+message (chat: response_format=json_schema(...), tools=[tool(...)], tool_choice=tool_choice(...),
+parallel_tool_calls, logprobs, top_logprobs, echo; completions: logprobs; streams:
+continuous_usage_stats). A completion's prompt is a string, a list of strings or a list of
+token-id lists.
 `timeout_s` sets the call's deadline: when it passes the server aborts the generation.
 Failed calls raise `PhiserveRpcError`, which carries the rich status details.
 """
@@ -38,6 +43,7 @@ from services.grpc.client_common import (
     FINAL_BATCH_STATUSES,
     ClientBase,
     PhiserveRpcError,
+    Prompt,
     assistant,
     batch_deadline,
     batch_pending,
@@ -47,10 +53,15 @@ from services.grpc.client_common import (
     complete_stream_request,
     create_batch_request,
     image,
+    json_object,
+    json_schema,
     list_batches_request,
     message,
     sampling,
+    struct,
     system,
+    tool,
+    tool_choice,
     user,
 )
 from services.grpc.gen.phiserve.v1 import batch_pb2, chat_pb2, models_pb2
@@ -64,9 +75,14 @@ __all__ = [
     "PhiserveRpcError",
     "assistant",
     "image",
+    "json_object",
+    "json_schema",
     "message",
     "sampling",
+    "struct",
     "system",
+    "tool",
+    "tool_choice",
     "user",
 ]
 
@@ -118,7 +134,7 @@ class Client(ClientBase):
     def complete(
         self,
         model: str,
-        prompt: str,
+        prompt: Prompt,
         *,
         echo: bool = False,
         user: str = "",
@@ -133,7 +149,7 @@ class Client(ClientBase):
     def complete_stream(
         self,
         model: str,
-        prompt: str,
+        prompt: Prompt,
         *,
         echo: bool = False,
         include_usage: bool = False,

@@ -11,9 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import grpc
+from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from services.grpc.gen.phiserve.v1 import batch_pb2, chat_pb2, common_pb2
+from services.grpc.gen.phiserve.v1 import batch_pb2, chat_pb2, common_pb2, completion_pb2
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 
 _ROLES = {
@@ -21,7 +22,16 @@ _ROLES = {
     "developer": chat_pb2.ROLE_DEVELOPER,
     "user": chat_pb2.ROLE_USER,
     "assistant": chat_pb2.ROLE_ASSISTANT,
+    "tool": chat_pb2.ROLE_TOOL,
 }
+_TOOL_CHOICE_MODES = {
+    "none": chat_pb2.TOOL_CHOICE_MODE_NONE,
+    "auto": chat_pb2.TOOL_CHOICE_MODE_AUTO,
+    "required": chat_pb2.TOOL_CHOICE_MODE_REQUIRED,
+}
+# Keyword arguments of the calls that are SamplingParams fields; the others are fields of
+# the request message itself (response_format, tools, logprobs, continuous_usage_stats, ...).
+_SAMPLING_NAMES = frozenset(common_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
 
 
 # A batch in one of these states changes no more; its files are written.
@@ -66,6 +76,42 @@ def assistant(text: str) -> chat_pb2.ChatMessage:
     return message("assistant", text)
 
 
+def struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A JSON object (a JSON schema, say) as a google.protobuf.Struct."""
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message
+
+
+def json_schema(
+    name: str, schema: Mapping[str, Any], *, strict: bool | None = True
+) -> chat_pb2.ResponseFormat:
+    """response_format: JSON following `schema`."""
+    return chat_pb2.ResponseFormat(
+        json_schema=chat_pb2.JsonSchemaFormat(name=name, schema=struct(schema), strict=strict)
+    )
+
+
+def json_object() -> chat_pb2.ResponseFormat:
+    """response_format: any JSON object."""
+    return chat_pb2.ResponseFormat(json_object=chat_pb2.JsonObjectFormat())
+
+
+def tool(name: str, parameters: Mapping[str, Any] | None = None, description: str = "") -> chat_pb2.Tool:
+    """A function tool; `parameters` is the JSON schema of its arguments."""
+    function = chat_pb2.FunctionDefinition(name=name, description=description)
+    if parameters is not None:
+        function.parameters.CopyFrom(struct(parameters))
+    return chat_pb2.Tool(function=function)
+
+
+def tool_choice(choice: str) -> chat_pb2.ToolChoice:
+    """ "none", "auto", "required", or the name of the function the model must call."""
+    if choice in _TOOL_CHOICE_MODES:
+        return chat_pb2.ToolChoice(mode=_TOOL_CHOICE_MODES[choice])
+    return chat_pb2.ToolChoice(function_name=choice)
+
+
 def sampling(**fields: Any) -> common_pb2.SamplingParams:
     """`SamplingParams` from keyword arguments; None leaves a field unset (its default)."""
     fields = {name: value for name, value in fields.items() if value is not None}
@@ -77,10 +123,31 @@ def sampling(**fields: Any) -> common_pb2.SamplingParams:
 # -- building requests -------------------------------------------------------------------
 
 
+def _fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments as request fields: SamplingParams' into `sampling`, the rest as they
+    are (None left out, so the field stays unset)."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    request = {name: value for name, value in given.items() if name not in _SAMPLING_NAMES}
+    return {**request, "sampling": sampling(**{k: v for k, v in given.items() if k in _SAMPLING_NAMES})}
+
+
 def _chat(
     model: str, messages: Iterable[chat_pb2.ChatMessage], user_id: str, **fields: Any
 ) -> dict[str, Any]:
-    return {"model": model, "messages": list(messages), "sampling": sampling(**fields), "user": user_id}
+    return {"model": model, "messages": list(messages), "user": user_id, **_fields(fields)}
+
+
+Prompt = str | Sequence[str] | Sequence[Sequence[int]]
+
+
+def _prompt(prompt: Prompt) -> dict[str, Any]:
+    """A prompt, a list of prompts, or a list of token-id prompts, as the request's field."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return {"prompts": list(prompt)}
+    token_prompts = cast("Sequence[Sequence[int]]", prompt)
+    return {"token_prompts": [completion_pb2.TokenIds(ids=list(ids)) for ids in token_prompts]}
 
 
 def chat_request(
@@ -100,23 +167,21 @@ def chat_stream_request(
 
 
 def complete_request(
-    model: str, prompt: str, echo: bool, user_id: str, fields: Mapping[str, Any]
+    model: str, prompt: Prompt, echo: bool, user_id: str, fields: Mapping[str, Any]
 ) -> pb.CompleteRequest:
-    return pb.CompleteRequest(
-        model=model, prompt=prompt, echo=echo, user=user_id, sampling=sampling(**fields)
-    )
+    return pb.CompleteRequest(model=model, echo=echo, user=user_id, **_prompt(prompt), **_fields(fields))
 
 
 def complete_stream_request(
-    model: str, prompt: str, echo: bool, user_id: str, include_usage: bool, fields: Mapping[str, Any]
+    model: str, prompt: Prompt, echo: bool, user_id: str, include_usage: bool, fields: Mapping[str, Any]
 ) -> pb.CompleteStreamRequest:
     return pb.CompleteStreamRequest(
         model=model,
-        prompt=prompt,
         echo=echo,
         user=user_id,
         include_usage=include_usage,
-        sampling=sampling(**fields),
+        **_prompt(prompt),
+        **_fields(fields),
     )
 
 

@@ -13,6 +13,7 @@ import base64
 import re
 from typing import Any
 
+from google.protobuf import json_format, struct_pb2
 from pydantic import ValidationError
 
 from services.errors import InvalidRequest
@@ -28,6 +29,12 @@ ROLES: dict[int, str] = {
     chat_pb2.ROLE_DEVELOPER: "developer",
     chat_pb2.ROLE_USER: "user",
     chat_pb2.ROLE_ASSISTANT: "assistant",
+    chat_pb2.ROLE_TOOL: "tool",
+}
+TOOL_CHOICE_MODES: dict[int, str] = {
+    chat_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    chat_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    chat_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
 }
 # SamplingParams fields with presence: unset means "the REST default", not zero.
 OPTIONAL_SAMPLING = (
@@ -39,8 +46,13 @@ OPTIONAL_SAMPLING = (
     "frequency_penalty",
     "repetition_penalty",
     "seed",
+    "n",
+    "min_p",
+    "max_completion_tokens",
 )
-SAMPLING_FIELDS = frozenset((*OPTIONAL_SAMPLING, "stop", "ignore_eos"))
+SAMPLING_FIELDS = frozenset(
+    (*OPTIONAL_SAMPLING, "stop", "ignore_eos", "stop_token_ids", "min_tokens", "logit_bias")
+)
 # Magic numbers of the image formats the vision pool decodes, for the data URL's type
 # (the pool sniffs the bytes itself; the type only has to start with image/).
 _IMAGE_MAGIC = (
@@ -63,6 +75,13 @@ def sampling_fields(params: common_pb2.SamplingParams) -> dict[str, Any]:
         fields["stop"] = list(params.stop)
     if params.ignore_eos:
         fields["ignore_eos"] = True
+    if params.stop_token_ids:
+        fields["stop_token_ids"] = list(params.stop_token_ids)
+    if params.min_tokens:
+        fields["min_tokens"] = params.min_tokens
+    if params.logit_bias:
+        # REST's keys are token ids as JSON strings (OpenAI's shape).
+        fields["logit_bias"] = {str(token): bias for token, bias in params.logit_bias.items()}
     return fields
 
 
@@ -70,9 +89,28 @@ def _stream_fields(request: Any, stream: bool) -> dict[str, Any]:
     if not stream:
         return {}
     fields: dict[str, Any] = {"stream": True}
-    if request.include_usage:
-        fields["stream_options"] = {"include_usage": True}
+    options = {name: True for name in ("include_usage", "continuous_usage_stats") if getattr(request, name)}
+    if options:
+        fields["stream_options"] = options
     return fields
+
+
+def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as the JSON object it holds. Struct numbers are doubles, so integral ones
+    become ints again: a JSON schema's `"maxItems": 3` must not reach the grammar compiler
+    as 3.0, which JSON Schema keywords that take integers refuse."""
+    value: dict[str, Any] = _integral(json_format.MessageToDict(struct))
+    return value
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    return value
 
 
 def _validated(model: type[Any], raw: dict[str, Any]) -> Any:
@@ -91,22 +129,102 @@ def chat_body(request: ChatRequests, *, stream: bool) -> ChatCompletionRequest:
     }
     if request.user:
         raw["user"] = request.user
+    raw.update(_chat_options(request))
     body: ChatCompletionRequest = _validated(ChatCompletionRequest, raw)
     return body
+
+
+def _chat_options(request: ChatRequests) -> dict[str, Any]:
+    """Structured output, tools, logprobs and echo, in REST's shape; unset fields are left
+    out, so they take REST's defaults."""
+    raw: dict[str, Any] = {}
+    if request.HasField("response_format"):
+        raw["response_format"] = _response_format(request.response_format)
+    if request.tools:
+        raw["tools"] = [_tool(tool) for tool in request.tools]
+    if request.HasField("tool_choice"):
+        raw["tool_choice"] = _tool_choice(request.tool_choice)
+    if request.HasField("parallel_tool_calls"):
+        raw["parallel_tool_calls"] = request.parallel_tool_calls
+    if request.logprobs:
+        raw["logprobs"] = True
+    if request.HasField("top_logprobs"):
+        raw["top_logprobs"] = request.top_logprobs
+    if request.echo:
+        raw["echo"] = True
+    return raw
+
+
+def _response_format(fmt: chat_pb2.ResponseFormat) -> dict[str, Any]:
+    kind = fmt.WhichOneof("format")
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        schema = fmt.json_schema
+        spec: dict[str, Any] = {"name": schema.name}
+        if schema.description:
+            spec["description"] = schema.description
+        if schema.HasField("schema"):
+            spec["schema"] = struct_dict(schema.schema)
+        if schema.HasField("strict"):
+            spec["strict"] = schema.strict
+        return {"type": "json_schema", "json_schema": spec}
+    return {"type": "text"}  # an empty ResponseFormat: free text, as unset
+
+
+def _tool(tool: chat_pb2.Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.function.name}
+    if tool.function.description:
+        function["description"] = tool.function.description
+    if tool.function.HasField("parameters"):
+        function["parameters"] = struct_dict(tool.function.parameters)
+    if tool.function.HasField("strict"):
+        function["strict"] = tool.function.strict
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice: chat_pb2.ToolChoice) -> Any:
+    if choice.WhichOneof("choice") == "function_name":
+        return {"type": "function", "function": {"name": choice.function_name}}
+    # An unknown or unset mode is None: as no tool_choice (with tools, refused as "auto").
+    return TOOL_CHOICE_MODES.get(choice.mode)
 
 
 def completion_body(request: CompleteRequests, *, stream: bool) -> CompletionRequest:
     raw: dict[str, Any] = {
         "model": request.model,
-        "prompt": request.prompt,
+        "prompt": _prompt(request),
         "echo": request.echo,
         **sampling_fields(request.sampling),
         **_stream_fields(request, stream),
     }
     if request.user:
         raw["user"] = request.user
+    if request.HasField("logprobs"):
+        raw["logprobs"] = request.logprobs
     body: CompletionRequest = _validated(CompletionRequest, raw)
     return body
+
+
+def _prompt(request: CompleteRequests) -> str | list[str] | list[list[int]]:
+    """prompt, prompts or token_prompts: REST's one `prompt` field, whose checks (empty,
+    too many, negative ids) then apply to whichever was sent."""
+    given = [name for name in PROMPT_FIELDS if getattr(request, name)]
+    if len(given) > 1:
+        raise InvalidRequest(
+            f"set one of prompt, prompts and token_prompts, not {' and '.join(given)}", param=given[1]
+        )
+    if request.prompts:
+        return list(request.prompts)
+    if request.token_prompts:
+        return [list(prompt.ids) for prompt in request.token_prompts]
+    return request.prompt
+
+
+def prompt_renames(request: CompleteRequests) -> dict[str, str]:
+    """REST's `prompt` param as the field the request used (prompts[3], token_prompts[0])."""
+    used = next((name for name in PROMPT_FIELDS[1:] if getattr(request, name)), None)
+    return {"prompt": used} if used else {}
 
 
 def _message(message: chat_pb2.ChatMessage, i: int) -> dict[str, Any]:
@@ -117,8 +235,17 @@ def _message(message: chat_pb2.ChatMessage, i: int) -> dict[str, Any]:
         raise InvalidRequest("set either text or parts of a message, not both", param=f"messages[{i}]")
     if message.parts:
         raw["content"] = [_part(part, i, j) for j, part in enumerate(message.parts)]
-    else:
+    elif message.text or not message.tool_calls:
         raw["content"] = message.text
+    else:
+        raw["content"] = None  # an assistant turn of calls only, as OpenAI's content: null
+    if message.tool_calls:
+        raw["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id:
+        raw["tool_call_id"] = message.tool_call_id
     return raw
 
 
@@ -141,27 +268,43 @@ def data_url(image: bytes) -> str:
     return f"data:image/{kind};base64,{base64.b64encode(image).decode()}"
 
 
+PROMPT_FIELDS = ("prompt", "prompts", "token_prompts")
 # Batch API requests: REST's `param` names that differ from the proto field.
 BATCH_FIELDS = {"file": "data"}
 # Default page size of ListBatches, as GET /v1/batches.
 DEFAULT_BATCH_PAGE = 20
 
 _CONTENT = re.compile(r"^messages\[(\d+)\]\.content(?:\[(\d+)\](\.image_url.*)?)?")
+# REST's tool_calls[j].function.name is the proto's flat tool_calls[j].name.
+_TOOL_CALL = re.compile(r"^(messages\[\d+\]\.tool_calls\[\d+\])(?:\.(?:function\.)?(\w+))?")
 
 
 def proto_field(param: str | None, renames: dict[str, str] | None = None) -> str | None:
     """A REST `param` ("temperature", "messages[0].content[1].image_url.url") as the
     field path of the gRPC request ("sampling.temperature", "messages[0].parts[1].image").
-    `renames` maps whole REST params of one RPC to its proto fields ("file" -> "data")."""
+    `renames` maps whole REST params of one RPC to its proto fields ("file" -> "data"), or
+    a param's head ("prompt" -> "token_prompts", so "prompt[2]" is "token_prompts[2]")."""
     if not param:
         return None
     if renames and param in renames:
         return renames[param]
     head = re.split(r"[.\[]", param, maxsplit=1)[0]
+    if renames and head in renames:
+        return renames[head] + param[len(head) :]
     if head in SAMPLING_FIELDS:
         return f"sampling.{param}"
     if head == "stream_options":
-        return "include_usage"
+        return "continuous_usage_stats" if param.endswith(".continuous_usage_stats") else "include_usage"
+    if head == "tool_choice":
+        # REST's {"type": "function", "function": {"name"}} is the proto's function_name; a
+        # union's member tags (pydantic's loc) are not fields of either.
+        return "tool_choice.function_name" if param.endswith("function.name") else "tool_choice"
+    if head == "response_format":
+        # pydantic names the tagged union's member: response_format.json_schema.json_schema.name
+        return re.sub(r"^response_format\.(json_schema|json_object|text)(?=\.\1)", "response_format", param)
+    tool_call = _TOOL_CALL.match(param)
+    if tool_call is not None:
+        return tool_call.group(1) + (f".{tool_call.group(2)}" if tool_call.group(2) else "")
     match = _CONTENT.match(param)
     if match is None:
         return param

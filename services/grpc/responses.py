@@ -7,10 +7,15 @@ from __future__ import annotations
 from services.grpc.gen.phiserve.v1 import chat_pb2, common_pb2, completion_pb2, models_pb2
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 from services.inference.protocol.responses import (
+    AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
     Completion,
+    CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     ModelList,
     Usage,
 )
@@ -20,6 +25,7 @@ FINISH_REASONS: dict[str | None, common_pb2.FinishReason] = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,
     "abort": common_pb2.FINISH_REASON_ABORT,
+    "tool_calls": common_pb2.FINISH_REASON_TOOL_CALLS,
 }
 MODALITIES: dict[str, models_pb2.Modality] = {
     "text": models_pb2.MODALITY_TEXT,
@@ -42,6 +48,81 @@ def usage(totals: Usage) -> common_pb2.Usage:
     )
 
 
+def _message(message: AssistantMessage) -> chat_pb2.ChatMessage:
+    return chat_pb2.ChatMessage(
+        role=chat_pb2.ROLE_ASSISTANT,
+        text=message["content"] or "",  # None when the answer is tool calls
+        tool_calls=[
+            chat_pb2.ToolCall(
+                id=call["id"], name=call["function"]["name"], arguments=call["function"]["arguments"]
+            )
+            for call in message.get("tool_calls", ())
+        ],
+    )
+
+
+def _delta(delta: ChatDelta) -> chat_pb2.ChatDelta:
+    return chat_pb2.ChatDelta(
+        # Only the first chunk names the role, as REST's delta.
+        role=chat_pb2.ROLE_ASSISTANT if "role" in delta else chat_pb2.ROLE_UNSPECIFIED,
+        content=delta.get("content", ""),
+        tool_calls=[
+            chat_pb2.ToolCallDelta(
+                index=call["index"],
+                id=call.get("id", ""),
+                name=call["function"].get("name", ""),
+                arguments=call["function"]["arguments"],
+            )
+            for call in delta.get("tool_calls", ())
+        ],
+    )
+
+
+def _bytes(values: list[int] | None) -> bytes:
+    return bytes(values or ())
+
+
+def chat_logprobs(logprobs: ChatLogprobs | None) -> chat_pb2.ChatLogprobs | None:
+    if logprobs is None:
+        return None
+    return chat_pb2.ChatLogprobs(
+        content=[
+            chat_pb2.TokenLogprob(
+                token=token["token"],
+                logprob=token["logprob"],
+                bytes=_bytes(token["bytes"]),
+                top_logprobs=[
+                    chat_pb2.TopLogprob(
+                        token=top["token"], logprob=top["logprob"], bytes=_bytes(top["bytes"])
+                    )
+                    for top in token["top_logprobs"]
+                ],
+            )
+            for token in logprobs["content"]
+        ]
+    )
+
+
+def completion_logprobs(logprobs: CompletionLogprobs | None) -> completion_pb2.CompletionLogprobs | None:
+    if logprobs is None:
+        return None
+    return completion_pb2.CompletionLogprobs(
+        tokens=logprobs["tokens"],
+        token_logprobs=logprobs["token_logprobs"],
+        top_logprobs=[completion_pb2.TopLogprobs(logprobs=top) for top in logprobs["top_logprobs"]],
+        text_offset=logprobs["text_offset"],
+    )
+
+
+def _completion_choice(choice: CompletionChoice) -> completion_pb2.CompletionChoice:
+    return completion_pb2.CompletionChoice(
+        index=choice["index"],
+        text=choice["text"],
+        finish_reason=finish(choice["finish_reason"]),
+        logprobs=completion_logprobs(choice["logprobs"]),
+    )
+
+
 def chat_response(body: ChatCompletion, request_id: str) -> pb.ChatResponse:
     return pb.ChatResponse(
         id=body["id"],
@@ -51,10 +132,9 @@ def chat_response(body: ChatCompletion, request_id: str) -> pb.ChatResponse:
         choices=[
             chat_pb2.ChatChoice(
                 index=choice["index"],
-                message=chat_pb2.ChatMessage(
-                    role=chat_pb2.ROLE_ASSISTANT, text=choice["message"]["content"] or ""
-                ),
+                message=_message(choice["message"]),
                 finish_reason=finish(choice["finish_reason"]),
+                logprobs=chat_logprobs(choice["logprobs"]),
             )
             for choice in body["choices"]
         ],
@@ -71,12 +151,9 @@ def chat_chunk(chunk: ChatCompletionChunk, request_id: str) -> pb.ChatStreamResp
         choices=[
             chat_pb2.ChatStreamChoice(
                 index=choice["index"],
-                delta=chat_pb2.ChatDelta(
-                    # Only the first chunk names the role, as REST's delta.
-                    role=chat_pb2.ROLE_ASSISTANT if "role" in choice["delta"] else chat_pb2.ROLE_UNSPECIFIED,
-                    content=choice["delta"].get("content", ""),
-                ),
+                delta=_delta(choice["delta"]),
                 finish_reason=finish(choice["finish_reason"]),
+                logprobs=chat_logprobs(choice["logprobs"]),
             )
             for choice in chunk["choices"]
         ],
@@ -90,12 +167,7 @@ def completion_response(body: Completion, request_id: str) -> pb.CompleteRespons
         request_id=request_id,
         model=body["model"],
         created=body["created"],
-        choices=[
-            completion_pb2.CompletionChoice(
-                index=choice["index"], text=choice["text"], finish_reason=finish(choice["finish_reason"])
-            )
-            for choice in body["choices"]
-        ],
+        choices=[_completion_choice(choice) for choice in body["choices"]],
         usage=usage(body["usage"]),
     )
 
@@ -106,12 +178,7 @@ def completion_chunk(chunk: CompletionChunk, request_id: str) -> pb.CompleteStre
         request_id=request_id,
         model=chunk["model"],
         created=chunk["created"],
-        choices=[
-            completion_pb2.CompletionChoice(
-                index=choice["index"], text=choice["text"], finish_reason=finish(choice["finish_reason"])
-            )
-            for choice in chunk["choices"]
-        ],
+        choices=[_completion_choice(choice) for choice in chunk["choices"]],
         usage=usage(chunk["usage"]) if "usage" in chunk else None,
     )
 

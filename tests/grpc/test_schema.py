@@ -58,7 +58,7 @@ def test_buf_breaking_catches_a_breaking_change(tmp_path: Path) -> None:
     shutil.copytree(PROTO, copy)
     common = copy / "phiserve" / "v1" / "common.proto"
     common.write_text(
-        common.read_text().replace("optional double temperature = 2;", "optional double temperature = 12;")
+        common.read_text().replace("optional double temperature = 2;", "optional double temperature = 99;")
     )
     result = subprocess.run(
         [_buf(), "breaking", "--against", "image.binpb"],

@@ -22,28 +22,53 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from services.grpc.gen.phiserve.v1 import common_pb2 as phiserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16phiserve/v1/chat.proto\x12\x0bphiserve.v1\x1a\x18phiserve/v1/common.proto\"0\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"J\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x12.phiserve.v1.ImageH\x00\x42\x06\n\x04part\"s\n\x0b\x43hatMessage\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.phiserve.v1.Role\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\'\n\x05parts\x18\x03 \x03(\x0b\x32\x18.phiserve.v1.ContentPart\x12\x0c\n\x04name\x18\x04 \x01(\t\"x\n\nChatChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12)\n\x07message\x18\x02 \x01(\x0b\x32\x18.phiserve.v1.ChatMessage\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.phiserve.v1.FinishReason\"=\n\tChatDelta\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.phiserve.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"z\n\x10\x43hatStreamChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.phiserve.v1.ChatDelta\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.phiserve.v1.FinishReason*d\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\x12\n\x0eROLE_DEVELOPER\x10\x02\x12\r\n\tROLE_USER\x10\x03\x12\x12\n\x0eROLE_ASSISTANT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16phiserve/v1/chat.proto\x12\x0bphiserve.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18phiserve/v1/common.proto\"0\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"J\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x12.phiserve.v1.ImageH\x00\x42\x06\n\x04part\"\xb4\x01\n\x0b\x43hatMessage\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.phiserve.v1.Role\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\'\n\x05parts\x18\x03 \x03(\x0b\x32\x18.phiserve.v1.ContentPart\x12\x0c\n\x04name\x18\x04 \x01(\t\x12)\n\ntool_calls\x18\x05 \x03(\x0b\x32\x15.phiserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x06 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x84\x01\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06strict\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\"9\n\x04Tool\x12\x31\n\x08\x66unction\x18\x01 \x01(\x0b\x32\x1f.phiserve.v1.FunctionDefinition\"\\\n\nToolChoice\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.phiserve.v1.ToolChoiceModeH\x00\x12\x17\n\rfunction_name\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\x12\n\x10JsonObjectFormat\"~\n\x10JsonSchemaFormat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\'\n\x06schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06strict\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\"\x86\x01\n\x0eResponseFormat\x12\x34\n\x0bjson_object\x18\x01 \x01(\x0b\x32\x1d.phiserve.v1.JsonObjectFormatH\x00\x12\x34\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x1d.phiserve.v1.JsonSchemaFormatH\x00\x42\x08\n\x06\x66ormat\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"l\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.phiserve.v1.TopLogprob\":\n\x0c\x43hatLogprobs\x12*\n\x07\x63ontent\x18\x01 \x03(\x0b\x32\x19.phiserve.v1.TokenLogprob\"\xa5\x01\n\nChatChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12)\n\x07message\x18\x02 \x01(\x0b\x32\x18.phiserve.v1.ChatMessage\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.phiserve.v1.FinishReason\x12+\n\x08logprobs\x18\x04 \x01(\x0b\x32\x19.phiserve.v1.ChatLogprobs\"m\n\tChatDelta\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.phiserve.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12.\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1a.phiserve.v1.ToolCallDelta\"\xa7\x01\n\x10\x43hatStreamChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.phiserve.v1.ChatDelta\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.phiserve.v1.FinishReason\x12+\n\x08logprobs\x18\x04 \x01(\x0b\x32\x19.phiserve.v1.ChatLogprobs*s\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\x12\n\x0eROLE_DEVELOPER\x10\x02\x12\r\n\tROLE_USER\x10\x03\x12\x12\n\x0eROLE_ASSISTANT\x10\x04\x12\r\n\tROLE_TOOL\x10\x05*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phiserve.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=617
-  _globals['_ROLE']._serialized_end=717
-  _globals['_IMAGE']._serialized_start=65
-  _globals['_IMAGE']._serialized_end=113
-  _globals['_CONTENTPART']._serialized_start=115
-  _globals['_CONTENTPART']._serialized_end=189
-  _globals['_CHATMESSAGE']._serialized_start=191
-  _globals['_CHATMESSAGE']._serialized_end=306
-  _globals['_CHATCHOICE']._serialized_start=308
-  _globals['_CHATCHOICE']._serialized_end=428
-  _globals['_CHATDELTA']._serialized_start=430
-  _globals['_CHATDELTA']._serialized_end=491
-  _globals['_CHATSTREAMCHOICE']._serialized_start=493
-  _globals['_CHATSTREAMCHOICE']._serialized_end=615
+  _globals['_ROLE']._serialized_start=1791
+  _globals['_ROLE']._serialized_end=1906
+  _globals['_TOOLCHOICEMODE']._serialized_start=1909
+  _globals['_TOOLCHOICEMODE']._serialized_end=2044
+  _globals['_IMAGE']._serialized_start=95
+  _globals['_IMAGE']._serialized_end=143
+  _globals['_CONTENTPART']._serialized_start=145
+  _globals['_CONTENTPART']._serialized_end=219
+  _globals['_CHATMESSAGE']._serialized_start=222
+  _globals['_CHATMESSAGE']._serialized_end=402
+  _globals['_TOOLCALL']._serialized_start=404
+  _globals['_TOOLCALL']._serialized_end=459
+  _globals['_TOOLCALLDELTA']._serialized_start=461
+  _globals['_TOOLCALLDELTA']._serialized_end=536
+  _globals['_FUNCTIONDEFINITION']._serialized_start=539
+  _globals['_FUNCTIONDEFINITION']._serialized_end=671
+  _globals['_TOOL']._serialized_start=673
+  _globals['_TOOL']._serialized_end=730
+  _globals['_TOOLCHOICE']._serialized_start=732
+  _globals['_TOOLCHOICE']._serialized_end=824
+  _globals['_JSONOBJECTFORMAT']._serialized_start=826
+  _globals['_JSONOBJECTFORMAT']._serialized_end=844
+  _globals['_JSONSCHEMAFORMAT']._serialized_start=846
+  _globals['_JSONSCHEMAFORMAT']._serialized_end=972
+  _globals['_RESPONSEFORMAT']._serialized_start=975
+  _globals['_RESPONSEFORMAT']._serialized_end=1109
+  _globals['_TOPLOGPROB']._serialized_start=1111
+  _globals['_TOPLOGPROB']._serialized_end=1170
+  _globals['_TOKENLOGPROB']._serialized_start=1172
+  _globals['_TOKENLOGPROB']._serialized_end=1280
+  _globals['_CHATLOGPROBS']._serialized_start=1282
+  _globals['_CHATLOGPROBS']._serialized_end=1340
+  _globals['_CHATCHOICE']._serialized_start=1343
+  _globals['_CHATCHOICE']._serialized_end=1508
+  _globals['_CHATDELTA']._serialized_start=1510
+  _globals['_CHATDELTA']._serialized_end=1619
+  _globals['_CHATSTREAMCHOICE']._serialized_start=1622
+  _globals['_CHATSTREAMCHOICE']._serialized_end=1789
 # @@protoc_insertion_point(module_scope)

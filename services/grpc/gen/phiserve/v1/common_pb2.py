@@ -24,19 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18phiserve/v1/common.proto\x12\x0bphiserve.v1\"\xfe\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x07\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x90\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12?\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32 .phiserve.v1.PromptTokensDetails\",\n\x13PromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18phiserve/v1/common.proto\x12\x0bphiserve.v1\"\x8e\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x07\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x0e\n\x01n\x18\x0b \x01(\x05H\x08\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nmin_tokens\x18\r \x01(\x05\x12>\n\nlogit_bias\x18\x0e \x03(\x0b\x32*.phiserve.v1.SamplingParams.LogitBiasEntry\x12\x12\n\x05min_p\x18\x0f \x01(\x01H\t\x88\x01\x01\x12\"\n\x15max_completion_tokens\x18\x10 \x01(\x05H\n\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\x08\n\x06_min_pB\x18\n\x16_max_completion_tokens\"\x90\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12?\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32 .phiserve.v1.PromptTokensDetails\",\n\x13PromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\x05*\x96\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phiserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=619
-  _globals['_FINISHREASON']._serialized_end=739
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=892
+  _globals['_FINISHREASON']._serialized_end=1042
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=424
-  _globals['_USAGE']._serialized_start=427
-  _globals['_USAGE']._serialized_end=571
-  _globals['_PROMPTTOKENSDETAILS']._serialized_start=573
-  _globals['_PROMPTTOKENSDETAILS']._serialized_end=617
+  _globals['_SAMPLINGPARAMS']._serialized_end=696
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=480
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=528
+  _globals['_USAGE']._serialized_start=699
+  _globals['_USAGE']._serialized_end=843
+  _globals['_PROMPTTOKENSDETAILS']._serialized_start=845
+  _globals['_PROMPTTOKENSDETAILS']._serialized_end=889
 # @@protoc_insertion_point(module_scope)

@@ -25,13 +25,23 @@ _sym_db = _symbol_database.Default()
 from services.grpc.gen.phiserve.v1 import common_pb2 as phiserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cphiserve/v1/completion.proto\x12\x0bphiserve.v1\x1a\x18phiserve/v1/common.proto\"a\n\x10\x43ompletionChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.phiserve.v1.FinishReasonb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cphiserve/v1/completion.proto\x12\x0bphiserve.v1\x1a\x18phiserve/v1/common.proto\"\x94\x01\n\x10\x43ompletionChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.phiserve.v1.FinishReason\x12\x31\n\x08logprobs\x18\x04 \x01(\x0b\x32\x1f.phiserve.v1.CompletionLogprobs\"\x81\x01\n\x12\x43ompletionLogprobs\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x16\n\x0etoken_logprobs\x18\x02 \x03(\x01\x12.\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x18.phiserve.v1.TopLogprobs\x12\x13\n\x0btext_offset\x18\x04 \x03(\x05\"x\n\x0bTopLogprobs\x12\x38\n\x08logprobs\x18\x01 \x03(\x0b\x32&.phiserve.v1.TopLogprobs.LogprobsEntry\x1a/\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phiserve.v1.completion_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPLETIONCHOICE']._serialized_start=71
-  _globals['_COMPLETIONCHOICE']._serialized_end=168
+  _globals['_TOPLOGPROBS_LOGPROBSENTRY']._loaded_options = None
+  _globals['_TOPLOGPROBS_LOGPROBSENTRY']._serialized_options = b'8\001'
+  _globals['_COMPLETIONCHOICE']._serialized_start=72
+  _globals['_COMPLETIONCHOICE']._serialized_end=220
+  _globals['_COMPLETIONLOGPROBS']._serialized_start=223
+  _globals['_COMPLETIONLOGPROBS']._serialized_end=352
+  _globals['_TOPLOGPROBS']._serialized_start=354
+  _globals['_TOPLOGPROBS']._serialized_end=474
+  _globals['_TOPLOGPROBS_LOGPROBSENTRY']._serialized_start=427
+  _globals['_TOPLOGPROBS_LOGPROBSENTRY']._serialized_end=474
+  _globals['_TOKENIDS']._serialized_start=476
+  _globals['_TOKENIDS']._serialized_end=499
 # @@protoc_insertion_point(module_scope)

@@ -12,16 +12,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ChatRequest(_message.Message):
-    __slots__ = ("model", "messages", "sampling", "user")
+    __slots__ = ("model", "messages", "sampling", "user", "response_format", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "echo")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ECHO_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_chat_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
     user: str
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., user: _Optional[str] = ...) -> None: ...
+    response_format: _chat_pb2.ResponseFormat
+    tools: _containers.RepeatedCompositeFieldContainer[_chat_pb2.Tool]
+    tool_choice: _chat_pb2.ToolChoice
+    parallel_tool_calls: bool
+    logprobs: bool
+    top_logprobs: int
+    echo: bool
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., user: _Optional[str] = ..., response_format: _Optional[_Union[_chat_pb2.ResponseFormat, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[_chat_pb2.Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[_chat_pb2.ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., echo: _Optional[bool] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
     __slots__ = ("id", "request_id", "model", "created", "choices", "usage")
@@ -40,18 +54,34 @@ class ChatResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., created: _Optional[int] = ..., choices: _Optional[_Iterable[_Union[_chat_pb2.ChatChoice, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class ChatStreamRequest(_message.Message):
-    __slots__ = ("model", "messages", "sampling", "user", "include_usage")
+    __slots__ = ("model", "messages", "sampling", "user", "include_usage", "response_format", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "echo", "continuous_usage_stats")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ECHO_FIELD_NUMBER: _ClassVar[int]
+    CONTINUOUS_USAGE_STATS_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_chat_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
     user: str
     include_usage: bool
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., user: _Optional[str] = ..., include_usage: _Optional[bool] = ...) -> None: ...
+    response_format: _chat_pb2.ResponseFormat
+    tools: _containers.RepeatedCompositeFieldContainer[_chat_pb2.Tool]
+    tool_choice: _chat_pb2.ToolChoice
+    parallel_tool_calls: bool
+    logprobs: bool
+    top_logprobs: int
+    echo: bool
+    continuous_usage_stats: bool
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., user: _Optional[str] = ..., include_usage: _Optional[bool] = ..., response_format: _Optional[_Union[_chat_pb2.ResponseFormat, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[_chat_pb2.Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[_chat_pb2.ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., echo: _Optional[bool] = ..., continuous_usage_stats: _Optional[bool] = ...) -> None: ...
 
 class ChatStreamResponse(_message.Message):
     __slots__ = ("id", "request_id", "model", "created", "choices", "usage")
@@ -70,18 +100,24 @@ class ChatStreamResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., created: _Optional[int] = ..., choices: _Optional[_Iterable[_Union[_chat_pb2.ChatStreamChoice, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("model", "prompt", "sampling", "echo", "user")
+    __slots__ = ("model", "prompt", "sampling", "echo", "user", "prompts", "token_prompts", "logprobs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     sampling: _common_pb2.SamplingParams
     echo: bool
     user: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., echo: _Optional[bool] = ..., user: _Optional[str] = ...) -> None: ...
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    token_prompts: _containers.RepeatedCompositeFieldContainer[_completion_pb2.TokenIds]
+    logprobs: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., echo: _Optional[bool] = ..., user: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., token_prompts: _Optional[_Iterable[_Union[_completion_pb2.TokenIds, _Mapping]]] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class CompleteResponse(_message.Message):
     __slots__ = ("id", "request_id", "model", "created", "choices", "usage")
@@ -100,20 +136,28 @@ class CompleteResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., created: _Optional[int] = ..., choices: _Optional[_Iterable[_Union[_completion_pb2.CompletionChoice, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class CompleteStreamRequest(_message.Message):
-    __slots__ = ("model", "prompt", "sampling", "echo", "user", "include_usage")
+    __slots__ = ("model", "prompt", "sampling", "echo", "user", "include_usage", "prompts", "token_prompts", "logprobs", "continuous_usage_stats")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUOUS_USAGE_STATS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     sampling: _common_pb2.SamplingParams
     echo: bool
     user: str
     include_usage: bool
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., echo: _Optional[bool] = ..., user: _Optional[str] = ..., include_usage: _Optional[bool] = ...) -> None: ...
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    token_prompts: _containers.RepeatedCompositeFieldContainer[_completion_pb2.TokenIds]
+    logprobs: int
+    continuous_usage_stats: bool
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., echo: _Optional[bool] = ..., user: _Optional[str] = ..., include_usage: _Optional[bool] = ..., prompts: _Optional[_Iterable[str]] = ..., token_prompts: _Optional[_Iterable[_Union[_completion_pb2.TokenIds, _Mapping]]] = ..., logprobs: _Optional[int] = ..., continuous_usage_stats: _Optional[bool] = ...) -> None: ...
 
 class CompleteStreamResponse(_message.Message):
     __slots__ = ("id", "request_id", "model", "created", "choices", "usage")
