@@ -19,6 +19,7 @@ from services.inference.router import PoolRouter
 from services.inference.sampling import sampling_options
 from services.inference.tool_calls import plan_tools
 from services.pools.engine import ChatMessage, GenerationRequest
+from services.tenancy.end_users import EndUserIds
 from services.tenancy.models import Tenant
 
 
@@ -30,11 +31,13 @@ class ChatService:
         images: ImageLoader,
         *,
         platform: Platform,
+        end_users: EndUserIds | None = None,
     ) -> None:
         self._router = router
         self._runner = runner
         self._images = images
         self._platform = platform
+        self._end_users = end_users or EndUserIds.from_secret(None)
 
     async def prepare(
         self,
@@ -65,6 +68,7 @@ class ChatService:
             sampling=sampling,
             messages=messages,
             images=images,
+            end_user=self._end_users.digest(body.user),
         )
         echo = ""
         if body.echo and body.messages[-1].role == "assistant":

@@ -25,6 +25,7 @@ from services.inference.router import PoolRouter
 from services.inference.sampling import sampling_options
 from services.inference.tokens import TokenCounter
 from services.pools.engine import GenerationChunk, GenerationRequest, GenerationResult, Prompt
+from services.tenancy.end_users import EndUserIds
 
 
 class CompletionShape:
@@ -104,12 +105,19 @@ class CompletionShape:
 
 class CompletionService:
     def __init__(
-        self, router: PoolRouter, runner: GenerationRunner, tokens: TokenCounter, *, platform: Platform
+        self,
+        router: PoolRouter,
+        runner: GenerationRunner,
+        tokens: TokenCounter,
+        *,
+        platform: Platform,
+        end_users: EndUserIds | None = None,
     ) -> None:
         self._router = router
         self._runner = runner
         self._tokens = tokens
         self._platform = platform
+        self._end_users = end_users or EndUserIds.from_secret(None)
 
     def prepare(
         self, body: CompletionRequest, request_id: str, *, response_id: str | None = None
@@ -124,6 +132,7 @@ class CompletionService:
             model=body.model,
             sampling=sampling_options(body, pool, self._platform),
             prompts=prompts,
+            end_user=self._end_users.digest(body.user),
         )
         shape = CompletionShape(response_id or uuid.uuid4().hex, body.model, echo_prefixes=echo, n=body.n)
         return pool, request, shape

@@ -207,6 +207,19 @@ class TenantGate:
         for exc in results:
             if isinstance(exc, Exception):  # Redis down: the leases expire on their own
                 logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
+        request = admitted.request
+        # The request's log line (REST, gRPC and batch): the end user only as its keyed hash.
+        logger.info(
+            "generation request_id=%s tenant=%s model=%s user=%s choices=%d prompt_tokens=%d "
+            "completion_tokens=%d",
+            request.request_id,
+            admitted.tenant.id,
+            tags["model"],
+            request.end_user or "-",
+            request.choice_count,
+            prompt_tokens,
+            completion_tokens,
+        )
 
     def _check_context(self, pool: PoolConfig, request: GenerationRequest, prompt_tokens: int) -> None:
         """Refuse, before admission, what the engine would refuse after it: a prompt that

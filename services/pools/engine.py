@@ -82,6 +82,9 @@ class GenerationRequest:
     # The tenant's prefix-cache salt, set by the gateway (never by the client): requests
     # with different salts never share cached blocks (services/tenancy/cache_salt.py).
     cache_salt: str | None = None
+    # The client's `user`, as its keyed hash (services/tenancy/end_users.py): for the
+    # request's log line only, never the raw value.
+    end_user: str | None = None
 
     @property
     def choice_count(self) -> int:
