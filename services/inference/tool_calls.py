@@ -65,14 +65,16 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
         raise InvalidRequest("tool function names must be unique", param="tools")
     note = _describe(body.tools)
     if isinstance(choice, NamedToolChoice):
-        tool = next((t for t in body.tools if t.function.name == choice.function.name), None)
-        if tool is None:
+        if choice.function.name not in names:
             raise InvalidRequest(
                 f"tool_choice names '{choice.function.name}', which is not among the tools",
                 param="tool_choice.function.name",
             )
+        i = names.index(choice.function.name)
+        tool = body.tools[i]
         return ToolPlan(
-            _structured(tool.function.parameters or ANY_OBJECT, "tools"),
+            # The schema is that tool's parameters alone: a refusal names them.
+            _structured(tool.function.parameters or ANY_OBJECT, f"tools[{i}].function.parameters"),
             note,
             ToolCallOutput(named=tool.function.name),
         )

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from services.catalog.loader import load_catalog
+from services.errors import InvalidRequest
 from services.inference.protocol.chat import ChatCompletionRequest
 from services.inference.sampling import sampling_options
 from services.pools.engine import StructuredOutput
@@ -30,17 +31,19 @@ def _options(response_format: dict[str, Any] | None) -> Any:
 
 def test_json_schema_is_sent_compact() -> None:
     structured = _options({"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}).structured
-    assert structured == StructuredOutput(json_schema=json.dumps(SCHEMA, separators=(",", ":")))
-    assert structured.param == "response_format"
+    param = "response_format.json_schema.schema"
+    assert structured == StructuredOutput(json_schema=json.dumps(SCHEMA, separators=(",", ":")), param=param)
 
 
 def test_json_object() -> None:
     assert _options({"type": "json_object"}).structured == StructuredOutput(json_object=True)
 
 
-def test_a_json_schema_without_a_schema_is_any_object() -> None:
-    structured = _options({"type": "json_schema", "json_schema": {"name": "r"}}).structured
-    assert structured == StructuredOutput(json_object=True)
+def test_a_json_schema_without_a_schema_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        _options({"type": "json_schema", "json_schema": {"name": "r"}})
+    assert refused.value.param == "response_format.json_schema.schema"
+    assert "json_object" in str(refused.value)
 
 
 @pytest.mark.parametrize("response_format", [None, {"type": "text"}])

@@ -94,6 +94,10 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
+# The field a schema error names (a refusal by the grammar backend, the tenant's size cap).
+SCHEMA_PARAM = "response_format.json_schema.schema"
+
+
 class ResponseFormatText(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
@@ -154,10 +158,18 @@ class ChatCompletionRequest(SamplingFields):
 
     def structured_output(self) -> StructuredOutput | None:
         fmt = self.response_format
-        if isinstance(fmt, ResponseFormatJsonSchema) and fmt.json_schema.schema_ is not None:
+        if isinstance(fmt, ResponseFormatJsonSchema):
+            if fmt.json_schema.schema_ is None:
+                # A json_schema with nothing to follow is a client's mistake; answering it as
+                # a json_object would hide it.
+                raise InvalidRequest(
+                    "response_format.json_schema needs a schema; for any JSON object send "
+                    "response_format {'type': 'json_object'}",
+                    param=SCHEMA_PARAM,
+                )
             # Compact: the tenant's size cap (max_schema_bytes) counts these bytes.
             schema = json.dumps(fmt.json_schema.schema_, separators=(",", ":"))
-            return StructuredOutput(json_schema=schema)
-        if isinstance(fmt, ResponseFormatJsonObject | ResponseFormatJsonSchema):  # a schema-less json_schema
+            return StructuredOutput(json_schema=schema, param=SCHEMA_PARAM)
+        if isinstance(fmt, ResponseFormatJsonObject):
             return StructuredOutput(json_object=True)
         return None
