@@ -19,6 +19,7 @@ from services.gateway.files.router import router as files_router
 from services.gateway.middleware import GENERATION_PATHS, GatewayMiddleware
 from services.gateway.models.router import router as models_router
 from services.gateway.openapi import install_openapi
+from services.gateway.tokenize.router import router as tokenize_router
 from services.gateway.usage.router import router as usage_router
 from services.inference.core import Core
 from services.inference.ports import BatchApis
@@ -70,6 +71,7 @@ def create_app(core: Core, batch_apis: BatchApis, settings: Settings) -> FastAPI
         chat_router,
         completions_router,
         models_router,
+        tokenize_router,
         usage_router,
         files_router,
         batches_router,

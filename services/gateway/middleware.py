@@ -9,7 +9,7 @@
   `max_json_body_bytes`. A larger body gets 413 before it is parsed, whether it declares a
   Content-Length or streams chunks.
 * Authentication first (issue 9, item 4): on the tenant routes (/v1/*, except the public
-  model list) the API key is resolved to its tenant before a byte of the body is read, so
+  model list, and /tokenize, /detokenize) the API key is resolved to its tenant before a byte of the body is read, so
   an unauthenticated client gets its 401 without the gateway reading, parsing or spooling
   anything. The tenant rides on `scope["state"]["tenant"]` to the route's dependency
   (services/gateway/deps.py), which does not look it up again. Admin routes keep their
@@ -49,7 +49,17 @@ class _BodyTooLarge(StarletteHTTPException):
 
 # The API paths whose requests are counted (a bounded `endpoint` label); probes and
 # admin calls are not.
-ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/v1/files", "/v1/batches"}
+# vLLM's tokenizer routes sit outside /v1/ (phiserve serves them under /v1/ too); a tenant's.
+TOKENIZER_PATHS = {"/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize"}
+ENDPOINTS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/usage",
+    "/v1/files",
+    "/v1/batches",
+    *TOKENIZER_PATHS,
+}
 UPLOAD_PATH = "/v1/files"
 GENERATION_PATHS = {"/v1/chat/completions", "/v1/completions"}
 TENANT_PREFIX = "/v1/"
@@ -110,7 +120,7 @@ class GatewayMiddleware:
             state["status"] = 413
             await _send_too_large(send, limit)
             return
-        if self._tenants is not None and _is_tenant_route(scope.get("path", "")):
+        if self._tenants is not None and is_tenant_route(scope.get("path", "")):
             try:
                 state["tenant"], _ = await self._tenants.authenticate(presented_key(Headers(scope=scope)))
             except PhiserveError as exc:
@@ -154,8 +164,9 @@ class GatewayMiddleware:
         return self._max_json_body_bytes
 
 
-def _is_tenant_route(path: str) -> bool:
-    return path.startswith(TENANT_PREFIX) and path not in PUBLIC_PATHS
+def is_tenant_route(path: str) -> bool:
+    """A route of a tenant's key (authenticated here, and documented so in OpenAPI)."""
+    return (path.startswith(TENANT_PREFIX) and path not in PUBLIC_PATHS) or path in TOKENIZER_PATHS
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -10,7 +10,8 @@ FastAPI documents what the routes declare; three things it cannot know are fixed
   the literal `[DONE]`. The chunk models are added to `components` for those references.
 * Authentication happens in the middleware, before routing, so no route declares it: the
   key schemes (a bearer token, or Azure's `api-key` header) are added to every operation
-  of the tenant routes (/v1/*, except the public model list) and the admin routes.
+  of the tenant routes (/v1/*, except the public model list; /tokenize, /detokenize) and
+  the admin routes.
 * 405: a path's `Allow` lists every method of every route on that path
   (`method_not_allowed`); Starlette's router names only the first route's methods.
 """
@@ -26,7 +27,7 @@ from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from services.gateway.middleware import PUBLIC_PATHS, TENANT_PREFIX
+from services.gateway.middleware import is_tenant_route
 from services.inference.errors import error_body
 from services.inference.protocol.responses import ChatCompletionChunk, CompletionChunk, ErrorResponse
 
@@ -116,8 +117,7 @@ def _drop_validation_422(document: dict[str, Any]) -> None:
 def _declare_keys(document: dict[str, Any]) -> None:
     document.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
     for path, item in document.get("paths", {}).items():
-        tenant_route = path.startswith(TENANT_PREFIX) and path not in PUBLIC_PATHS
-        if tenant_route or path.startswith(ADMIN_PREFIX):
+        if is_tenant_route(path) or path.startswith(ADMIN_PREFIX):
             for operation in item.values():
                 operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
 

@@ -21,11 +21,10 @@ from services.inference.chat import ChatService
 from services.inference.chat_template import ChatTemplates
 from services.inference.errors import invalid_request_from
 from services.inference.gate import check_access
-from services.inference.protocol.chat import ChatCompletionRequest, ImagePart
+from services.inference.protocol.chat import ChatCompletionRequest, ChatMessageIn, ImagePart
 from services.inference.protocol.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
-    TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -50,9 +49,16 @@ class TokenizeService:
     async def tokenize(self, tenant: Tenant, body: TokenizeRequest) -> TokenizeResponse:
         """`body.prompt`'s or `body.messages`' token ids, as the engine would count them."""
         pool = self._router.resolve(body.model)
-        if isinstance(body, TokenizeChatRequest):
-            text = await self.render_chat(tenant, body)
+        if body.messages is not None:
+            if body.prompt is not None:
+                raise InvalidRequest("send prompt or messages, not both", param="prompt")
+            text = await self.render_chat(tenant, body, body.messages)
         else:
+            if body.prompt is None:
+                raise InvalidRequest("send prompt (a text) or messages (a chat)", param="prompt")
+            for param in ("tools", "tool_choice"):
+                if getattr(body, param) is not None:
+                    raise InvalidRequest(f"{param} goes with messages, not prompt", param=param)
             check_access(tenant, pool, model=body.model, images=0)
             text = body.prompt
         ids = await self._tokens.encode(pool, text, add_special_tokens=body.add_special_tokens)
@@ -71,9 +77,9 @@ class TokenizeService:
         check_access(tenant, pool, model=body.model, images=0)
         return DetokenizeResponse(prompt=self._tokens.decode(pool, body.tokens, param="tokens"))
 
-    async def render_chat(self, tenant: Tenant, body: TokenizeChatRequest) -> str:
+    async def render_chat(self, tenant: Tenant, body: TokenizeRequest, messages: list[ChatMessageIn]) -> str:
         """The prompt text the pool would make of these messages (and tools)."""
-        for i, message in enumerate(body.messages):
+        for i, message in enumerate(messages):
             for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
                 if isinstance(part, ImagePart):
                     raise UnsupportedContent(
@@ -83,7 +89,7 @@ class TokenizeService:
                     )
         try:
             chat = ChatCompletionRequest(
-                model=body.model, messages=body.messages, tools=body.tools, tool_choice=body.tool_choice
+                model=body.model, messages=messages, tools=body.tools, tool_choice=body.tool_choice
             )
         except ValidationError as exc:
             raise invalid_request_from(exc.errors()) from None

@@ -10,11 +10,11 @@ from fastapi.responses import Response
 from services.gateway.deps import Files, LimitedTenant
 from services.gateway.errors import ERROR_RESPONSES
 from services.inference.protocol.batches import (
-    FILE_PURPOSES,
     MAX_FILE_LIST_LIMIT,
     FileList,
     FileListOrder,
     FileObject,
+    FilePurpose,
 )
 from services.inference.protocol.responses import FileDeleted
 
@@ -36,7 +36,7 @@ async def upload_file(
 async def list_files(
     tenant: LimitedTenant,
     files: Files,
-    purpose: Annotated[str | None, Query(description=f"One of {', '.join(FILE_PURPOSES)}.")] = None,
+    purpose: Annotated[FilePurpose | None, Query(description="Only files of this purpose.")] = None,
     order: Annotated[FileListOrder, Query(description="By creation time.")] = "desc",
     after: Annotated[str | None, Query(description="A file id of the previous page's last_id.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_FILE_LIST_LIMIT)] = MAX_FILE_LIST_LIMIT,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -14,7 +14,7 @@ MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 # GET /v1/files filters, as OpenAI's: a purpose filter may name any of OpenAI's purposes
 # (phiserve stores `batch` uploads and `batch_output` results), newest first by default.
-FILE_PURPOSES = (
+FilePurpose = Literal[
     "assistants",
     "assistants_output",
     "batch",
@@ -24,7 +24,8 @@ FILE_PURPOSES = (
     "fine-tune-results",
     "user_data",
     "vision",
-)
+]
+FILE_PURPOSES: tuple[str, ...] = get_args(FilePurpose)
 FileListOrder = Literal["asc", "desc"]
 MAX_FILE_LIST_LIMIT = 10000
 

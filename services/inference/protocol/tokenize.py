@@ -1,7 +1,7 @@
 """Wire models of POST /tokenize and /detokenize (vLLM's server shapes).
 
-vLLM's `TokenizeCompletionRequest | TokenizeChatRequest` and `DetokenizeRequest`
-(vllm/entrypoints/serve/tokenize/protocol.py), less what phiserve does not serve: a
+vLLM's `TokenizeCompletionRequest | TokenizeChatRequest` (here one model) and
+`DetokenizeRequest` (vllm/entrypoints/serve/tokenize/protocol.py), less what phiserve does not serve: a
 request-supplied `chat_template` (a tenant's Jinja would run in the gateway),
 `chat_template_kwargs`, `continue_final_message` and the multimodal kwargs are refused as
 unknown fields. One difference in a default: a chat's `add_special_tokens` is true here,
@@ -18,46 +18,45 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.inference.protocol.chat import ChatMessageIn, NamedToolChoice, ToolDefinition
 
 
-class TokenizeCompletionRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={"examples": [{"model": "phi-3.5-mini", "prompt": "Once upon a time"}]},
-    )
-    model: str = Field(..., description="A served model name (GET /v1/models).")
-    prompt: str = Field(..., min_length=1, description="The text to tokenize, as a completion prompt.")
-    add_special_tokens: bool = Field(True, description="Add the tokenizer's special tokens (e.g. BOS).")
-    return_token_strs: bool = Field(False, description="Also return each token's string.")
+class TokenizeRequest(BaseModel):
+    """vLLM's two request shapes in one model: `prompt` or `messages`, exactly one (the
+    service says which is wrong), so a validation error names the field as it was sent."""
 
-
-class TokenizeChatRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
         json_schema_extra={
-            "examples": [{"model": "phi-3.5-mini", "messages": [{"role": "user", "content": "Say hello"}]}]
+            "examples": [
+                {"model": "phi-3.5-mini", "prompt": "Once upon a time"},
+                {"model": "phi-3.5-mini", "messages": [{"role": "user", "content": "Say hello"}]},
+            ]
         },
     )
     model: str = Field(..., description="A served model name (GET /v1/models).")
-    messages: list[ChatMessageIn] = Field(
-        ..., min_length=1, max_length=1024, description="Rendered with the model's own chat template."
+    prompt: str | None = Field(
+        None, min_length=1, description="Text to tokenize as a completion prompt (or send messages)."
     )
-    add_generation_prompt: bool = Field(
-        True, description="End with the assistant's turn marker, as a chat completion does."
+    messages: list[ChatMessageIn] | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="A chat to tokenize, rendered with the model's own chat template (or send prompt).",
     )
     add_special_tokens: bool = Field(
         True,
-        description="Add the tokenizer's special tokens to the rendered chat. True, as the "
-        "pool does for a chat completion (vLLM's default is false).",
+        description="Add the tokenizer's special tokens (e.g. BOS). True for messages too, as the "
+        "pool encodes a rendered chat (vLLM's default for messages is false).",
+    )
+    add_generation_prompt: bool = Field(
+        True, description="messages only: end with the assistant's turn marker, as a chat completion does."
     )
     return_token_strs: bool = Field(False, description="Also return each token's string.")
     tools: list[ToolDefinition] | None = Field(
-        None, max_length=128, description="Counted as a chat completion with these tools counts them."
+        None, max_length=128, description="messages only: counted as a chat completion counts them."
     )
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-
-
-TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="messages only, with tools."
+    )
 
 
 class TokenizeResponse(BaseModel):
