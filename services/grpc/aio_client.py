@@ -27,6 +27,8 @@ from services.grpc.client_common import (
     complete_stream_request,
     create_batch_request,
     list_batches_request,
+    list_files_request,
+    tokenize_request,
 )
 from services.grpc.gen.phiserve.v1 import batch_pb2, chat_pb2, models_pb2
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
@@ -131,6 +133,33 @@ class AsyncClient(ClientBase):
         )
         return list(response.models)
 
+    async def get_model(self, model: str, *, timeout_s: float | None = None) -> models_pb2.Model:
+        """One model the caller's tenant may use (NOT_FOUND otherwise, as an unknown one)."""
+        response: pb.GetModelResponse = await self._call(
+            self._stub.GetModel, pb.GetModelRequest(model=model), timeout_s, None
+        )
+        return response.model
+
+    async def tokenize(
+        self,
+        model: str,
+        prompt: str = "",
+        *,
+        messages: Iterable[chat_pb2.ChatMessage] = (),
+        timeout_s: float | None = None,
+        **fields: Any,
+    ) -> pb.TokenizeResponse:
+        """A prompt's (or messages') token ids as the engine counts them; keyword arguments
+        are TokenizeRequest fields (add_special_tokens, return_token_strs, tools, ...)."""
+        request = tokenize_request(model, prompt, messages, fields)
+        response: pb.TokenizeResponse = await self._call(self._stub.Tokenize, request, timeout_s, None)
+        return response
+
+    async def detokenize(self, model: str, tokens: Iterable[int], *, timeout_s: float | None = None) -> str:
+        request = pb.DetokenizeRequest(model=model, tokens=list(tokens))
+        response: pb.DetokenizeResponse = await self._call(self._stub.Detokenize, request, timeout_s, None)
+        return response.prompt
+
     # -- Batch API ------------------------------------------------------------------
 
     async def upload_file(
@@ -161,6 +190,27 @@ class AsyncClient(ClientBase):
             pb.GetFileContentRequest(file_id=file_id), **self._options(timeout_s, None)
         )
         return b"".join([chunk.data async for chunk in self._iterate(call)])
+
+    async def list_files(
+        self,
+        *,
+        purpose: str | None = None,
+        order: str | None = None,
+        after: str | None = None,
+        limit: int = 0,
+        timeout_s: float | None = None,
+    ) -> pb.ListFilesResponse:
+        """One page of the tenant's files (newest first unless order="asc"); pass the page's
+        `last_id` as `after` while `has_more`. limit 0: the server's 10000."""
+        request = list_files_request(purpose, order, after, limit)
+        response: pb.ListFilesResponse = await self._call(self._stub.ListFiles, request, timeout_s, None)
+        return response
+
+    async def delete_file(self, file_id: str, *, timeout_s: float | None = None) -> pb.DeleteFileResponse:
+        response: pb.DeleteFileResponse = await self._call(
+            self._stub.DeleteFile, pb.DeleteFileRequest(file_id=file_id), timeout_s, None
+        )
+        return response
 
     async def create_batch(
         self,

@@ -83,3 +83,12 @@ def list_batches_response(batches: list[BatchObject], has_more: bool) -> pb.List
         last_id=batches[-1].id if batches else "",
         has_more=has_more,
     )
+
+
+def list_files_response(files: list[FileObject], has_more: bool) -> pb.ListFilesResponse:
+    return pb.ListFilesResponse(
+        files=[file_message(file) for file in files],
+        first_id=files[0].id if files else "",
+        last_id=files[-1].id if files else "",
+        has_more=has_more,
+    )

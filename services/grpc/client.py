@@ -56,10 +56,12 @@ from services.grpc.client_common import (
     json_object,
     json_schema,
     list_batches_request,
+    list_files_request,
     message,
     sampling,
     struct,
     system,
+    tokenize_request,
     tool,
     tool_choice,
     user,
@@ -167,6 +169,33 @@ class Client(ClientBase):
         )
         return list(response.models)
 
+    def get_model(self, model: str, *, timeout_s: float | None = None) -> models_pb2.Model:
+        """One model the caller's tenant may use (NOT_FOUND otherwise, as an unknown one)."""
+        response: pb.GetModelResponse = self._call(
+            self._stub.GetModel, pb.GetModelRequest(model=model), timeout_s, None
+        )
+        return response.model
+
+    def tokenize(
+        self,
+        model: str,
+        prompt: str = "",
+        *,
+        messages: Iterable[chat_pb2.ChatMessage] = (),
+        timeout_s: float | None = None,
+        **fields: Any,
+    ) -> pb.TokenizeResponse:
+        """A prompt's (or messages') token ids as the engine counts them; keyword arguments
+        are TokenizeRequest fields (add_special_tokens, return_token_strs, tools, ...)."""
+        request = tokenize_request(model, prompt, messages, fields)
+        response: pb.TokenizeResponse = self._call(self._stub.Tokenize, request, timeout_s, None)
+        return response
+
+    def detokenize(self, model: str, tokens: Iterable[int], *, timeout_s: float | None = None) -> str:
+        request = pb.DetokenizeRequest(model=model, tokens=list(tokens))
+        response: pb.DetokenizeResponse = self._call(self._stub.Detokenize, request, timeout_s, None)
+        return response.prompt
+
     # -- Batch API ------------------------------------------------------------------
 
     def upload_file(
@@ -195,6 +224,27 @@ class Client(ClientBase):
             pb.GetFileContentRequest(file_id=file_id), **self._options(timeout_s, None)
         )
         return b"".join(chunk.data for chunk in self._iterate(call))
+
+    def list_files(
+        self,
+        *,
+        purpose: str | None = None,
+        order: str | None = None,
+        after: str | None = None,
+        limit: int = 0,
+        timeout_s: float | None = None,
+    ) -> pb.ListFilesResponse:
+        """One page of the tenant's files (newest first unless order="asc"); pass the page's
+        `last_id` as `after` while `has_more`. limit 0: the server's 10000."""
+        request = list_files_request(purpose, order, after, limit)
+        response: pb.ListFilesResponse = self._call(self._stub.ListFiles, request, timeout_s, None)
+        return response
+
+    def delete_file(self, file_id: str, *, timeout_s: float | None = None) -> pb.DeleteFileResponse:
+        response: pb.DeleteFileResponse = self._call(
+            self._stub.DeleteFile, pb.DeleteFileRequest(file_id=file_id), timeout_s, None
+        )
+        return response
 
     def create_batch(
         self,

@@ -196,6 +196,24 @@ def create_batch_request(
     )
 
 
+def tokenize_request(
+    model: str, prompt: str, messages: Iterable[chat_pb2.ChatMessage], fields: Mapping[str, Any]
+) -> pb.TokenizeRequest:
+    given = {name: value for name, value in fields.items() if value is not None}
+    return pb.TokenizeRequest(model=model, prompt=prompt, messages=list(messages), **given)
+
+
+_LIST_ORDERS = {None: pb.LIST_ORDER_UNSPECIFIED, "desc": pb.LIST_ORDER_DESC, "asc": pb.LIST_ORDER_ASC}
+
+
+def list_files_request(
+    purpose: str | None, order: str | None, after: str | None, limit: int
+) -> pb.ListFilesRequest:
+    return pb.ListFilesRequest(
+        purpose=purpose or "", order=_LIST_ORDERS[order], after=after or "", limit=limit
+    )
+
+
 def list_batches_request(after: str | None, limit: int) -> pb.ListBatchesRequest:
     return pb.ListBatchesRequest(after=after or "", limit=limit)
 

@@ -20,9 +20,11 @@ from services.errors import InvalidRequest
 from services.grpc.gen.phiserve.v1 import chat_pb2, common_pb2
 from services.grpc.gen.phiserve.v1 import inference_service_pb2 as pb
 from services.inference.errors import invalid_request_from
+from services.inference.protocol.batches import MAX_FILE_LIST_LIMIT, FileListOrder
 from services.inference.protocol.batches import CreateBatchRequest as CreateBatchBody
 from services.inference.protocol.chat import ChatCompletionRequest
 from services.inference.protocol.completions import CompletionRequest
+from services.inference.protocol.tokenize import DetokenizeRequest, TokenizeRequest
 
 ROLES: dict[int, str] = {
     chat_pb2.ROLE_SYSTEM: "system",
@@ -323,3 +325,51 @@ def create_batch_body(request: pb.CreateBatchRequest) -> CreateBatchBody:
         raw["metadata"] = dict(request.metadata)
     body: CreateBatchBody = _validated(CreateBatchBody, raw)
     return body
+
+
+def tokenize_body(request: pb.TokenizeRequest) -> TokenizeRequest:
+    """Tokenize as REST's body; the service refuses both or neither of prompt and messages,
+    and tools with a prompt, naming the field."""
+    raw: dict[str, Any] = {"model": request.model}
+    if request.prompt:
+        raw["prompt"] = request.prompt
+    if request.messages:
+        raw["messages"] = [_message(message, i) for i, message in enumerate(request.messages)]
+    for name in ("add_special_tokens", "add_generation_prompt"):
+        if request.HasField(name):
+            raw[name] = getattr(request, name)
+    if request.return_token_strs:
+        raw["return_token_strs"] = True
+    if request.tools:
+        raw["tools"] = [_tool(tool) for tool in request.tools]
+    if request.HasField("tool_choice"):
+        raw["tool_choice"] = _tool_choice(request.tool_choice)
+    body: TokenizeRequest = _validated(TokenizeRequest, raw)
+    return body
+
+
+def detokenize_body(request: pb.DetokenizeRequest) -> DetokenizeRequest:
+    body: DetokenizeRequest = _validated(
+        DetokenizeRequest, {"model": request.model, "tokens": list(request.tokens)}
+    )
+    return body
+
+
+LIST_ORDERS: dict[int, FileListOrder] = {
+    pb.LIST_ORDER_UNSPECIFIED: "desc",
+    pb.LIST_ORDER_DESC: "desc",
+    pb.LIST_ORDER_ASC: "asc",
+}
+
+
+def list_files_options(request: pb.ListFilesRequest) -> dict[str, Any]:
+    """ListFiles as FileApi.list's filters (unset: every purpose, newest first, 10000)."""
+    order = LIST_ORDERS.get(request.order)
+    if order is None:
+        raise InvalidRequest("order must be LIST_ORDER_ASC or LIST_ORDER_DESC", param="order")
+    return {
+        "purpose": request.purpose or None,
+        "order": order,
+        "after": request.after or None,
+        "limit": request.limit or MAX_FILE_LIST_LIMIT,
+    }

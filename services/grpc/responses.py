@@ -16,9 +16,11 @@ from services.inference.protocol.responses import (
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
+    Model,
     ModelList,
     Usage,
 )
+from services.inference.protocol.tokenize import TokenizeResponse
 
 FINISH_REASONS: dict[str | None, common_pb2.FinishReason] = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -183,20 +185,28 @@ def completion_chunk(chunk: CompletionChunk, request_id: str) -> pb.CompleteStre
     )
 
 
+def model_message(entry: Model) -> models_pb2.Model:
+    return models_pb2.Model(
+        id=entry["id"],
+        root=entry["root"],
+        pool=entry["pool"],
+        modality=MODALITIES.get(entry["modality"], models_pb2.MODALITY_UNSPECIFIED),
+        max_model_len=entry["max_model_len"],
+        max_images_per_request=entry["max_images_per_request"],
+        created=entry["created"],
+        owned_by=entry["owned_by"],
+    )
+
+
 def models_response(listing: ModelList) -> pb.ListModelsResponse:
     """GET /v1/models' listing as proto, so both list the same models."""
-    return pb.ListModelsResponse(
-        models=[
-            models_pb2.Model(
-                id=entry["id"],
-                root=entry["root"],
-                pool=entry["pool"],
-                modality=MODALITIES.get(entry["modality"], models_pb2.MODALITY_UNSPECIFIED),
-                max_model_len=entry["max_model_len"],
-                max_images_per_request=entry["max_images_per_request"],
-                created=entry["created"],
-                owned_by=entry["owned_by"],
-            )
-            for entry in listing["data"]
-        ]
+    return pb.ListModelsResponse(models=[model_message(entry) for entry in listing["data"]])
+
+
+def tokenize_response(body: TokenizeResponse) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(
+        count=body.count,
+        max_model_len=body.max_model_len,
+        tokens=body.tokens,
+        token_strs=body.token_strs or (),
     )

@@ -119,7 +119,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await call.send_headers(headers)
             return responses.completion_response(answer, call.request_id)
 
-        return await self._run(context, "Complete", run)
+        return await self._run(context, "Complete", run, renames=convert.prompt_renames(request))
 
     async def CompleteStream(
         self, request: pb.CompleteStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -130,17 +130,56 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             chunks, headers = await self._core.completions.create_stream(caller, body, call.request_id)
             await self._send_stream(call, chunks, headers, responses.completion_chunk)
 
-        await self._run(context, "CompleteStream", run)
+        await self._run(context, "CompleteStream", run, renames=convert.prompt_renames(request))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         async def run(call: _Call) -> pb.ListModelsResponse:
-            # As GET /v1/models: no key needed.
+            # As GET /v1/models: no key needed; with one, the models its tenant may use (an
+            # unknown key is UNAUTHENTICATED, as on any tenant call).
+            tenant = await self._tenant(call) if presented_key(call.metadata) else None
             await call.send_headers({})
-            return responses.models_response(self._core.models.list())
+            return responses.models_response(self._core.models.list(tenant))
 
         return await self._run(context, "ListModels", run)
+
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelResponse:
+        async def run(call: _Call) -> pb.GetModelResponse:
+            # Needs a key, unlike ListModels: the answer is the tenant's (a model it may not
+            # use is NOT_FOUND, as an unknown one).
+            tenant = await self._tenant(call)
+            model = self._core.models.retrieve(tenant, request.model)
+            await call.send_headers({})
+            return pb.GetModelResponse(model=responses.model_message(model))
+
+        return await self._run(context, "GetModel", run)
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.TokenizeResponse:
+        async def run(call: _Call) -> pb.TokenizeResponse:
+            tenant = await self._limited_tenant(call)
+            call.labels["model"] = request.model or "none"
+            answer = await self._core.tokenize.tokenize(tenant, convert.tokenize_body(request))
+            await call.send_headers({})
+            return responses.tokenize_response(answer)
+
+        return await self._run(context, "Tokenize", run)
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DetokenizeResponse:
+        async def run(call: _Call) -> pb.DetokenizeResponse:
+            tenant = await self._limited_tenant(call)
+            call.labels["model"] = request.model or "none"
+            answer = await self._core.tokenize.detokenize(tenant, convert.detokenize_body(request))
+            await call.send_headers({})
+            return pb.DetokenizeResponse(prompt=answer.prompt)
+
+        return await self._run(context, "Detokenize", run)
 
     # -- Batch API: the services of REST's /v1/files and /v1/batches --------------------
 
@@ -179,6 +218,28 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 await context.write(pb.GetFileContentResponse(data=data[start : start + FILE_CHUNK_BYTES]))
 
         await self._run(context, "GetFileContent", run)
+
+    async def ListFiles(
+        self, request: pb.ListFilesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListFilesResponse:
+        async def run(call: _Call) -> pb.ListFilesResponse:
+            tenant = await self._limited_tenant(call)
+            files, has_more = await self._files.list(tenant.id, **convert.list_files_options(request))
+            await call.send_headers({})
+            return batch_messages.list_files_response(files, has_more)
+
+        return await self._run(context, "ListFiles", run)
+
+    async def DeleteFile(
+        self, request: pb.DeleteFileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteFileResponse:
+        async def run(call: _Call) -> pb.DeleteFileResponse:
+            tenant = await self._limited_tenant(call)
+            file = await self._files.delete(tenant.id, request.file_id)
+            await call.send_headers({})
+            return pb.DeleteFileResponse(id=file.id, deleted=True)
+
+        return await self._run(context, "DeleteFile", run)
 
     async def CreateBatch(
         self, request: pb.CreateBatchRequest, context: grpc.aio.ServicerContext[Any, Any]

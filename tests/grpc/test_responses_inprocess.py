@@ -8,6 +8,7 @@ usage, and the stream's chunks must be the same deltas, with the role on the fir
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -134,3 +135,60 @@ async def test_model_list_matches_rest(inprocess_gateway: InProcessGateway, grpc
     assert [(m.root, m.pool, m.max_model_len, m.created) for m in models] == [
         (e["root"], e["pool"], e["max_model_len"], e["created"]) for e in rest
     ]
+
+
+async def test_n_choices_and_logprobs_match_rest(
+    inprocess_gateway: InProcessGateway, grpc_client: AsyncClient
+) -> None:
+    gw = inprocess_gateway
+    body = {"model": MODEL, "messages": [{"role": "user", "content": WORDS}], "max_tokens": 3, "n": 2}
+    rest = await gw.client.post(
+        "/v1/chat/completions", json={**body, "logprobs": True, "top_logprobs": 1}, headers=gw.auth
+    )
+    assert rest.status_code == 200, rest.text
+    expected = rest.json()["choices"]
+    answer = await grpc_client.chat(MODEL, [user(WORDS)], max_tokens=3, n=2, logprobs=True, top_logprobs=1)
+    assert [c.index for c in answer.choices] == [c["index"] for c in expected] == [0, 1]
+    for choice, rest_choice in zip(answer.choices, expected, strict=True):
+        assert choice.message.text == rest_choice["message"]["content"]
+        got = [(t.token, t.logprob, [top.token for top in t.top_logprobs]) for t in choice.logprobs.content]
+        assert got == [
+            (t["token"], t["logprob"], [top["token"] for top in t["top_logprobs"]])
+            for t in rest_choice["logprobs"]["content"]
+        ]
+    plain = await grpc_client.chat(MODEL, [user(WORDS)], max_tokens=3)
+    assert not plain.choices[0].HasField("logprobs")
+
+
+async def test_files_list_and_delete_match_rest(
+    inprocess_gateway: InProcessGateway, grpc_client: AsyncClient
+) -> None:
+    gw = inprocess_gateway
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": MODEL, "prompt": "x"},
+    }
+    data = (json.dumps(line) + "\n").encode()
+    ids = [(await grpc_client.upload_file(data, filename=f"{i}.jsonl")).id for i in range(3)]
+    for order in ("asc", "desc"):
+        rest = (await gw.client.get(f"/v1/files?order={order}&limit=2", headers=gw.auth)).json()
+        page = await grpc_client.list_files(order=order, limit=2)
+        assert [f.id for f in page.files] == [f["id"] for f in rest["data"]]
+        assert (page.first_id, page.last_id, page.has_more) == (
+            rest["first_id"],
+            rest["last_id"],
+            rest["has_more"],
+        )
+    assert [f.id for f in (await grpc_client.list_files(order="asc")).files] == ids
+
+    deleted = await grpc_client.delete_file(ids[0])
+    assert deleted.deleted and deleted.id == ids[0]
+    assert (await gw.client.get(f"/v1/files/{ids[0]}", headers=gw.auth)).status_code == 404
+    model = await grpc_client.get_model(MODEL)
+    rest_model = (await gw.client.get("/v1/models")).json()["data"]
+    assert (
+        model.id == MODEL
+        and model.max_model_len == next(m for m in rest_model if m["id"] == MODEL)["max_model_len"]
+    )

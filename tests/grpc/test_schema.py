@@ -13,11 +13,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PROTO = REPO / "proto"
 GEN = REPO / "services" / "grpc" / "gen"
-INFERENCE_METHODS = ["Chat", "ChatStream", "Complete", "CompleteStream", "ListModels"]
+INFERENCE_METHODS = [
+    "Chat",
+    "ChatStream",
+    "Complete",
+    "CompleteStream",
+    "ListModels",
+    "GetModel",
+    "Tokenize",
+    "Detokenize",
+]
 BATCH_METHODS = [
     "UploadFile",
     "GetFile",
     "GetFileContent",
+    "ListFiles",
+    "DeleteFile",
     "CreateBatch",
     "GetBatch",
     "ListBatches",

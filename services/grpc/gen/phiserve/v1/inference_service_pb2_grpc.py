@@ -73,6 +73,21 @@ class InferenceServiceStub:
                 request_serializer=phiserve_dot_v1_dot_inference__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/phiserve.v1.InferenceService/GetModel',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetModelResponse.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/phiserve.v1.InferenceService/Tokenize',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/phiserve.v1.InferenceService/Detokenize',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
         self.UploadFile = channel.unary_unary(
                 '/phiserve.v1.InferenceService/UploadFile',
                 request_serializer=phiserve_dot_v1_dot_inference__service__pb2.UploadFileRequest.SerializeToString,
@@ -87,6 +102,16 @@ class InferenceServiceStub:
                 '/phiserve.v1.InferenceService/GetFileContent',
                 request_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileContentRequest.SerializeToString,
                 response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileContentResponse.FromString,
+                _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/phiserve.v1.InferenceService/ListFiles',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.ListFilesResponse.FromString,
+                _registered_method=True)
+        self.DeleteFile = channel.unary_unary(
+                '/phiserve.v1.InferenceService/DeleteFile',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.DeleteFileRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.DeleteFileResponse.FromString,
                 _registered_method=True)
         self.CreateBatch = channel.unary_unary(
                 '/phiserve.v1.InferenceService/CreateBatch',
@@ -162,6 +187,29 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """One model, as ListModels lists it (REST's GET /v1/models/{model}). A model the caller's
+        tenant may not use is NOT_FOUND, the same answer as a model that is not served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """The token ids of a prompt, or of chat messages rendered with the model's chat template,
+        as the engine counts them (REST's POST /tokenize). Counts against the tenant's RPM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """The text of token ids (REST's POST /detokenize). Counts against the tenant's RPM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadFile(self, request, context):
         """Batch API (as REST's /v1/files and /v1/batches; files and batches belong to the caller's
         tenant, and another tenant's ids are NOT_FOUND).
@@ -182,6 +230,20 @@ class InferenceServiceServicer:
 
     def GetFileContent(self, request, context):
         """A file's content (an input file, or a batch's output or error file), in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFiles(self, request, context):
+        """The tenant's files (inputs and batch results), a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFile(self, request, context):
+        """Deletes a file of the tenant's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -244,6 +306,21 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.ListModelsRequest.FromString,
                     response_serializer=phiserve_dot_v1_dot_inference__service__pb2.ListModelsResponse.SerializeToString,
             ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetModelRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetModelResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.TokenizeRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.DetokenizeRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.DetokenizeResponse.SerializeToString,
+            ),
             'UploadFile': grpc.unary_unary_rpc_method_handler(
                     servicer.UploadFile,
                     request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.UploadFileRequest.FromString,
@@ -258,6 +335,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetFileContent,
                     request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileContentRequest.FromString,
                     response_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetFileContentResponse.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.ListFilesRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.ListFilesResponse.SerializeToString,
+            ),
+            'DeleteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFile,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.DeleteFileRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.DeleteFileResponse.SerializeToString,
             ),
             'CreateBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateBatch,
@@ -440,6 +527,87 @@ class InferenceService:
             _registered_method=True)
 
     @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/GetModel',
+            phiserve_dot_v1_dot_inference__service__pb2.GetModelRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/Tokenize',
+            phiserve_dot_v1_dot_inference__service__pb2.TokenizeRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/Detokenize',
+            phiserve_dot_v1_dot_inference__service__pb2.DetokenizeRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def UploadFile(request,
             target,
             options=(),
@@ -510,6 +678,60 @@ class InferenceService:
             '/phiserve.v1.InferenceService/GetFileContent',
             phiserve_dot_v1_dot_inference__service__pb2.GetFileContentRequest.SerializeToString,
             phiserve_dot_v1_dot_inference__service__pb2.GetFileContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/ListFiles',
+            phiserve_dot_v1_dot_inference__service__pb2.ListFilesRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.ListFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/DeleteFile',
+            phiserve_dot_v1_dot_inference__service__pb2.DeleteFileRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.DeleteFileResponse.FromString,
             options,
             channel_credentials,
             insecure,
