@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,7 +33,11 @@ from schemathesis.core.transport import Response
 from schemathesis.pytest.lazy import get_all_tests
 from urllib3 import HTTPHeaderDict, HTTPResponse
 
-from tests.fakes.gateway import BASE_URL, InProcessGateway
+from services.catalog.loader import load_catalog
+from services.local.redis_server import LocalRedis
+from tests.conftest import inprocess_redis_url
+from tests.fakes.gateway import BASE_URL, InProcessGateway, run_inprocess_gateway
+from tests.fakes.tokenizer import write_catalog_tokenizers
 
 MAX_EXAMPLES = 12  # per operation and generation mode: ~1 minute for the whole document
 # schemathesis's default for schema-valid requests (positive_data_acceptance).
@@ -79,8 +85,15 @@ class InProcessAdapter(BaseAdapter):
 
 
 @pytest.fixture
-async def served(inprocess_gateway: InProcessGateway) -> tuple[InProcessGateway, asyncio.AbstractEventLoop]:
-    return inprocess_gateway, asyncio.get_running_loop()
+async def served(
+    redis_server: LocalRedis, tmp_path: Path
+) -> AsyncIterator[tuple[InProcessGateway, asyncio.AbstractEventLoop]]:
+    """The in-process gateway, with tokenizer files for its models: /tokenize answers (a
+    model without them is a 503, which the server-error check would count)."""
+    cache = tmp_path / "cache"
+    write_catalog_tokenizers(load_catalog("local"), cache / "models")
+    async with run_inprocess_gateway(inprocess_redis_url(redis_server), tmp_path, cache_dir=cache) as gateway:
+        yield gateway, asyncio.get_running_loop()
 
 
 @pytest.fixture
@@ -125,6 +138,23 @@ checks.positive_data_acceptance.expected-statuses = {ACCEPTED + ["400"]}
 [[operations]]
 include-path = "/v1/batches"
 include-method = "GET"
+checks.positive_data_acceptance.expected-statuses = {ACCEPTED + ["400"]}
+
+# ... or files.
+[[operations]]
+include-path = "/v1/files"
+include-method = "GET"
+checks.positive_data_acceptance.expected-statuses = {ACCEPTED + ["400"]}
+
+# Exactly one of prompt and messages; tools go with messages; a chat's own rules (tool
+# history, tool_choice) as for a chat completion.
+[[operations]]
+include-path-regex = "^(/v1)?/tokenize$"
+checks.positive_data_acceptance.expected-statuses = {ACCEPTED + ["400"]}
+
+# Token ids must be in the model's vocabulary.
+[[operations]]
+include-path-regex = "^(/v1)?/detokenize$"
 checks.positive_data_acceptance.expected-statuses = {ACCEPTED + ["400"]}
 """
 
