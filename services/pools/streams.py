@@ -12,17 +12,22 @@ _DONE = object()
 
 
 class RunningTotals:
-    """Each prompt's stream counts its own tokens; the merged stream carries the sums."""
+    """Each prompt's stream counts its own tokens; the merged stream carries the sums.
 
-    def __init__(self, streams: int) -> None:
+    `copies`: each prompt runs as that many consecutive streams (greedy choices, one engine
+    request each); its prompt is counted once, as OpenAI counts it, from its first stream."""
+
+    def __init__(self, streams: int, *, copies: int = 1) -> None:
+        self._copies = copies
         self._prompt = [0] * streams
         self._completion = [0] * streams
         self._cached = [0] * streams
 
     def add(self, position: int, chunk: GenerationChunk) -> GenerationChunk:
-        self._prompt[position] = chunk.prompt_tokens
         self._completion[position] = chunk.completion_tokens
-        self._cached[position] = chunk.cached_tokens
+        if position % self._copies == 0:
+            self._prompt[position] = chunk.prompt_tokens
+            self._cached[position] = chunk.cached_tokens
         return replace(
             chunk,
             prompt_tokens=sum(self._prompt),

@@ -69,17 +69,26 @@ class VLLMEngine(Engine):
         """One engine request per prompt (vLLM prefills each once for its n choices); with
         several prompts their streams are merged, and the running counts summed."""
         assert self._renderer is not None, "start() was not awaited"
-        params = self._sampling_params(request)
+        n = request.sampling.n
+        # vLLM refuses n > 1 with greedy sampling (temperature 0); OpenAI takes it, and every
+        # choice is the same text. Each choice is then an engine request of its own (the
+        # prefix cache shares their prompt blocks).
+        copies = n if n > 1 and request.sampling.temperature == 0 else 1
+        try:
+            params = self._sampling_params(request, n=n // copies)
+        except ValueError as exc:  # vLLM's own checks (VLLMValidationError is a ValueError)
+            raise _client_error(exc, request) from None
         inputs = await self._engine_inputs(request)
-        if len(inputs) == 1:
+        if len(inputs) == 1 and copies == 1:
             async for chunk in self._generate(request, inputs[0], params, first_index=0):
                 yield chunk
             return
-        totals = _RunningTotals(len(inputs))
         streams = [
-            self._generate(request, engine_input, params, first_index=i * request.sampling.n)
+            self._generate(request, dict(engine_input), params, first_index=i * n + j)
             for i, engine_input in enumerate(inputs)
+            for j in range(copies)
         ]
+        totals = _RunningTotals(len(streams), copies=copies)
         async for position, chunk in merge_streams(streams):
             yield totals.add(position, chunk)
 
@@ -100,7 +109,7 @@ class VLLMEngine(Engine):
             inputs[0]["multi_modal_data"] = {"image": images}
         return inputs
 
-    def _sampling_params(self, request: GenerationRequest) -> Any:
+    def _sampling_params(self, request: GenerationRequest, *, n: int) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -112,7 +121,7 @@ class VLLMEngine(Engine):
                 json_object=True if s.structured.json_object else None,
             )
         return SamplingParams(
-            n=s.n,
+            n=n,
             max_tokens=s.max_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
@@ -165,6 +174,8 @@ class VLLMEngine(Engine):
                 cached_tokens = max(cached_tokens, out.num_cached_tokens or 0)
                 finished = out.finished
                 for completion in out.outputs:
+                    if completion.finish_reason == "error":
+                        raise _finished_with_error(request, generated=completion_tokens > 0)
                     completion_tokens += len(completion.token_ids)
                     yield GenerationChunk(
                         text=completion.text,
@@ -214,6 +225,18 @@ class VLLMEngine(Engine):
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+
+
+def _finished_with_error(request: GenerationRequest, *, generated: bool) -> PhiserveError:
+    """vLLM ends a request it could not serve with finish_reason "error" (not an OpenAI
+    reason), among them one whose grammar failed to compile in the engine core after the
+    schema passed vLLM's checks: nothing generated then, so the schema is named."""
+    structured = request.sampling.structured
+    if structured is not None and not generated:
+        return InvalidRequest(
+            "the schema cannot be compiled into a grammar by the model's engine", param=structured.param
+        )
+    return GenerationFailed("the engine failed to generate a response")
 
 
 def _client_error(exc: Exception, request: GenerationRequest) -> InvalidRequest:
