@@ -102,7 +102,7 @@ def test_prompt_alone_beyond_context_is_400(http: httpx.Client) -> None:
         ({"model": "phi-3.5-mini", "messages": []}, "messages"),
         (_chat(temperature=5), "temperature"),
         (_chat(max_tokens=0), "max_tokens"),
-        (_chat(n=3), "n"),
+        (_chat(n=129), "n"),  # above any tenant's max_n (the schema caps n at 128)
         (_chat(tools=[{"type": "function"}]), "tools"),
         ({"model": "phi-3.5-mini", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         (_chat(stop=["a", "b", "c", "d", "e"]), "stop"),
