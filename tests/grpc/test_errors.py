@@ -83,7 +83,6 @@ def _chat_request(**overrides: object) -> dict[str, object]:
         ({"top_p": 0.0}, "sampling.top_p", "invalid_request"),
         ({"max_tokens": 0}, "sampling.max_tokens", "invalid_request"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "sampling.stop", "invalid_request"),
-        ({"seed": 1234}, "sampling.seed", "invalid_request"),
         ({"max_tokens": 4096}, "sampling.max_tokens", "context_length_exceeded"),
         ({"messages": [chat_pb2.ChatMessage(text="x")]}, "messages[0].role", "invalid_request"),
         (
