@@ -22,7 +22,7 @@ Ends with
 X = structured / plain tokens/s; Y = p50 TTFT of a new schema / p50 TTFT of a cached one.
 
   .venv/bin/python benchmarks/structured_outputs.py [--quick] [--requests 120] [--block 10]
-      [--concurrency 4] [--items 6] [--schemas 20]
+      [--concurrency 4] [--items 6] [--enum-values 4] [--schemas 20]
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ SERVED, PROMPT = "phi-3.5-mini", "List the items as JSON."
 MARGIN_TOKENS = 4
 
 
-def item_schema(items: int, tag: str = "cached") -> dict[str, Any]:
+def item_schema(items: int, tag: str = "cached", enum_values: int = 4) -> dict[str, Any]:
     """An object whose compact JSON has a bounded length: `items` objects of enums and a bool.
-    `tag`: one enum value, so schemas of the same shape differ (a new grammar per tag)."""
+    `tag`: one enum value, so schemas of the same shape differ (a new grammar per tag).
+    `enum_values`: the colors to choose from; more make a larger grammar to compile."""
+    colors = ["red", "green", "blue", f"c-{tag}"] + [f"v{k:05d}" for k in range(enum_values - 4)]
     item = {
         "type": "object",
         "properties": {
-            "color": {"enum": ["red", "green", "blue", f"c-{tag}"]},
+            "color": {"enum": colors},
             "ok": {"type": "boolean"},
             "size": {"enum": ["s", "m", "l"]},
         },
@@ -157,7 +159,8 @@ async def run_block(client: Client, body: dict[str, Any], count: int, concurrenc
 
 
 async def bench(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    schema = item_schema(args.items)
+    schema = item_schema(args.items, enum_values=args.enum_values)
+    print(f"  schema: {len(json.dumps(schema, separators=(',', ':')))} bytes as compact JSON", flush=True)
     await client.open(args.concurrency)
     try:
         # Warm-up and calibration: the structured output's length fixes both modes' max_tokens.
@@ -182,15 +185,16 @@ async def bench(client: Client, args: argparse.Namespace) -> dict[str, Any]:
                 totals[mode][2] += args.block
         # Time to first token: a new schema each time against the one used all along (and,
         # for reference, a plain request).
-        new, cached, plain = [], [], []
+        # Room to finish: a new schema's output may pick longer enum values than the warm-up's.
+        new, cached, plain, room = [], [], [], 2 * max_tokens
         for k in range(args.schemas):
             tag = f"{os.getpid()}-{k}"
             seconds, text = await client.ttft(
-                client.body(max_tokens, item_schema(args.items, tag), stream=True)
+                client.body(room, item_schema(args.items, tag, args.enum_values), stream=True)
             )
             check_output(text, args.items)
             new.append(seconds)
-            seconds, text = await client.ttft(client.body(max_tokens, schema, stream=True))
+            seconds, text = await client.ttft(client.body(room, schema, stream=True))
             check_output(text, args.items)
             cached.append(seconds)
             seconds, _ = await client.ttft(client.body(max_tokens, None, stream=True))
@@ -236,6 +240,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10, help="requests per alternating block")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (throughput)")
     parser.add_argument("--items", type=int, default=6, help="objects in the schema's array")
+    parser.add_argument("--enum-values", type=int, default=4, help="colors per item (>= 4): schema size")
     parser.add_argument("--schemas", type=int, default=20, help="new and cached schemas each (first token)")
     parser.add_argument("--warmup", type=int, default=5, help="warm-up requests per mode")
     parser.add_argument("--quick", action="store_true", help="smoke run: --requests 20 --schemas 5")
