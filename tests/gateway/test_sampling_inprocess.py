@@ -84,3 +84,27 @@ async def test_the_tenants_cap_on_n_and_its_price(inprocess_gateway: InProcessGa
     over = await gw.client.post(COMPLETIONS, json={**body, "n": 8}, headers=metered)
     assert over.status_code == 429 and over.json()["error"]["param"] == "request_exceeds_tpm"
     assert (await gw.client.post(COMPLETIONS, json={**body, "n": 1}, headers=metered)).status_code == 200
+
+
+async def test_inconsistent_sampling_fields_are_400_naming_the_field(
+    inprocess_gateway: InProcessGateway,
+) -> None:
+    gw = inprocess_gateway
+    cases = [
+        (CHAT, chat("hi", top_logprobs=2), "top_logprobs"),  # without logprobs: true
+        (CHAT, chat("hi", logprobs=True, top_logprobs=21), "top_logprobs"),
+        (COMPLETIONS, {"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs"),
+        (COMPLETIONS, {"model": MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+        (
+            COMPLETIONS,
+            {"model": MODEL, "prompt": "hi", "max_tokens": 4, "max_completion_tokens": 5},
+            "max_completion_tokens",
+        ),
+        (COMPLETIONS, {"model": MODEL, "prompt": [[1, 2], []]}, "prompt[1]"),
+        (COMPLETIONS, {"model": MODEL, "prompt": [1, -2]}, "prompt"),
+    ]
+    for path, body, param in cases:
+        answer = await gw.client.post(path, json=body, headers=gw.auth)
+        assert answer.status_code == 400, (body, answer.text)
+        assert answer.json()["error"]["param"] == param, (body, answer.text)
+    assert gw.engine(MODEL).requests == []  # none of them reached the engine
