@@ -162,7 +162,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.TokenizeResponse:
         async def run(call: _Call) -> pb.TokenizeResponse:
             tenant = await self._limited_tenant(call)
-            call.labels["model"] = request.model or "none"
             answer = await self._core.tokenize.tokenize(tenant, convert.tokenize_body(request))
             await call.send_headers({})
             return responses.tokenize_response(answer)
@@ -174,7 +173,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.DetokenizeResponse:
         async def run(call: _Call) -> pb.DetokenizeResponse:
             tenant = await self._limited_tenant(call)
-            call.labels["model"] = request.model or "none"
             answer = await self._core.tokenize.detokenize(tenant, convert.detokenize_body(request))
             await call.send_headers({})
             return pb.DetokenizeResponse(prompt=answer.prompt)
