@@ -177,6 +177,9 @@ def _load_tokenizer(model: str) -> Any:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(model, "tokenizer.json"))
+        # As transformers 5 loads it (tokenization_utils_base: with a tokenizer.json,
+        # tokenizer_config.json's add_bos_token/add_eos_token are dropped): the special tokens
+        # an encoding adds are the file's post-processor's, for the engine as here.
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # noqa: BLE001 - counted approximately; settlement uses the engine's count
         logger.warning("no tokenizer.json for %s (%s); estimating prompt tokens from length", model, exc)
