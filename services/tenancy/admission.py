@@ -190,11 +190,11 @@ def _refusal_message(reason: str, tenant: Tenant, reserve: int) -> str:
         "requests_per_minute": f"Rate limit reached: {limits.rpm} requests per minute",
         "tokens_per_minute": (
             f"Rate limit reached: {limits.tpm} tokens per minute (this request reserves "
-            f"{reserve} tokens: prompt + max_tokens)"
+            f"{reserve} tokens: prompt + max_tokens for each choice)"
         ),
         "request_exceeds_tpm": (
-            f"This request reserves {reserve} tokens (prompt + max_tokens), more than the "
-            f"tenant's {limits.tpm} tokens per minute; lower max_tokens"
+            f"This request reserves {reserve} tokens (prompt + max_tokens for each choice), more than the "
+            f"tenant's {limits.tpm} tokens per minute; lower max_tokens or n"
         ),
         "concurrency": f"Too many requests in flight: the limit is {limits.max_concurrent}",
         "daily_token_budget": f"Daily token budget of {limits.daily_token_budget} is used up",

@@ -83,6 +83,7 @@ async def test_the_tenants_cap_on_n_and_its_price(inprocess_gateway: InProcessGa
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 40}
     over = await gw.client.post(COMPLETIONS, json={**body, "n": 8}, headers=metered)
     assert over.status_code == 429 and over.json()["error"]["param"] == "request_exceeds_tpm"
+    assert "max_tokens for each choice" in over.json()["error"]["message"]
     assert (await gw.client.post(COMPLETIONS, json={**body, "n": 1}, headers=metered)).status_code == 200
 
 
