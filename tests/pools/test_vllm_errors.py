@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from vllm.exceptions import VLLMValidationError
 
 from services.catalog.loader import load_catalog
 from services.errors import GenerationFailed, InvalidRequest
 from services.pools.engine import GenerationChunk, GenerationRequest, SamplingOptions, StructuredOutput
 from services.pools.vllm_engine import VLLMEngine
+
+# Real vLLM parts: its exception types (importing vLLM costs 10-15 s of CPU, a minute on a
+# loaded machine), so these run with the cluster layer, not the fast one.
+pytestmark = pytest.mark.cluster
 
 PARAM = "response_format.json_schema.schema"
 XGRAMMAR_REFUSAL = (
@@ -79,6 +82,8 @@ async def _run(engine: VLLMEngine, request: GenerationRequest) -> list[Generatio
 
 
 async def test_a_refused_schema_names_its_field_without_the_backends_stamp() -> None:
+    from vllm.exceptions import VLLMValidationError  # here: collecting the fast layer imports no vLLM
+
     stand_in = _StandIn([], VLLMValidationError(XGRAMMAR_REFUSAL))
     with pytest.raises(InvalidRequest) as refused:
         await _run(
