@@ -22,7 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.errors import InvalidRequest
-from services.inference.protocol.chat import ChatCompletionRequest, NamedToolChoice, ToolDefinition
+from services.inference.protocol.chat import (
+    IGNORE_EOS_WITH_JSON,
+    ChatCompletionRequest,
+    NamedToolChoice,
+    ToolDefinition,
+)
 from services.inference.protocol.responses import ToolCall, ToolCallDelta
 from services.pools.engine import StructuredOutput
 
@@ -60,6 +65,8 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
             "response_format cannot be combined with a forced tool call: the call's arguments follow the tool's schema",
             param="response_format",
         )
+    if body.ignore_eos:
+        raise InvalidRequest(IGNORE_EOS_WITH_JSON, param="ignore_eos")
     names = [tool.function.name for tool in body.tools]
     if len(set(names)) != len(names):
         raise InvalidRequest("tool function names must be unique", param="tools")

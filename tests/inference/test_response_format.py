@@ -49,3 +49,25 @@ def test_a_json_schema_without_a_schema_is_refused() -> None:
 @pytest.mark.parametrize("response_format", [None, {"type": "text"}])
 def test_text_is_unconstrained(response_format: dict[str, Any] | None) -> None:
     assert _options(response_format).structured is None
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}],
+)
+def test_json_output_with_ignore_eos_is_refused(response_format: dict[str, Any]) -> None:
+    # Past the end of the JSON the grammar allows only the end of sequence; ignored, vLLM
+    # goes on generating unconstrained text after the JSON.
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "phi-3.5-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": response_format,
+            "ignore_eos": True,
+        }
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        body.structured_output()
+    assert refused.value.param == "ignore_eos"
+    text = body.model_copy(update={"response_format": None})
+    assert text.structured_output() is None  # plain text may ignore the end of sequence

@@ -127,6 +127,8 @@ def test_auto_is_refused_with_the_reason(choice: str | None) -> None:
             {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
             "response_format",
         ),
+        # Past the end of the call's JSON vLLM would go on unconstrained.
+        ({"tools": TOOLS, "tool_choice": _named("set_alarm"), "ignore_eos": True}, "ignore_eos"),
     ],
 )
 def test_refusals_name_the_field(fields: dict[str, Any], param: str) -> None:

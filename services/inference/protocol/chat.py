@@ -96,6 +96,12 @@ class JsonSchemaFormat(BaseModel):
 
 # The field a schema error names (a refusal by the grammar backend, the tenant's size cap).
 SCHEMA_PARAM = "response_format.json_schema.schema"
+# Past the end of the JSON the grammar allows only the end of sequence; with that ignored, vLLM
+# goes on generating unconstrained text after the JSON (measured), and the output never parses.
+IGNORE_EOS_WITH_JSON = (
+    "ignore_eos cannot be combined with JSON output (response_format json_object or json_schema, "
+    "or a forced tool call): the output would run on past the end of the JSON"
+)
 
 
 class ResponseFormatText(BaseModel):
@@ -158,6 +164,8 @@ class ChatCompletionRequest(SamplingFields):
 
     def structured_output(self) -> StructuredOutput | None:
         fmt = self.response_format
+        if isinstance(fmt, ResponseFormatJsonObject | ResponseFormatJsonSchema) and self.ignore_eos:
+            raise InvalidRequest(IGNORE_EOS_WITH_JSON, param="ignore_eos")
         if isinstance(fmt, ResponseFormatJsonSchema):
             if fmt.json_schema.schema_ is None:
                 # A json_schema with nothing to follow is a client's mistake; answering it as
