@@ -123,7 +123,7 @@ def build_core(
         completions=CompletionService(router, runner, tokens, platform=catalog.platform, end_users=end_users),
         tokens=tokens,
         tokenize=TokenizeService(router, chat, tokens, templates),
-        models=ModelsService(catalog),
+        models=ModelsService(catalog, settings.model_dir.resolve()),
         tenants=TenantStore(redis, tenant_cache_ttl_s=settings.tenant_cache_ttl_s),
         usage=UsageLedger(redis),
         api_limiter=ApiRequestLimiter(admission, metrics),

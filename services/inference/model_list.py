@@ -8,7 +8,7 @@ that does not exist (the same 404 body), so a key does not learn of other tenant
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 from services.catalog.models import Catalog
 from services.errors import ModelNotFound
@@ -17,8 +17,7 @@ from services.tenancy.models import Tenant
 
 
 class ModelsService:
-    def __init__(self, catalog: Catalog) -> None:
-        created = int(time.time())
+    def __init__(self, catalog: Catalog, model_dir: Path) -> None:
         # A tenant allowed any name of a pool may use all of its names (TenantGate's rule).
         self._pool_names = {pool.name: pool.names for pool in catalog.enabled_pools}
         self._listing: ModelList = {
@@ -27,7 +26,7 @@ class ModelsService:
                 {
                     "id": name,
                     "object": "model",
-                    "created": created,
+                    "created": _created(pool.resolve_model_path(model_dir)),
                     "owned_by": "phiserve",
                     "root": pool.served_names[0],
                     "pool": pool.name,
@@ -56,3 +55,11 @@ class ModelsService:
 
     def _allows(self, tenant: Tenant, entry: Model) -> bool:
         return tenant.allows(self._pool_names[entry["pool"]])
+
+
+def _created(model: str) -> int:
+    """When the model's files were written: the same on every gateway replica (each replica's
+    start time made a list and a retrieve on two replicas disagree). 0 when the weights are
+    not on the gateway's disk (a hub id the pool downloads)."""
+    config = Path(model) / "config.json"
+    return int(config.stat().st_mtime) if config.is_file() else 0
