@@ -5,10 +5,15 @@ completions), and the hash cannot be made without the server's secret."""
 from __future__ import annotations
 
 import logging
+import uuid
+from pathlib import Path
 
+import httpx
 import pytest
 
 from services.tenancy.end_users import EndUserIds
+from tests.conftest import CACHE_SALT_SECRET as CACHE_SALT_SECRET_CLUSTER
+from tests.conftest import Cluster, wait_until
 from tests.fakes.gateway import CACHE_SALT_SECRET, InProcessGateway, sse_payloads
 
 USER = "alice.smith@example.com"
@@ -69,3 +74,25 @@ def test_the_hash_is_keyed_and_stable() -> None:
     assert ids.digest(None) is None and ids.digest("") is None
     with pytest.raises(ValueError):
         EndUserIds(b"short")
+
+
+def test_the_clusters_logs_carry_the_hash_and_never_the_user(cluster: Cluster, http: httpx.Client) -> None:
+    import ray
+
+    user = f"carol-{uuid.uuid4().hex[:8]}@example.com"
+    expected = EndUserIds.from_secret(CACHE_SALT_SECRET_CLUSTER).digest(user)
+    assert expected is not None
+    body = {"model": "phi-3.5-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert http.post("/v1/chat/completions", json={**body, "user": user}).status_code == 200
+    streamed = {**body, "user": user, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=streamed) as resp:
+        assert resp.status_code == 200 and list(resp.iter_lines())
+    log_dir = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+
+    def logged() -> int:
+        texts = [p.read_text(errors="replace") for p in log_dir.rglob("*") if p.is_file()]
+        assert not any(user in text or user.split("@")[0] in text for text in texts), "raw user logged"
+        return sum(text.count(f"user={expected}") for text in texts)
+
+    # Both requests' lines (the gateway replicas write their logs as they go).
+    wait_until(lambda: logged() >= 2, timeout_s=30, what="the requests' log lines with the hash")
