@@ -199,6 +199,18 @@ def test_a_json_schema_without_a_schema_is_a_400(http: httpx.Client) -> None:
     assert err["param"] == SCHEMA_PARAM and "json_object" in err["message"]
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [{"response_format": {"type": "json_object"}}, {"tools": TOOLS, "tool_choice": _named("set_alarm")}],
+    ids=["json_object", "forced-call"],
+)
+def test_ignore_eos_with_json_output_is_a_400(http: httpx.Client, extra: dict[str, Any]) -> None:
+    # Past the end of the JSON vLLM would go on generating unconstrained text until max_tokens.
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 8, "ignore_eos": True, **extra}
+    err = _error(http.post(CHAT, json=body))
+    assert err["param"] == "ignore_eos" and "past the end of the JSON" in err["message"]
+
+
 def test_schemas_over_the_tenants_cap_are_refused(cluster: Cluster, admin: httpx.Client) -> None:
     _, key, _ = _new_tenant(admin, limits={"max_schema_bytes": 96})
     with _client(cluster, key) as client:
