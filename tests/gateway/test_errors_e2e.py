@@ -103,7 +103,7 @@ def test_prompt_alone_beyond_context_is_400(http: httpx.Client) -> None:
         (_chat(temperature=5), "temperature"),
         (_chat(max_tokens=0), "max_tokens"),
         (_chat(n=129), "n"),  # above any tenant's max_n (the schema caps n at 128)
-        (_chat(tools=[{"type": "function"}]), "tools"),
+        (_chat(tools=[{"type": "function"}]), "tools[0].function"),  # the missing field
         ({"model": "phi-3.5-mini", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         (_chat(stop=["a", "b", "c", "d", "e"]), "stop"),
         (_chat(stream_options={"include_usage": True}), "stream_options"),
