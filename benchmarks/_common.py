@@ -89,3 +89,25 @@ def serve_session(port: int) -> Iterator[None]:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+class ChatSession:
+    """An aiohttp session posting to a gateway's /v1/chat/completions with a tenant key."""
+
+    timeout_s = 120.0
+
+    def __init__(self, base: str, key: str) -> None:
+        self._url = f"{base}/v1/chat/completions"
+        self._headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+        self._session: Any = None
+
+    async def open(self, concurrency: int) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency),
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+        )
+
+    async def close(self) -> None:
+        await self._session.close()

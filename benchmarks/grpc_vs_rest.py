@@ -28,30 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, deploy, free_port, pct, serve_session, text_catalog
+from _common import REPO, ChatSession, deploy, free_port, pct, serve_session, text_catalog
 
 sys.path.insert(0, str(REPO))
 SERVED, MAX_TOKENS, PROMPT = "phi-3.5-mini", 16, "Write one sentence about the sea."
 MODES = [(False, 1), (True, 1), (False, 8), (True, 8)]  # (stream, concurrency)
 
 
-class Rest:
+class Rest(ChatSession):
     name = "rest"
-
-    def __init__(self, base: str, key: str) -> None:
-        self._url = f"{base}/v1/chat/completions"
-        self._headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
-        self._session: Any = None
-
-    async def open(self, concurrency: int) -> None:
-        import aiohttp
-
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=120)
-        )
-
-    async def close(self) -> None:
-        await self._session.close()
 
     async def one(self, stream: bool) -> tuple[float, float | None]:
         body: dict[str, Any] = {

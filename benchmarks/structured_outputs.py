@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, deploy, free_port, pct, serve_session, text_catalog
+from _common import REPO, ChatSession, deploy, free_port, pct, serve_session, text_catalog
 
 sys.path.insert(0, str(REPO))
 SERVED, PROMPT = "phi-3.5-mini", "List the items as JSON."
@@ -67,21 +67,8 @@ def item_schema(items: int, tag: str = "cached", enum_values: int = 4) -> dict[s
     }
 
 
-class Client:
-    def __init__(self, base: str, key: str) -> None:
-        self._url = f"{base}/v1/chat/completions"
-        self._headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
-        self._session: Any = None
-
-    async def open(self, concurrency: int) -> None:
-        import aiohttp
-
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=300)
-        )
-
-    async def close(self) -> None:
-        await self._session.close()
+class Client(ChatSession):
+    timeout_s = 300.0
 
     def body(self, max_tokens: int, schema: dict[str, Any] | None, *, stream: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {
