@@ -47,7 +47,7 @@ def test_scale_down_under_load_drops_nothing(cluster: Cluster) -> None:
                 request_id=f"drain-{n}-{i}",
                 model="phi-3.5-mini",
                 sampling=SamplingOptions(max_tokens=60, temperature=0, ignore_eos=True),
-                prompt="Once upon a time",
+                prompts=("Once upon a time",),
             )
             try:
                 result = handle.generate.remote(request).result(timeout_s=120)
