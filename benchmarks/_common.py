@@ -3,12 +3,15 @@ phiserve cluster (in-process Ray, Serve on a port, the local profile's text pool
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +92,46 @@ def serve_session(port: int) -> Iterator[None]:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+@dataclass(frozen=True)
+class LocalPhiserve:
+    base: str  # REST, http://127.0.0.1:<port>
+    grpc_target: str  # 127.0.0.1:<port>
+    key: str  # the bootstrap tenant's API key
+
+
+@contextmanager
+def local_phiserve(prefix: str) -> Iterator[LocalPhiserve]:
+    """The tiny models, a private Redis and phiserve with the local text pool on free ports,
+    ready; everything stopped on exit."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.chdir(REPO)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    from services.local.redis_server import LocalRedis
+    from services.local.tiny_models import build_tiny_models
+    from services.settings import Settings
+    from services.tenancy.store import new_plain_key
+
+    build_tiny_models(CACHE_DIR / "models")
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    redis = LocalRedis(port=free_port(), directory=tmp / "redis")
+    redis.start(appendonly=False)
+    key = new_plain_key()[1]
+    port, grpc_port = free_port(), free_port()
+    settings = Settings(
+        port=port,
+        grpc_port=grpc_port,
+        cache_dir=CACHE_DIR,
+        redis_url=redis.url,
+        api_key=key,
+        batch_workers=0,
+    )
+    try:
+        with serve_session(port):
+            yield LocalPhiserve(deploy(settings, text_catalog()), f"127.0.0.1:{grpc_port}", key)
+    finally:
+        redis.stop()
 
 
 class ChatSession:

@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from _common import REPO, ChatSession, deploy, free_port, pct, serve_session, text_catalog
+from _common import REPO, ChatSession, local_phiserve, pct
 
 sys.path.insert(0, str(REPO))
 SERVED, MAX_TOKENS, PROMPT = "phi-3.5-mini", 16, "Write one sentence about the sea."
@@ -192,40 +189,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="warm-up requests per mode and transport")
     args = parser.parse_args()
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.chdir(REPO)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    from services.local.redis_server import LocalRedis
-    from services.local.tiny_models import build_tiny_models
-    from services.settings import Settings
-    from services.tenancy.store import new_plain_key
-
-    build_tiny_models(REPO / ".cache" / "models")
-    tmp = Path(tempfile.mkdtemp(prefix="grpc-bench-"))
-    redis = LocalRedis(port=free_port(), directory=tmp / "redis")
-    redis.start(appendonly=False)
-    key = new_plain_key()[1]
-    port, grpc_port = free_port(), free_port()
-    settings = Settings(
-        port=port,
-        grpc_port=grpc_port,
-        cache_dir=REPO / ".cache",
-        redis_url=redis.url,
-        api_key=key,
-        batch_workers=0,
-    )
-    try:
-        with serve_session(port):
-            base = deploy(settings, text_catalog())
-            print(
-                f"phiserve ready: REST {base}, gRPC 127.0.0.1:{grpc_port}; {args.requests} requests per mode "
-                f"and transport, blocks of {args.block}",
-                flush=True,
-            )
-            transports = [Rest(base, key), Grpc(f"127.0.0.1:{grpc_port}", key)]
-            rows = asyncio.run(bench(transports, args))
-    finally:
-        redis.stop()
+    with local_phiserve("grpc-bench-") as phiserve:
+        print(
+            f"phiserve ready: REST {phiserve.base}, gRPC {phiserve.grpc_target}; {args.requests} requests "
+            f"per mode and transport, blocks of {args.block}",
+            flush=True,
+        )
+        transports = [Rest(phiserve.base, phiserve.key), Grpc(phiserve.grpc_target, phiserve.key)]
+        rows = asyncio.run(bench(transports, args))
     p50_ratio, ttft_ratio = report(rows)
     print(f"\nRESULT grpc p50_ratio_vs_rest={p50_ratio:.3f} ttft_ratio_vs_rest={ttft_ratio:.3f}")
 

@@ -32,12 +32,10 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from _common import REPO, ChatSession, deploy, free_port, pct, serve_session, text_catalog
+from _common import REPO, ChatSession, local_phiserve, pct
 
 sys.path.insert(0, str(REPO))
 SERVED, PROMPT = "phi-3.5-mini", "List the items as JSON."
@@ -235,39 +233,13 @@ def main() -> None:
     if args.quick:
         args.requests, args.schemas = 20, 5
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.chdir(REPO)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    from services.local.redis_server import LocalRedis
-    from services.local.tiny_models import build_tiny_models
-    from services.settings import Settings
-    from services.tenancy.store import new_plain_key
-
-    build_tiny_models(REPO / ".cache" / "models")
-    tmp = Path(tempfile.mkdtemp(prefix="structured-bench-"))
-    redis = LocalRedis(port=free_port(), directory=tmp / "redis")
-    redis.start(appendonly=False)
-    key = new_plain_key()[1]
-    port = free_port()
-    settings = Settings(
-        port=port,
-        grpc_port=free_port(),
-        cache_dir=REPO / ".cache",
-        redis_url=redis.url,
-        api_key=key,
-        batch_workers=0,
-    )
-    try:
-        with serve_session(port):
-            base = deploy(settings, text_catalog())
-            print(
-                f"phiserve ready: {base}; {args.requests} requests per mode in blocks of {args.block} "
-                f"at concurrency {args.concurrency}, {args.items} items per output",
-                flush=True,
-            )
-            result = asyncio.run(bench(Client(base, key), args))
-    finally:
-        redis.stop()
+    with local_phiserve("structured-bench-") as phiserve:
+        print(
+            f"phiserve ready: {phiserve.base}; {args.requests} requests per mode in blocks of {args.block} "
+            f"at concurrency {args.concurrency}, {args.items} items per output",
+            flush=True,
+        )
+        result = asyncio.run(bench(Client(phiserve.base, phiserve.key), args))
     tps_ratio, ttft_ratio = report(result, args)
     print(
         f"\nRESULT structured json_schema_tps_ratio={tps_ratio:.3f} first_schema_ttft_ratio={ttft_ratio:.3f}"
