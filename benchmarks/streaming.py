@@ -251,14 +251,25 @@ class Tally:
         return self.tokens / self.wall
 
 
-def measure(name: str, groups: Groups, run: Any, expect: int, tally: Tally | None) -> None:
-    before = cpu(groups)
-    result = run()
-    after = cpu(groups)
+def measure(name: str, groups: Groups, run: Any, expect: int, tally: Tally | None) -> dict[str, Any]:
+    """One round; a round with a failed stream (e.g. a 503 when the loaded machine delays the
+    pool's assignment) is reported and run again, at most 3 times."""
+    for attempt in range(3):
+        before = cpu(groups)
+        try:
+            result: dict[str, Any] = run()
+        except Exception as exc:  # reported; the round is redone
+            print(f"  {name:8} round failed ({'redone' if attempt < 2 else 'giving up'}): {exc!r}"[:300])
+            if attempt == 2:
+                raise
+            continue
+        after = cpu(groups)
+        break
     if any(t != expect for t in result["tokens"]):
         raise RuntimeError(f"{name}: expected {expect} tokens per stream, got {result['tokens']}")
     line = (tally or Tally(name)).add(result, before, after)
     print(f"  {name:8} {'warm-up' if tally is None else ''} {line}", flush=True)
+    return result
 
 
 def profile(pids: dict[str, int], seconds: float, drive: Any, tmp: Path) -> None:
@@ -337,12 +348,11 @@ def main() -> None:
             tallies = {"bare": Tally("bare"), "gateway": Tally("gateway")}
             runs = {"bare": (bare.groups, bare_round), "gateway": (groups, gateway_round)}
             for name, (g, run) in runs.items():
-                measure(name, g, run, args.tokens, None)
+                prompt_tokens = measure(name, g, run, args.tokens, None).get("prompt_tokens", 0)
             for r in range(rounds):
                 print(f"round {r + 1}/{rounds}")
                 for name, (g, run) in runs.items():
                     measure(name, g, run, args.tokens, tallies[name])
-            prompt_tokens = gateway_round()["prompt_tokens"]
             if args.profile_seconds:
                 pids = {k: groups[k][0].pid for k in ("gateway", "pool")}
                 profile(pids, args.profile_seconds, gateway_round, tmp)
