@@ -16,6 +16,9 @@ from services.settings import Settings
 GATEWAY_DEPLOYMENT = "gateway"
 BATCH_DEPLOYMENT = "batch-worker"
 APP_NAME = "phiserve"
+# Serve's per-request access log costs each replica a record per call; phiserve writes its
+# own line per generation (inference/gate.py) with what an operator needs.
+LOGGING = {"enable_access_log": False}
 
 # What every vLLM replica needs on the CPU; see docs/architecture.md. These are set
 # per replica process through its runtime_env so they never leak into the gateway.
@@ -51,6 +54,7 @@ def build_pool(pool: PoolConfig, catalog: Catalog, settings: Settings) -> Applic
         "health_check_timeout_s": dep.health_check_timeout_s,
         "graceful_shutdown_timeout_s": dep.graceful_shutdown_timeout_s,
         "ray_actor_options": _actor_options(pool, catalog),
+        "logging_config": LOGGING,
     }
     if dep.autoscaling is not None:
         options["autoscaling_config"] = {
@@ -94,12 +98,14 @@ def build_app(settings: Settings, catalog: Catalog) -> Application:
             health_check_period_s=5,
             graceful_shutdown_timeout_s=5,
             ray_actor_options=edge_actor_options(settings),
+            logging_config=LOGGING,
         )(BatchWorker).bind(catalog, settings, pools)
     gateway = serve.deployment(
         name=GATEWAY_DEPLOYMENT,
         num_replicas=settings.gateway_replicas,
         max_ongoing_requests=1024,
         ray_actor_options=edge_actor_options(settings),
+        logging_config=LOGGING,
     )(GatewayIngress)
     return gateway.bind(catalog, settings, pools, batch_worker=worker)
 

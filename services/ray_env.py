@@ -17,6 +17,18 @@ import shutil
 from pathlib import Path
 
 PROXY_MODES = ("default", "direct", "haproxy")
+
+# Ray Serve's throughput-optimized mode (serve/_private/constants.py, end of file), in every
+# proxy mode (issue 12): handle calls between deployments go over gRPC instead of Ray actor
+# calls, user code and the request router run on the replica's own event loop, the GC is
+# frozen after start-up. Its request-path log buffer (1,000 records, flushed only when full
+# or on an error) would hold a quiet replica's log lines for hours: phiserve writes one line
+# per request, so records are written as they come (1) and Serve's access log is off
+# (services/app.py) instead.
+THROUGHPUT_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+}
 HAPROXY_LAUNCHER = "haproxy-loopback"
 
 # Ray Serve renders HAProxy's stats page (`listen stats`, port 8404) and Prometheus exporter
@@ -93,8 +105,9 @@ def ray_process_env(
     (8404, 9101); two clusters on one machine need their own."""
     if proxy_mode not in PROXY_MODES:
         raise ValueError(f"proxy mode {proxy_mode!r}: use one of {', '.join(PROXY_MODES)}")
-    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    env = {"RAY_USAGE_STATS_ENABLED": "0", **THROUGHPUT_ENV}
     if proxy_mode == "default":
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"  # throughput mode would turn it on
         return env
     env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     if drain_period_s is not None:

@@ -122,7 +122,11 @@ class GatewayMiddleware:
             return
         if self._tenants is not None and is_tenant_route(scope.get("path", "")):
             try:
-                state["tenant"], _ = await self._tenants.authenticate(presented_key(Headers(scope=scope)))
+                state["tenant"], _ = await self._tenants.authenticate(
+                    presented_key(Headers(scope=scope)),
+                    # A generation's admission checks a cached key's auth version (enter.lua).
+                    checked_at_admission=scope.get("path", "") in GENERATION_PATHS,
+                )
             except PhiserveError as exc:
                 # Answered without reading the body; the server discards what follows.
                 count_redis_down(self._metrics, exc)

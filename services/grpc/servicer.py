@@ -287,8 +287,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # -- the shared path ----------------------------------------------------------------
 
-    async def _tenant(self, call: _Call) -> Tenant:
-        tenant, _ = await self._core.tenants.authenticate(presented_key(call.metadata))
+    async def _tenant(self, call: _Call, *, generation: bool = False) -> Tenant:
+        # A generation's admission checks a cached key's auth version (enter.lua).
+        tenant, _ = await self._core.tenants.authenticate(
+            presented_key(call.metadata), checked_at_admission=generation
+        )
         call.labels["tenant"] = tenant_label(tenant.id, tenant.metrics_label)
         return tenant
 
@@ -299,7 +302,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return tenant
 
     async def _caller(self, call: _Call) -> Caller:
-        tenant = await self._tenant(call)
+        tenant = await self._tenant(call, generation=True)
         # The client's deadline bounds the wait in the fair queue, as x-stainless-timeout does.
         return Caller(
             tenant=tenant, deadline_s=call.context.time_remaining(), started=call.started, labels=call.labels

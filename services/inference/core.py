@@ -32,6 +32,7 @@ from services.settings import Settings
 from services.tenancy.admission import Admission
 from services.tenancy.cache_salt import CacheSalts
 from services.tenancy.end_users import EndUserIds
+from services.tenancy.entry import TenancySteps
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.store import TenantStore
 from services.tenancy.usage import UsageLedger
@@ -97,9 +98,10 @@ def build_core(
         ),
     )
     tokens = TokenCounter.for_pools(catalog.enabled_pools, settings.model_dir.resolve())
+    tenants = TenantStore(redis, tenant_cache_ttl_s=settings.tenant_cache_ttl_s)
     gate = TenantGate(
-        admission,
-        fair_queue,
+        TenancySteps(redis, admission, fair_queue),
+        tenants,
         tokens,
         keeper,
         metrics,
@@ -124,7 +126,7 @@ def build_core(
         tokens=tokens,
         tokenize=TokenizeService(router, chat, tokens, templates),
         models=ModelsService(catalog, settings.model_dir.resolve()),
-        tenants=TenantStore(redis, tenant_cache_ttl_s=settings.tenant_cache_ttl_s),
+        tenants=tenants,
         usage=UsageLedger(redis),
         api_limiter=ApiRequestLimiter(admission, metrics),
         readiness=Readiness(

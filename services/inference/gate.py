@@ -14,16 +14,29 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from services.catalog.models import PoolConfig
-from services.errors import ContextLengthExceeded, InvalidRequest, Overloaded, PermissionDenied, RateLimited
+from services.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
+    TenancyUnavailable,
+)
 from services.inference.capacity import PoolCapacity
 from services.inference.metrics import GatewayMetrics, tenant_label
 from services.inference.tokens import TokenCounter
 from services.pools.engine import GenerationRequest
 from services.tenancy.admission import Admission, Reservation, Usage
+from services.tenancy.entry import StaleAuth, TenancySteps
 from services.tenancy.fair_queue import FairQueue, Grant
 from services.tenancy.models import Tenant
+from services.tenancy.store import TenantStore
 
 logger = logging.getLogger(__name__)
+
+# enter.lua found the cached key stale this many times in a row (its tenant changing
+# under it each time): give up with a 503 rather than loop.
+STALE_AUTH_RETRIES = 3
 
 
 @dataclass
@@ -100,8 +113,8 @@ class LeaseKeeper:
 class TenantGate:
     def __init__(
         self,
-        admission: Admission,
-        fair_queue: FairQueue,
+        steps: TenancySteps,
+        tenants: TenantStore,
         counter: TokenCounter,
         keeper: LeaseKeeper,
         metrics: GatewayMetrics,
@@ -109,8 +122,8 @@ class TenantGate:
         queue_timeout_s: float,
     ) -> None:
         self._metrics = metrics
-        self._admission = admission
-        self._fair_queue = fair_queue
+        self._steps = steps
+        self._tenants = tenants
         self._counter = counter
         self._keeper = keeper
         self._queue_timeout_s = queue_timeout_s
@@ -134,29 +147,31 @@ class TenantGate:
         )
         # Every choice may generate max_tokens: n choices per prompt are priced as n requests.
         reserve = prompt_tokens + max_tokens * request.choice_count
-        try:
-            reservation = await self._admission.admit(tenant, reserve)
-        except RateLimited as exc:
-            self._metrics.rejected.inc(tags={"reason": exc.param or "rate_limit"})
-            raise
-        admitted = Admitted(tenant, pool, request, reservation, None, prompt_tokens)
-        try:
-            timeout = self._queue_timeout_s if deadline_s is None else min(self._queue_timeout_s, deadline_s)
-            admitted.grant = await self._fair_queue.acquire(
-                pool.name,
-                tenant_id=tenant.id,
-                cost=reserve * pool.cost_factor,
-                weight=tenant.weight,
-                priority=tenant.priority_class.engine_priority,
-                timeout_s=max(timeout, 0.05),
-            )
-        except BaseException as exc:
-            if isinstance(exc, (Overloaded, RateLimited)):  # queue full or timed out, tenant's waiting cap
-                self._metrics.rejected.inc(tags={"reason": exc.param or "queue_timeout"})
-            # Shielded: a second cancel here would leak the concurrency lease until it expires.
-            await asyncio.shield(self._admission.settle(admitted.reservation, 0))
-            raise
-        self._metrics.queue_wait.observe(admitted.grant.waited_s, tags={"pool": pool.name})
+        timeout = self._queue_timeout_s if deadline_s is None else min(self._queue_timeout_s, deadline_s)
+        for _ in range(STALE_AUTH_RETRIES):
+            try:
+                reservation, grant = await self._steps.enter(
+                    tenant,
+                    reserve,
+                    pool=pool.name,
+                    cost=reserve * pool.cost_factor,
+                    timeout_s=max(timeout, 0.05),
+                )
+                break
+            except StaleAuth:
+                # The key was revoked or its tenant changed since this replica cached them:
+                # read both again (AuthenticationFailed for a revoked key), then re-apply the
+                # tenant's policy before admitting.
+                tenant = await self._tenants.reload(tenant)
+                request = self._apply_policy(tenant, pool, request)
+                reserve = prompt_tokens + (request.sampling.max_tokens or max_tokens) * request.choice_count
+            except (Overloaded, RateLimited) as exc:  # a limit, a full queue, a queue timeout
+                self._metrics.rejected.inc(tags={"reason": exc.param or "rate_limit"})
+                raise
+        else:
+            raise TenancyUnavailable("tenant records keep changing; retry", retry_after_s=1)
+        admitted = Admitted(tenant, pool, request, reservation, grant, prompt_tokens)
+        self._metrics.queue_wait.observe(grant.waited_s, tags={"pool": pool.name})
         self._keeper.add(admitted)
         return admitted
 
@@ -199,14 +214,11 @@ class TenantGate:
             self._metrics.prompt_tokens.inc(prompt_tokens, tags=tags)
         if completion_tokens > 0:
             self._metrics.completion_tokens.inc(completion_tokens, tags=tags)
-        steps = [self._admission.settle(admitted.reservation, prompt_tokens + completion_tokens, usage=usage)]
-        if admitted.grant is not None:
-            steps.append(self._fair_queue.release(admitted.grant))
-        # Independent keys: the slot release and the settlement go out side by side.
-        results = await asyncio.gather(*steps, return_exceptions=True)
-        for exc in results:
-            if isinstance(exc, Exception):  # Redis down: the leases expire on their own
-                logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
+        used = prompt_tokens + completion_tokens
+        try:
+            await self._steps.leave(admitted.reservation, admitted.grant, used, usage=usage)
+        except Exception as exc:  # noqa: BLE001 - Redis down: the leases expire on their own
+            logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
         request = admitted.request
         # The request's log line (REST, gRPC and batch): the end user only as its keyed hash.
         logger.info(

@@ -9,6 +9,9 @@ from __future__ import annotations
 PREFIX = "phiserve"
 
 TENANT_IDS = f"{PREFIX}:tenants"  # set of tenant ids
+# Counter bumped by every key revocation and tenant change: a gateway's cached keys are
+# good while it is unchanged, and enter.lua checks it with each admission (issue 12).
+AUTH_VERSION = f"{PREFIX}:auth-version"
 
 
 def tenant(tenant_id: str) -> str:  # string: the tenant's JSON record

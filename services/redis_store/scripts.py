@@ -24,10 +24,28 @@ class Script(StrEnum):
     FAIR_QUEUE = "fair_queue"  # fair queue: acquire / release / renew, then dispatch
     RECORD_RESULT = "record_result"  # batch: write items' results once and acknowledge them
     RESERVE = "reserve"  # batch: take a place in a per-tenant quota hash
+    ENTER = "enter"  # a generation's way in: auth version, admit, fair-queue acquire
+    LEAVE = "leave"  # a generation's way out: settle, fair-queue release
+
+    @property
+    def parts(self) -> tuple[Script, ...]:
+        """The scripts whose bodies this one runs, in the same atomic call."""
+        return _PARTS.get(self, ())
 
     @property
     def path(self) -> Path:
         return LUA_DIR / f"{self.value}.lua"
 
     def source(self) -> str:
-        return self.path.read_text()
+        # Each part becomes a local function of (KEYS, ARGV): its body reads the slices it
+        # is given exactly as it reads the call's own KEYS and ARGV when run alone.
+        functions = "".join(
+            f"local function {part.value}(KEYS, ARGV)\n{part.path.read_text()}end\n\n" for part in self.parts
+        )
+        return functions + self.path.read_text()
+
+
+_PARTS = {
+    Script.ENTER: (Script.ADMIT, Script.FAIR_QUEUE),
+    Script.LEAVE: (Script.SETTLE, Script.FAIR_QUEUE),
+}

@@ -51,6 +51,19 @@ class Reservation:
     recorded: bool = True
 
 
+@dataclass(frozen=True)
+class AdmitCall:
+    """One admission's step, named before it runs."""
+
+    tenant: Tenant
+    reserve_tokens: int
+    lease_id: str
+    day: str
+    now_ms: int
+    keys: list[str]
+    args: list[Any]
+
+
 def utc_day(now: float) -> str:
     return time.strftime("%Y%m%d", time.gmtime(now))
 
@@ -80,40 +93,63 @@ class Admission:
         self._clock = clock
 
     async def admit(self, tenant: Tenant, reserve_tokens: int) -> Reservation:
+        call = self.admit_call(tenant, reserve_tokens)
+        try:
+            result = await self._store.script(Script.ADMIT, keys=call.keys, args=call.args)
+        except ServiceUnavailable:
+            if not self._fail_open:
+                raise
+            return self.admitted_without_limits(call)
+        return self.reservation(call, result)
+
+    def admit_call(self, tenant: Tenant, reserve_tokens: int) -> AdmitCall:
+        """admit.lua's KEYS and ARGV (run alone, or inside enter.lua)."""
         now = (self._clock or time.time)()
-        now_ms = int(now * 1000)
         # The budget's day key is named before the call, on this host's clock (a skew
         # matters only in the seconds around midnight).
         day = utc_day(now)
         limits = tenant.limits
         lease_id = secrets.token_hex(8)
-        try:
-            result = await self._store.script(
-                Script.ADMIT,
-                keys=[
-                    keys.requests_window(tenant.id),
-                    keys.tokens_window(tenant.id),
-                    keys.concurrency_leases(tenant.id),
-                    keys.daily_tokens(tenant.id, day),
-                ],
-                args=[
-                    now_ms if self._clock is not None else "",
-                    limits.rpm or 0,
-                    limits.tpm or 0,
-                    limits.max_concurrent or 0,
-                    limits.daily_token_budget or 0,
-                    reserve_tokens,
-                    lease_id,
-                    self._lease_ttl_ms,
-                    2 * 86400,
-                ],
-            )
-        except ServiceUnavailable:
-            if not self._fail_open:
-                raise
-            logger.warning("admission: Redis unavailable, admitting tenant %s without limits", tenant.id)
-            return Reservation(tenant.id, lease_id, now_ms // 1000, reserve_tokens, day, recorded=False)
+        return AdmitCall(
+            tenant=tenant,
+            reserve_tokens=reserve_tokens,
+            lease_id=lease_id,
+            day=day,
+            now_ms=int(now * 1000),
+            keys=[
+                keys.requests_window(tenant.id),
+                keys.tokens_window(tenant.id),
+                keys.concurrency_leases(tenant.id),
+                keys.daily_tokens(tenant.id, day),
+            ],
+            args=[
+                int(now * 1000) if self._clock is not None else "",
+                limits.rpm or 0,
+                limits.tpm or 0,
+                limits.max_concurrent or 0,
+                limits.daily_token_budget or 0,
+                reserve_tokens,
+                lease_id,
+                self._lease_ttl_ms,
+                2 * 86400,
+            ],
+        )
+
+    @property
+    def fail_open(self) -> bool:
+        return self._fail_open
+
+    def admitted_without_limits(self, call: AdmitCall) -> Reservation:
+        """Redis is down and limits are configured to fail open: nothing to settle."""
+        logger.warning("admission: Redis unavailable, admitting tenant %s without limits", call.tenant.id)
+        return Reservation(
+            call.tenant.id, call.lease_id, call.now_ms // 1000, call.reserve_tokens, call.day, recorded=False
+        )
+
+    def reservation(self, call: AdmitCall, result: list[Any]) -> Reservation:
+        """The reservation admit.lua's reply grants, or the refusal it gives (RateLimited)."""
         admitted, reason, retry_ms, req_left, req_reset, tok_left, tok_reset, now_ms = result
+        limits = call.tenant.limits
         headers = {}
         if limits.rpm:
             headers["x-ratelimit-limit-requests"] = str(limits.rpm)
@@ -125,20 +161,27 @@ class Admission:
             headers["x-ratelimit-reset-tokens"] = _reset(int(tok_reset))
         if not admitted:
             raise RateLimited(
-                _refusal_message(str(reason), tenant, reserve_tokens),
+                _refusal_message(str(reason), call.tenant, call.reserve_tokens),
                 code="rate_limit_exceeded",
                 param=str(reason),
                 retry_after_s=max(1, -(-int(retry_ms) // 1000)),
                 headers=headers,
             )
-        return Reservation(tenant.id, lease_id, now_ms // 1000, reserve_tokens, day, headers)
+        return Reservation(
+            call.tenant.id, call.lease_id, int(now_ms) // 1000, call.reserve_tokens, call.day, headers
+        )
 
     async def settle(self, reservation: Reservation, used_tokens: int, *, usage: Usage | None = None) -> None:
         """Move the reservation to `used_tokens`, free the slot, and (when given) add the
         request to the tenant's daily usage: one Redis step, applied at most once per
         reservation (redis-py resends a script whose reply it lost; issue 9, item 5)."""
-        if not reservation.recorded:
-            return
+        if reservation.recorded:
+            await self._store.script(Script.SETTLE, *self.settle_call(reservation, used_tokens, usage))
+
+    def settle_call(
+        self, reservation: Reservation, used_tokens: int, usage: Usage | None
+    ) -> tuple[list[str], list[Any]]:
+        """settle.lua's KEYS and ARGV (run alone, or inside leave.lua)."""
         usage_args: list[Any] = ["", 0, 0, 0, ""]
         if usage is not None:
             usage_args = [
@@ -149,9 +192,8 @@ class Admission:
                 USAGE_TTL_S,
             ]
         tenant_id = reservation.tenant_id
-        await self._store.script(
-            Script.SETTLE,
-            keys=[
+        return (
+            [
                 keys.tokens_window(tenant_id),
                 keys.daily_tokens(tenant_id, reservation.day),
                 keys.concurrency_leases(tenant_id),
@@ -159,7 +201,7 @@ class Admission:
                 keys.tenant_usage(tenant_id, reservation.day),
                 keys.usage_tenants(reservation.day),
             ],
-            args=[
+            [
                 reservation.bucket_s,
                 used_tokens - reservation.reserved_tokens,
                 reservation.lease_id,

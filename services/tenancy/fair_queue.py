@@ -84,13 +84,13 @@ class FairQueue:
         """A pool's grants at once from now on (the lease keeper follows live replicas)."""
         self._capacities[pool] = max(capacity, 1)
 
-    async def _step(self, pool: str, op: str, args: list[Any]) -> Any:
-        """One script step; then wake the waiters its dispatch granted. `args` start with
-        the tickets the step names (all of them for renew), whose grant lists are its keys."""
+    def step_call(self, pool: str, op: str, args: list[Any]) -> tuple[list[str], list[Any]]:
+        """fair_queue.lua's KEYS and ARGV (run alone, or inside enter.lua / leave.lua).
+        `args` start with the tickets the step names (all of them for renew), whose grant
+        lists are its keys."""
         tickets = args if op == "renew" else args[:1]
-        result, granted = await self._store.script(
-            Script.FAIR_QUEUE,
-            keys=[
+        return (
+            [
                 keys.pool_in_flight(pool),
                 keys.pool_waiting(pool),
                 keys.pool_tickets(pool),
@@ -99,13 +99,17 @@ class FairQueue:
                 keys.pool_tenant_waiting(pool),
                 *(keys.ticket_grant(pool, ticket) for ticket in tickets),
             ],
-            args=[op, self._capacities[pool], self._lease_ms, self._ticket_ttl_ms, *args],
+            [op, self._capacities[pool], self._lease_ms, self._ticket_ttl_ms, *args],
         )
+
+    async def _step(self, pool: str, op: str, args: list[Any]) -> Any:
+        """One script step; then wake the waiters its dispatch granted."""
+        result, granted = await self._store.script(Script.FAIR_QUEUE, *self.step_call(pool, op, args))
         if granted:
-            await self._wake(pool, granted)
+            await self.wake(pool, granted)
         return result
 
-    async def _wake(self, pool: str, tickets: list[str]) -> None:
+    async def wake(self, pool: str, tickets: list[str]) -> None:
         """Push the grants the dispatch gave to waiters. A grant lives a ticket lease until
         its waiter claims it (a renew); the list expires after two, read or not."""
         try:
@@ -129,21 +133,43 @@ class FairQueue:
         timeout_s: float,
     ) -> Grant:
         started = time.monotonic()
-        ticket = secrets.token_hex(8)
-        caps = [self._max_waiting, self._max_waiting_per_tenant]
-        args = [ticket, tenant_id, cost, weight, priority, *caps, self._policy]
+        ticket, args = self.acquire_args(tenant_id=tenant_id, cost=cost, weight=weight, priority=priority)
         try:
             outcome = await self._step(pool, "acquire", args)
-            if outcome == QUEUED:
-                await self._wait(pool, ticket, started + timeout_s)
         except BaseException as exc:
-            # Whatever ended the wait (timeout, cancel, Redis error; also a cancel during
-            # the acquire step itself, which may have queued or granted the ticket).
-            await self._leave_queue(pool, ticket)
+            # Whatever ended the step (Redis error, a cancel: it may have queued or granted
+            # the ticket) withdraws the ticket.
+            await self.leave_queue(pool, ticket)
             if isinstance(exc, ServiceUnavailable) and self._fail_open:
-                logger.warning("fair queue: Redis unavailable, admitting to pool %s without queueing", pool)
-                return Grant(pool, ticket, time.monotonic() - started, recorded=False)
+                return self.granted_without_queue(pool, ticket, started)
             raise
+        return await self.after_acquire(pool, ticket, outcome, started=started, timeout_s=timeout_s)
+
+    def acquire_args(
+        self, *, tenant_id: str, cost: float, weight: float, priority: int
+    ) -> tuple[str, list[Any]]:
+        """A new ticket, and the acquire step's arguments after the op (see `step_call`)."""
+        ticket = secrets.token_hex(8)
+        caps = [self._max_waiting, self._max_waiting_per_tenant]
+        return ticket, [ticket, tenant_id, cost, weight, priority, *caps, self._policy]
+
+    def granted_without_queue(self, pool: str, ticket: str, started: float) -> Grant:
+        logger.warning("fair queue: Redis unavailable, admitting to pool %s without queueing", pool)
+        return Grant(pool, ticket, time.monotonic() - started, recorded=False)
+
+    async def after_acquire(
+        self, pool: str, ticket: str, outcome: int, *, started: float, timeout_s: float
+    ) -> Grant:
+        """Wait for a queued ticket's grant, or refuse a full waiting room."""
+        if outcome == QUEUED:
+            try:
+                await self._wait(pool, ticket, started + timeout_s)
+            except BaseException as exc:
+                # Whatever ended the wait (timeout, cancel, Redis error) withdraws the ticket.
+                await self.leave_queue(pool, ticket)
+                if isinstance(exc, ServiceUnavailable) and self._fail_open:
+                    return self.granted_without_queue(pool, ticket, started)
+                raise
         if outcome == QUEUE_FULL:
             raise Overloaded(
                 f"pool '{pool}' has {self._max_waiting} requests waiting; retry later",
@@ -184,7 +210,7 @@ class FairQueue:
                     retry_after_s=1,
                 )
 
-    async def _leave_queue(self, pool: str, ticket: str) -> None:
+    async def leave_queue(self, pool: str, ticket: str) -> None:
         """Withdraw a ticket, or hand back its grant; shielded, so a second cancel does not
         stop it. On a Redis error the ticket's own lease expires instead."""
         try:
@@ -199,6 +225,9 @@ class FairQueue:
     async def release(self, grant: Grant) -> None:
         if grant.recorded:
             await self._step(grant.pool, "release", [grant.ticket_id])
+
+    def release_call(self, grant: Grant) -> tuple[list[str], list[Any]]:
+        return self.step_call(grant.pool, "release", [grant.ticket_id])
 
     async def renew(self, grants: list[Grant]) -> None:
         """Extend the leases of requests still running; one step per pool."""

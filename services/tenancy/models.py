@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 
 class PriorityClass(str, Enum):
@@ -46,6 +47,11 @@ class TenantLimits(BaseModel):
     )
 
 
+class AuthStamp(NamedTuple):
+    key_hash: str
+    version: str  # keys.AUTH_VERSION when the key and its tenant were read
+
+
 class Tenant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="Stable tenant id.")
@@ -62,8 +68,21 @@ class Tenant(BaseModel):
         False, description="Label this tenant's metrics with its id (others share 'other')."
     )
 
+    # Which key this record was authenticated with, at which auth version (a tenant read
+    # from a gateway's key cache); enter.lua refuses the admission if the version moved.
+    _auth: AuthStamp | None = PrivateAttr(default=None)
+
     def allows(self, model_names: list[str]) -> bool:
         return "*" in self.allowed_models or any(n in self.allowed_models for n in model_names)
+
+    @property
+    def auth_stamp(self) -> AuthStamp | None:
+        return self._auth
+
+    def stamped(self, stamp: AuthStamp) -> Tenant:
+        copy = self.model_copy()
+        copy._auth = stamp
+        return copy
 
 
 class ApiKeyRecord(BaseModel):

@@ -18,13 +18,14 @@ from collections.abc import Callable
 
 from services.errors import AuthenticationFailed, ResourceNotFound, ServiceUnavailable
 from services.redis_store import RedisStore, keys, text, texts
-from services.tenancy.models import ApiKeyRecord, Tenant, TenantsFile
+from services.tenancy.models import ApiKeyRecord, AuthStamp, Tenant, TenantsFile
 
 KEY_PREFIX = "psk-"
 KEY_ID_BYTES = 8  # 64 bits: 32 gave a birthday collision after ~65,000 keys (issue 9)
 LISTED_PREFIX_LENGTH = len(KEY_PREFIX) + 2 * KEY_ID_BYTES  # "psk-<id>": nothing secret
 SUPPLIED_PREFIX_LENGTH = 4  # and never more than a quarter of a supplied key
 ID_ATTEMPTS = 5
+MAX_CACHED_KEYS = 10_000
 
 
 def hash_key(plain: str) -> str:
@@ -42,22 +43,28 @@ def new_plain_key() -> tuple[str, str]:
 
 
 class TenantStore:
+    """Tenants and keys. A replica keeps the keys it authenticated, with their tenants, for
+    `tenant_cache_ttl_s`, stamped with the auth version they were read at
+    (`keys.AUTH_VERSION`, bumped by every revocation and tenant change). A cached key is
+    used as is only where its admission checks that stamp in the same atomic step
+    (`authenticate(..., checked_at_admission=True)`: the generation routes, issue 12);
+    everywhere else one GET of the version confirms it. A revoked key is refused at once."""
+
     def __init__(
         self, store: RedisStore, *, tenant_cache_ttl_s: float = 0.0, clock: Callable[[], float] = time.time
     ) -> None:
         self._store = store
         self._redis = store.redis
         self._clock = clock
-        # Tenant records (limits, weight, allowed models) change rarely and are read on
-        # every request: a replica keeps each for a second. Keys are looked up every time,
-        # so a revocation takes effect at once.
-        self._tenant_cache_ttl_s = tenant_cache_ttl_s
-        self._tenant_cache: dict[str, tuple[float, Tenant]] = {}
+        self._cache_ttl_s = tenant_cache_ttl_s
+        # key hash -> (expiry, tenant stamped with that hash and the version read, record)
+        self._keys: dict[str, tuple[float, Tenant, ApiKeyRecord]] = {}
 
     async def put_tenant(self, tenant: Tenant) -> Tenant:
         async with self._store.pipeline() as pipe:
             pipe.set(keys.tenant(tenant.id), tenant.model_dump_json())
             pipe.sadd(keys.TENANT_IDS, tenant.id)
+            pipe.incr(keys.AUTH_VERSION)  # cached keys of this tenant are read again
             await pipe.execute()
         return tenant
 
@@ -139,36 +146,63 @@ class TenantStore:
         digest = await self._redis.get(keys.api_key_by_id(key_id))
         if digest is None:  # the id was given back since _record_by_id read it
             raise ResourceNotFound(f"tenant '{tenant_id}' has no key '{key_id}'", param="key_id")
-        await self._redis.set(keys.api_key_by_hash(text(digest)), _stored(revoked, text(digest)))
+        async with self._store.pipeline() as pipe:
+            pipe.set(keys.api_key_by_hash(text(digest)), _stored(revoked, text(digest)))
+            pipe.incr(keys.AUTH_VERSION)  # every replica's cached copy of the key is stale now
+            await pipe.execute()
         return revoked
 
-    async def authenticate(self, plain: str | None) -> tuple[Tenant, ApiKeyRecord]:
+    async def authenticate(
+        self, plain: str | None, *, checked_at_admission: bool = False
+    ) -> tuple[Tenant, ApiKeyRecord]:
+        """The key's tenant (stamped, see the class) and record. `checked_at_admission`:
+        the caller admits the request through enter.lua, which refuses a stale stamp, so a
+        cached key costs no round trip here."""
         if not plain:
             raise AuthenticationFailed(
                 "Missing API key: send 'Authorization: Bearer <key>' or an 'api-key' header",
                 code="missing_api_key",
             )
         digest = hash_key(plain)
-        raw = await self._redis.get(keys.api_key_by_hash(digest))
+        hit = self._keys.get(digest)
+        if hit is not None and hit[0] > time.monotonic():
+            _, tenant, record = hit
+            if checked_at_admission:
+                return tenant, record
+            stamp = tenant.auth_stamp
+            if stamp is not None and text(await self._redis.get(keys.AUTH_VERSION) or "0") == stamp.version:
+                return tenant, record
+        return await self._load(digest)
+
+    async def reload(self, tenant: Tenant) -> Tenant:
+        """Read a cached tenant's key and record again (enter.lua found its stamp stale);
+        AuthenticationFailed if the key was revoked or the tenant disabled since."""
+        stamp = tenant.auth_stamp
+        if stamp is None:
+            return tenant
+        self._keys.pop(stamp.key_hash, None)
+        return (await self._load(stamp.key_hash))[0]
+
+    async def _load(self, digest: str) -> tuple[Tenant, ApiKeyRecord]:
+        # The version is read before the records: a change between the two reads leaves
+        # an older version on newer records, which the next check only reads again.
+        async with self._store.pipeline(transaction=False) as pipe:
+            pipe.get(keys.AUTH_VERSION)
+            pipe.get(keys.api_key_by_hash(digest))
+            version, raw = await pipe.execute()
         if raw is None:
             raise AuthenticationFailed("Incorrect API key provided")
         record, stored_digest = _loaded(raw)
         if not hmac.compare_digest(stored_digest, digest) or record.revoked_at is not None:
             raise AuthenticationFailed("Incorrect API key provided")
-        tenant = await self._cached_tenant(record.tenant_id)
+        tenant = (await self.get_tenant(record.tenant_id)).stamped(AuthStamp(digest, text(version or "0")))
         if tenant.disabled:
             raise AuthenticationFailed("This API key's tenant is disabled", code="tenant_disabled")
+        if self._cache_ttl_s > 0:
+            if len(self._keys) >= MAX_CACHED_KEYS:  # only valid keys get here; still bounded
+                self._keys.clear()
+            self._keys[digest] = (time.monotonic() + self._cache_ttl_s, tenant, record)
         return tenant, record
-
-    async def _cached_tenant(self, tenant_id: str) -> Tenant:
-        now = time.monotonic()
-        hit = self._tenant_cache.get(tenant_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        tenant = await self.get_tenant(tenant_id)
-        if self._tenant_cache_ttl_s > 0:
-            self._tenant_cache[tenant_id] = (now + self._tenant_cache_ttl_s, tenant)
-        return tenant
 
     async def bootstrap(self, tenants_file: TenantsFile) -> None:
         """Install tenants and keys from a file; running it again changes nothing."""

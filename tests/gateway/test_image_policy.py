@@ -24,8 +24,10 @@ from services.inference.router import PoolRouter
 from services.inference.tokens import TokenCounter
 from services.redis_store import RedisStore
 from services.tenancy.admission import Admission
+from services.tenancy.entry import TenancySteps
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import ImagePolicy, Tenant
+from services.tenancy.store import TenantStore
 
 
 @pytest.fixture
@@ -57,7 +59,14 @@ def _chat_service(state: RedisStore) -> ChatService:
     capacity = {p.name: p.capacity for p in catalog.enabled_pools}
     fair_queue = FairQueue(state, capacity, max_waiting=10, lease_ttl_s=10)
     keeper = LeaseKeeper(admission, fair_queue, metrics, pools=[], interval_s=5)
-    gate = TenantGate(admission, fair_queue, TokenCounter({}, {}), keeper, metrics, queue_timeout_s=1.0)
+    gate = TenantGate(
+        TenancySteps(state, admission, fair_queue),
+        TenantStore(state),
+        TokenCounter({}, {}),
+        keeper,
+        metrics,
+        queue_timeout_s=1.0,
+    )
     images = ImageLoader(allow_remote=True, max_bytes=1 << 20, timeout_s=2.0, allow_loopback=True)
     return ChatService(router, GenerationRunner(router, gate, metrics), images, platform=catalog.platform)
 

@@ -108,7 +108,7 @@ class _Tenants:
     def __init__(self) -> None:
         self.presented: list[str | None] = []
 
-    async def authenticate(self, key: str | None) -> tuple[Any, Any]:
+    async def authenticate(self, key: str | None, *, checked_at_admission: bool = False) -> tuple[Any, Any]:
         self.presented.append(key)
         if key == "redis-down":
             raise TenancyUnavailable("tenant state is unavailable (Redis); retry shortly", retry_after_s=2)

@@ -28,8 +28,10 @@ from services.inference.tokens import TokenCounter
 from services.pools.engine import ChatMessage, GenerationChunk, GenerationRequest, SamplingOptions
 from services.redis_store import RedisStore, keys
 from services.tenancy.admission import Admission
+from services.tenancy.entry import TenancySteps
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import Tenant, TenantLimits
+from services.tenancy.store import TenantStore
 
 TENANT = Tenant(id="leaver", limits=TenantLimits(max_concurrent=1))
 
@@ -67,7 +69,14 @@ def _runner(state: RedisStore) -> tuple[GenerationRunner, EndlessPool, LeaseKeep
     admission = Admission(state, lease_ttl_s=30)
     fair_queue = FairQueue(state, {"text": 4}, max_waiting=10, lease_ttl_s=30)
     keeper = LeaseKeeper(admission, fair_queue, metrics, pools=["text"], interval_s=60)
-    gate = TenantGate(admission, fair_queue, TokenCounter({}, {}), keeper, metrics, queue_timeout_s=5)
+    gate = TenantGate(
+        TenancySteps(state, admission, fair_queue),
+        TenantStore(state),
+        TokenCounter({}, {}),
+        keeper,
+        metrics,
+        queue_timeout_s=5,
+    )
     pool = EndlessPool()
     return GenerationRunner(pool, gate, metrics), pool, keeper  # type: ignore[arg-type]
 

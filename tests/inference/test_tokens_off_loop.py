@@ -22,8 +22,10 @@ from services.inference.tokens import TokenCounter
 from services.pools.engine import ChatMessage, GenerationRequest, SamplingOptions
 from services.redis_store import RedisStore
 from services.tenancy.admission import Admission
+from services.tenancy.entry import TenancySteps
 from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import Tenant
+from services.tenancy.store import TenantStore
 from tests.helpers import OffLoopProbe
 
 
@@ -53,7 +55,14 @@ def _text_gate(
     admission = Admission(state, lease_ttl_s=30)
     fair_queue = FairQueue(state, {"text": 4}, max_waiting=10, lease_ttl_s=30)
     keeper = LeaseKeeper(admission, fair_queue, metrics, pools=["text"], interval_s=60)
-    gate = TenantGate(admission, fair_queue, counter, keeper, metrics, queue_timeout_s=5)
+    gate = TenantGate(
+        TenancySteps(state, admission, fair_queue),
+        TenantStore(state),
+        counter,
+        keeper,
+        metrics,
+        queue_timeout_s=5,
+    )
     return gate, text_pool, probed
 
 

@@ -12,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from services.batch.queue import BatchQueue, item_fields
 from services.batch.quotas import Quota, TenantQuotas
+from services.errors import Overloaded
 from services.local.redis_server import LocalRedis
 from services.redis_store import RedisStore, Script, keys
 from services.redis_store.scripts import LUA_DIR
 from services.tenancy.admission import Admission, Usage
+from services.tenancy.entry import TenancySteps
 from services.tenancy.fair_queue import FairQueue
-from services.tenancy.models import Tenant, TenantLimits
+from services.tenancy.models import AuthStamp, Tenant, TenantLimits
 from tests.conftest import UNIT_DB
 from tests.redis_store.monitor import ScriptCall, ScriptMonitor
 
@@ -62,6 +66,27 @@ async def _fair_queue(state: RedisStore) -> None:
     await fq.release(grant)
 
 
+async def _tenancy_steps(state: RedisStore) -> None:
+    """enter.lua and leave.lua: admitted and granted, queued, the full waiting room's undo."""
+    admission = Admission(state, lease_ttl_s=30)
+    fq = FairQueue(state, {"q": 1}, max_waiting=1, lease_ttl_s=30, ticket_ttl_s=3)
+    steps = TenancySteps(state, admission, fq)
+    tenant = Tenant(id="acme", limits=TenantLimits(rpm=10, tpm=1000, max_concurrent=3)).stamped(
+        AuthStamp("digest", str(await state.redis.get(keys.AUTH_VERSION) or "0"))
+    )
+    held = await steps.enter(tenant, 10, pool="q", cost=10, timeout_s=5)
+    waiter = asyncio.create_task(steps.enter(tenant, 10, pool="q", cost=10, timeout_s=5))
+
+    async def queued() -> bool:
+        return int(await state.redis.zcard(keys.pool_waiting("q"))) == 1
+
+    await _until(queued)
+    with pytest.raises(Overloaded):  # the waiting room (1) is full: enter.lua undoes the admission
+        await steps.enter(tenant, 10, pool="q", cost=10, timeout_s=5)
+    await steps.leave(*held, 5, usage=Usage(model="m", prompt_tokens=2, completion_tokens=3))
+    await steps.leave(*await asyncio.wait_for(waiter, 5), 5, usage=None)
+
+
 async def _batch_queue(state: RedisStore) -> None:
     queue = BatchQueue(state, ["p"], visibility_timeout_s=60)
     await queue.ensure_groups()
@@ -88,7 +113,7 @@ async def _quotas(state: RedisStore) -> None:
 async def _every_call(state: RedisStore, redis_server: LocalRedis) -> list[ScriptCall]:
     monitor = ScriptMonitor(_url(redis_server))
     async with monitor.watching():
-        for scenario in (_admission, _fair_queue, _batch_queue, _quotas):
+        for scenario in (_admission, _fair_queue, _tenancy_steps, _batch_queue, _quotas):
             await scenario(state)
     return monitor.calls
 

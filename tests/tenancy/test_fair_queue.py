@@ -118,9 +118,14 @@ async def test_fcfs_policy_keeps_arrival_order(state: RedisStore) -> None:
         await fq.release(grant)
 
     tasks = []
-    for name, weight in [("heavy", 1)] * 5 + [("light", 100)] * 2:
+    for queued, (name, weight) in enumerate([("heavy", 1)] * 5 + [("light", 100)] * 2, start=1):
         tasks.append(asyncio.create_task(waiter(name, weight)))
-        await asyncio.sleep(0.01)
+        # Arrival order is the order the tickets reach Redis: wait for each one to queue.
+        deadline = asyncio.get_running_loop().time() + 10
+        while await state.redis.zcard(keys.pool_waiting("p")) < queued:
+            assert asyncio.get_running_loop().time() < deadline, f"ticket {queued} never queued"
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.002)  # fcfs scores are Redis milliseconds: no two alike
     await fq.release(holder)
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert order == ["heavy"] * 5 + ["light"] * 2

@@ -174,6 +174,14 @@ containers:
       - {name: PYTHONDONTWRITEBYTECODE, value: "1"}
       - {name: RAY_USAGE_STATS_ENABLED, value: "0"}
       - {name: VLLM_NO_USAGE_STATS, value: "1"}
+      {{- if $v.serve.throughputOptimized }}
+      # Serve's throughput-optimized mode (gRPC between deployments; services/ray_env.py). The
+      # Service targets Serve's proxy port, so direct ingress stays off; log lines are written
+      # as they come, not 1,000 at a time.
+      - {name: RAY_SERVE_THROUGHPUT_OPTIMIZED, value: "1"}
+      - {name: RAY_SERVE_ENABLE_DIRECT_INGRESS, value: "0"}
+      - {name: RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE, value: "1"}
+      {{- end }}
       {{- with $v.ray.env }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
