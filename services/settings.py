@@ -155,8 +155,9 @@ class Settings(BaseSettings):
     tenant_cache_ttl_s: float = Field(
         1.0,
         ge=0,
-        description="How long a gateway replica reuses a tenant record (limits, "
-        "weight) before reading it again; key revocation is always immediate.",
+        description="How long a gateway replica reuses an authenticated key and its tenant "
+        "record (limits, weight) before reading them again. Revocations and tenant changes "
+        "apply at once regardless: they bump an auth version that every admission checks.",
     )
     lease_ttl_s: float = Field(
         60.0, ge=5, description="Concurrency and queue leases expire after this unless renewed."
