@@ -12,12 +12,15 @@ from services.gateway.errors import sse_error_event
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE_EVENT = "data: [DONE]\n\n"
+# One encoder for every event: `json.dumps` with any argument builds a new encoder per call
+# (per streamed chunk); the output is the same bytes.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 async def sse_events(payloads: AsyncIterator[Mapping[str, object]]) -> AsyncIterator[str]:
     try:
         async for payload in payloads:
-            yield f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+            yield "data: " + _COMPACT_JSON.encode(payload) + "\n\n"
     except PhiserveError as exc:
         # The status line is gone: the error travels as an event, then [DONE].
         yield sse_error_event(exc)

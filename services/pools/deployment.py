@@ -21,6 +21,19 @@ EngineFactory = Callable[[PoolConfig, str], Engine]
 # Every streamed item is a Ray message costing CPU on both ends; sending the
 # deltas of ~20 ms together keeps streaming throughput close to the engine's.
 DEFAULT_COALESCE_INTERVAL_S = 0.02
+# A message costs about the same CPU whatever it carries (~0.5 CPU-ms over the pool replica,
+# the gateway replica and the HTTP front door, measured by benchmarks/streaming.py with
+# throughput-optimized Serve), so the replica's message rate, not each stream's, is what to
+# bound: beyond this many concurrent streams the interval grows with their number (16
+# streams: 2x), up to MAX_COALESCE_FACTOR times. One stream keeps 20 ms deltas; the first
+# delta of every stream still goes out at once (time to first token).
+COALESCE_STREAMS_AT_BASE = 8
+MAX_COALESCE_FACTOR = 5.0
+
+
+def coalesce_interval(base_s: float, active_streams: int) -> float:
+    """The interval between two messages of one stream when `active_streams` are open."""
+    return base_s * min(MAX_COALESCE_FACTOR, max(1.0, active_streams / COALESCE_STREAMS_AT_BASE))
 
 
 def vllm_engine_factory(pool: PoolConfig, model_path: str) -> Engine:
@@ -41,6 +54,7 @@ class PoolReplica:
         logging.basicConfig(level=logging.INFO)
         self._pool = pool
         self._coalesce_interval_s = coalesce_interval_s
+        self._active_streams = 0
         self._engine = engine_factory(pool, model_path)
         await self._engine.start()
 
@@ -50,24 +64,53 @@ class PoolReplica:
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream coalesced deltas, one pending delta per choice. The first one goes out at
         once (time to first token)."""
-        pending: dict[int, GenerationChunk] = {}
+        self._active_streams += 1
+        try:
+            if request.choice_count == 1:
+                async for chunk in self._one_choice(request):
+                    yield chunk
+                return
+            pending: dict[int, GenerationChunk] = {}
+            last_sent = 0.0
+            latest: GenerationChunk | None = None
+            async for chunk in self._engine.stream(request):
+                latest = chunk
+                held = pending.get(chunk.index)
+                if held is None:
+                    pending[chunk.index] = chunk
+                else:
+                    held.merge(chunk)
+                now = time.monotonic()
+                if chunk.finish_reason or now - last_sent >= self._interval():
+                    for held in _with_latest_totals(pending, chunk):
+                        yield held
+                    pending.clear()
+                    last_sent = now
+            for held in _with_latest_totals(pending, latest):
+                yield held
+        finally:
+            self._active_streams -= 1
+
+    async def _one_choice(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """`generate_stream` for one choice: the held delta is the latest (its totals are the
+        request's), so no per-choice bookkeeping per engine step."""
+        held: GenerationChunk | None = None
         last_sent = 0.0
-        latest: GenerationChunk | None = None
         async for chunk in self._engine.stream(request):
-            latest = chunk
-            held = pending.get(chunk.index)
             if held is None:
-                pending[chunk.index] = chunk
+                held = chunk
             else:
                 held.merge(chunk)
             now = time.monotonic()
-            if chunk.finish_reason or now - last_sent >= self._coalesce_interval_s:
-                for held in _with_latest_totals(pending, chunk):
-                    yield held
-                pending.clear()
+            if chunk.finish_reason or now - last_sent >= self._interval():
+                yield held
+                held = None
                 last_sent = now
-        for held in _with_latest_totals(pending, latest):
+        if held is not None:
             yield held
+
+    def _interval(self) -> float:
+        return coalesce_interval(self._coalesce_interval_s, self._active_streams)
 
     async def check_health(self) -> None:
         """Serve's health hook: raising marks this replica unhealthy and replaces it."""

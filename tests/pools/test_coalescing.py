@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from services.catalog.loader import load_catalog
 from services.catalog.models import PoolConfig
+from services.pools.deployment import COALESCE_STREAMS_AT_BASE, MAX_COALESCE_FACTOR, coalesce_interval
 from services.pools.engine import (
     Engine,
     GenerationChunk,
@@ -106,3 +107,52 @@ async def test_without_coalescing_every_delta_goes_out_and_assembles_per_choice(
     assert (result.prompt_tokens, result.completion_tokens, result.cached_tokens) == (9, 6, 3)
     unary = await replica.generate(REQUEST)
     assert [c.text for c in unary.choices] == ["ace", "bdf"] and unary.completion_tokens == 6
+
+
+ONE_CHOICE = [piece(0, "a", 1), piece(0, "b", 2), piece(0, "c", 3), piece(0, "d", 4, "length")]
+ONE_REQUEST = replace(REQUEST, sampling=SamplingOptions(n=1))
+
+
+async def test_one_choice_is_coalesced_with_its_latest_totals() -> None:
+    replica = await start_pool_replica(
+        text_pool(), engine_factory=lambda pool, path: ScriptedEngine(ONE_CHOICE), coalesce_interval_s=60.0
+    )
+    sent = [chunk async for chunk in replica.generate_stream(ONE_REQUEST)]
+    assert [(c.text, c.finish_reason, c.completion_tokens, c.cached_tokens) for c in sent] == [
+        ("a", None, 1, 0),  # at once
+        ("bcd", "length", 4, 2),  # the rest when the choice finished
+    ]
+    assert [[t.token for t in c.logprobs or ()] for c in sent] == [["a"], ["b", "c", "d"]]
+
+
+async def test_one_choice_without_coalescing_sends_every_delta() -> None:
+    replica = await start_pool_replica(
+        text_pool(), engine_factory=lambda pool, path: ScriptedEngine(ONE_CHOICE), coalesce_interval_s=0.0
+    )
+    sent = [chunk async for chunk in replica.generate_stream(ONE_REQUEST)]
+    assert [c.text for c in sent] == ["a", "b", "c", "d"]
+    assert sent[-1].finish_reason == "length" and sent[-1].completion_tokens == 4
+
+
+def test_the_interval_grows_with_the_replicas_open_streams() -> None:
+    base = 0.02
+    assert coalesce_interval(base, 1) == base
+    assert coalesce_interval(base, COALESCE_STREAMS_AT_BASE) == base
+    assert coalesce_interval(base, 2 * COALESCE_STREAMS_AT_BASE) == 2 * base
+    assert coalesce_interval(base, 1000) == MAX_COALESCE_FACTOR * base
+    assert coalesce_interval(0.0, 1000) == 0.0  # no coalescing stays none
+
+
+async def test_open_streams_are_counted_until_they_end_or_close() -> None:
+    replica = await start_pool_replica(
+        text_pool(), engine_factory=lambda pool, path: ScriptedEngine(ONE_CHOICE), coalesce_interval_s=60.0
+    )
+    streams = [replica.generate_stream(ONE_REQUEST) for _ in range(3)]
+    for stream in streams:
+        await anext(stream)
+    assert replica._active_streams == 3
+    await streams[0].aclose()  # a client gone
+    assert replica._active_streams == 2
+    for stream in streams[1:]:
+        assert [c.finish_reason async for c in stream] == ["length"]
+    assert replica._active_streams == 0
