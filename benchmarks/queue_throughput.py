@@ -1,16 +1,17 @@
 """Throughput of the batch queue path against raw Redis Streams, in the same run.
 
-queue path: enqueue (MULTI of XADDs, as BatchService.create) -> XREADGROUP (BatchQueue.read)
-            -> pass-through engine stand-in -> result written + acknowledged in one Lua step
-            per item (HSETNX result, HINCRBY count, XACK, XDEL), results finishing within 2 ms
-            coalesced into one call (ResultWriter, as the worker does)
+queue path: enqueue (MULTI of XADDs per chunk, as BatchService does) -> the real batch
+            worker loop (`BatchProcessor.run`: XREADGROUP, the batch and tenant checked
+            before the try, a pass-through stand-in for generation, the result written once
+            and acknowledged in one Lua step per burst of results, `ResultWriter`), timed until
+            the last item's result is recorded (the worker then finalizes the batch)
 raw:        the same payloads: pipelined XADD -> XREADGROUP -> one XACK per read
 
-Both use one private redis-server, the same read size and the same per-item concurrency.
-With --e2e it also runs a batch through a real cluster on the tiny vLLM text model and
-reports items/s end to end (that number is dominated by generation, not by the queue).
+Both use one private redis-server, the same chunk and read size (the worker keeps READ_COUNT
+items in flight). With --e2e it also runs a batch through a real cluster on the tiny vLLM text
+model and reports items/s end to end (that number is dominated by generation, not the queue).
 
-    .venv/bin/python benchmarks/queue_throughput.py [--items 20000] [--e2e]
+    .venv/bin/python benchmarks/queue_throughput.py [--items 20000] [--e2e] [--profile FILE]
 
 Ends with: RESULT queue items_per_s=X raw_ratio=Y
 """
@@ -21,22 +22,33 @@ import argparse
 import asyncio
 import io
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog
 
-from services.batch.queue import BatchQueue, ResultWriter, item_fields
+from services.batch.api import build_batch_api
+from services.batch.metrics import BatchMetrics
+from services.batch.queue import BatchQueue, QueueItem, item_fields
+from services.batch.service import BatchService
+from services.batch.worker import BatchProcessor
+from services.inference.core import Core, build_core
 from services.local.redis_server import LocalRedis
 from services.redis_store import RedisStore, keys
+from services.settings import Settings
+from services.tenancy.models import Tenant
 
 READ_COUNT = 64
-ENQUEUE_CHUNK = 1000
+ENQUEUE_CHUNK = 500  # Settings.batch_enqueue_chunk's default
+TENANT = "bench"
 
 
 def _items(n: int) -> list[dict]:  # type: ignore[type-arg]
@@ -51,45 +63,106 @@ def _items(n: int) -> list[dict]:  # type: ignore[type-arg]
     ]
 
 
-async def queue_path(state: RedisStore, n: int) -> float:
+async def _passthrough(tenant: Tenant, item: QueueItem, item_id: str) -> dict[str, Any]:
+    """The engine's stand-in: a chat completion body of the usual size, at once."""
+    return {
+        "id": item_id,
+        "object": "chat.completion",
+        "model": item.body["model"],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok " * 8}, "finish_reason": "length"}
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20},
+    }
+
+
+class Meter:
+    """One path's timed section: wall time, this process's CPU and redis-server's CPU (the
+    machine is shared: CPU per item is steadier than items/s), optionally a cProfile."""
+
+    def __init__(self, redis_pid: int, profile: Any = None) -> None:
+        self._redis = psutil.Process(redis_pid)
+        self._profile = profile
+        self.wall_s = self.client_cpu_s = self.redis_cpu_s = self.enqueue_s = 0.0
+
+    def _cpu(self) -> tuple[float, float]:
+        redis = self._redis.cpu_times()
+        return time.process_time(), redis.user + redis.system
+
+    def start(self) -> None:
+        self._at = (time.perf_counter(), *self._cpu())
+        if self._profile is not None:
+            self._profile.enable()
+
+    def enqueued(self) -> None:
+        self.enqueue_s = time.perf_counter() - self._at[0]
+
+    def stop(self) -> None:
+        if self._profile is not None:
+            self._profile.disable()
+        client, redis = self._cpu()
+        self.wall_s = time.perf_counter() - self._at[0]
+        self.client_cpu_s, self.redis_cpu_s = client - self._at[1], redis - self._at[2]
+
+
+class _Batches(BatchService):
+    """The real service; notes when the worker finalizes (its last result is recorded)."""
+
+    finalized: asyncio.Event
+
+    async def finalize(self, batch_id: str) -> None:
+        self.finalized.set()
+        await super().finalize(batch_id)
+
+
+async def queue_path(core: Core, settings: Settings, n: int, meter: Meter) -> None:
+    state = core.redis
     await state.redis.flushdb()
-    queue = BatchQueue(state, ["text"], visibility_timeout_s=60)
-    writer = ResultWriter(queue)  # what the worker records through
-    await queue.ensure_groups()
+    await core.tenants.put_tenant(Tenant(id=TENANT))
+    files, _ = build_batch_api(core, settings)
+    batches = _Batches(state, files, core.router, enqueue_chunk=ENQUEUE_CHUNK)
+    batches.finalized = asyncio.Event()
+    queue = BatchQueue(state, ["text"], visibility_timeout_s=settings.batch_visibility_timeout_s)
+    processor = BatchProcessor.from_settings(
+        core, queue, batches, BatchMetrics(), settings, consumer="bench", generate=_passthrough
+    )
     batch_id = "batch_bench"
     items = _items(n)
-    started = time.perf_counter()
-    await state.redis.hset(keys.batch_record(batch_id), mapping={"total": n, "completed": 0, "failed": 0})
+    meter.start()
+    record = {"id": batch_id, "tenant_id": TENANT, "status": "validating", "created_at": int(time.time())}
+    await state.redis.hset(
+        keys.batch_record(batch_id), mapping={**record, "total": n, "completed": 0, "failed": 0}
+    )
     for start in range(0, n, ENQUEUE_CHUNK):
         async with state.redis.pipeline(transaction=True) as pipe:
             for item in items[start : start + ENQUEUE_CHUNK]:
                 pipe.xadd(keys.batch_stream("text"), item_fields(batch_id, item))
             await pipe.execute()
-    done = 0
-    while done < n:
-        batch = await queue.read("bench", count=READ_COUNT, block_ms=1000)
-
-        async def process(item):  # type: ignore[no-untyped-def]
-            result = {
-                "ok": True,
-                "line": {"custom_id": item.custom_id, "response": {"status_code": 200, "body": item.body}},
-            }
-            await writer.write(item, result, ok=True)
-
-        await asyncio.gather(*(process(item) for item in batch))
-        done += len(batch)
-    elapsed = time.perf_counter() - started
+    await state.redis.hset(keys.batch_record(batch_id), "status", "in_progress")
+    meter.enqueued()
+    # The worker starts once the batch is ready, as raw's reader starts after its writes (a
+    # worker that read a still-validating batch would wait out its 0.2 s poll).
+    worker = asyncio.get_running_loop().create_task(processor.run())
+    await asyncio.wait_for(batches.finalized.wait(), timeout=600)
+    meter.stop()
+    # Let the finalize the worker started finish (untimed), so the next round runs alone.
+    deadline = time.monotonic() + 120
+    while await state.redis.hget(keys.batch_record(batch_id), "status") != "completed":
+        assert time.monotonic() < deadline, "the batch was not finalized"
+        await asyncio.sleep(0.05)
+    processor.stop()
+    worker.cancel()
+    await asyncio.wait({worker}, timeout=5)
     counts = await state.redis.hmget(keys.batch_record(batch_id), "completed", "total")
     assert counts == [str(n), str(n)], counts
-    return n / elapsed
 
 
-async def raw_path(state: RedisStore, n: int) -> float:
+async def raw_path(state: RedisStore, n: int, meter: Meter) -> None:
     await state.redis.flushdb()
     stream = "raw:stream"
     await state.redis.xgroup_create(stream, "g", id="0", mkstream=True)
     items = _items(n)
-    started = time.perf_counter()
+    meter.start()
     # Serialising the payloads is part of both paths (an application has to encode them).
     payloads = [item_fields("batch_bench", item) for item in items]
     for start in range(0, n, ENQUEUE_CHUNK):
@@ -97,6 +170,7 @@ async def raw_path(state: RedisStore, n: int) -> float:
             for fields in payloads[start : start + ENQUEUE_CHUNK]:
                 pipe.xadd(stream, fields)
             await pipe.execute()
+    meter.enqueued()
     done = 0
     while done < n:
         reply = await state.redis.xreadgroup("g", "bench", {stream: ">"}, count=READ_COUNT, block=1000)
@@ -104,22 +178,37 @@ async def raw_path(state: RedisStore, n: int) -> float:
         if entries:  # the strongest raw baseline: one XACK for the whole read
             await state.redis.xack(stream, "g", *(entry_id for entry_id, _ in entries))
         done += len(entries)
-    return n / (time.perf_counter() - started)
+    meter.stop()
 
 
-async def micro(items: int, rounds: int) -> tuple[float, float]:
+async def micro(items: int, rounds: int, profile: str | None) -> dict[str, list[Meter]]:
+    """Alternating rounds of both paths (the machine's noise spread over both)."""
+    import cProfile
+
     with tempfile.TemporaryDirectory() as tmp:
         redis = LocalRedis(port=free_port(), directory=Path(tmp))
         redis.start()
-        state = RedisStore(redis.url)
+        settings = Settings(
+            cache_dir=CACHE_DIR,
+            redis_url=redis.url,
+            files_dir=Path(tmp) / "files",
+            batch_concurrency=READ_COUNT,
+        )
+        core = build_core(settings, text_catalog(), {})
+        redis_pid = int(redis.pidfile.read_text())
+        profiles = {"raw": cProfile.Profile(), "queue": cProfile.Profile()} if profile else {}
+        meters: dict[str, list[Meter]] = {"raw": [], "queue": []}
         try:
-            queue_rates, raw_rates = [], []
-            for _ in range(rounds):  # alternate to spread the machine's noise over both
-                raw_rates.append(await raw_path(state, items))
-                queue_rates.append(await queue_path(state, items))
-            return max(queue_rates), max(raw_rates)
+            for _ in range(rounds):
+                meters["raw"].append(Meter(redis_pid, profiles.get("raw")))
+                await raw_path(core.redis, items, meters["raw"][-1])
+                meters["queue"].append(Meter(redis_pid, profiles.get("queue")))
+                await queue_path(core, settings, items, meters["queue"][-1])
+            for name, prof in profiles.items():
+                prof.dump_stats(f"{profile}.{name}")
+            return meters
         finally:
-            await state.close()
+            await core.close()
             redis.stop()
 
 
@@ -197,12 +286,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (best of)")
     parser.add_argument("--e2e", action="store_true", help="also run a batch through a real cluster")
     parser.add_argument("--e2e-items", type=int, default=200)
+    parser.add_argument("--profile", help="write the timed sections' cProfiles to FILE.raw, FILE.queue")
     args = parser.parse_args()
 
-    queue_rate, raw_rate = asyncio.run(micro(args.items, args.rounds))
-    print(f"{'path':<40}{'items/s':>12}")
-    print(f"{'raw XADD+XREADGROUP+XACK':<40}{raw_rate:>12.0f}")
-    print(f"{'queue path (enqueue->read->record+ack)':<40}{queue_rate:>12.0f}")
+    meters = asyncio.run(micro(args.items, args.rounds, args.profile))
+    rates = {name: max(args.items / m.wall_s for m in runs) for name, runs in meters.items()}
+    print(f"{'path':<42}{'items/s':>10}{'client us/item':>16}{'redis us/item':>15}{'enqueue':>9}")
+    for name, label in (
+        ("raw", "raw XADD+XREADGROUP+XACK"),
+        ("queue", "queue path (enqueue->worker->record+ack)"),
+    ):
+        client = statistics.median(1e6 * m.client_cpu_s / args.items for m in meters[name])
+        server = statistics.median(1e6 * m.redis_cpu_s / args.items for m in meters[name])
+        enqueue = statistics.median(m.enqueue_s / m.wall_s for m in meters[name])
+        print(f"{label:<42}{rates[name]:>10.0f}{client:>16.1f}{server:>15.1f}{enqueue:>9.0%}")
+    queue_rate, raw_rate = rates["queue"], rates["raw"]
     if args.e2e:
         e2e_rate = end_to_end(args.e2e_items)
         print(f"{'end to end, tiny vLLM (8 tokens/item)':<40}{e2e_rate:>12.1f}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,20 +141,33 @@ class BatchQueue:
         self, results: list[tuple[QueueItem, dict[str, Any], bool]]
     ) -> list[tuple[bool, int, int, int]]:
         """Record several results (one Lua call per pool); answers in the same order."""
-        answers: dict[int, tuple[bool, int, int, int]] = {}
+        answers: list[tuple[bool, int, int, int]] = [(False, 0, 0, 0)] * len(results)
         for pool in {item.pool for item, _, _ in results}:
             indexed = [(i, r) for i, r in enumerate(results) if r[0].pool == pool]
+            # Keys once per batch, and the items' coordinates in one argument: redis-py packs
+            # each argument in Python, so fewer of them is most of a burst's client cost.
+            batch_numbers: dict[str, int] = {}
             script_keys = [keys.batch_stream(pool)]
-            args: list[Any] = [keys.BATCH_GROUP]
+            coordinates: list[str] = []
+            payloads: list[str] = []
             for _, (item, result, ok) in indexed:
+                number = batch_numbers.get(item.batch_id)
+                if number is None:
+                    number = batch_numbers[item.batch_id] = len(batch_numbers) + 1
+                    script_keys += [keys.batch_record(item.batch_id), keys.batch_results(item.batch_id)]
                 outcome = "completed" if ok else "failed"
-                script_keys += [keys.batch_record(item.batch_id), keys.batch_results(item.batch_id)]
-                args += [f"{item.line}|{outcome}|{item.entry_id}", json.dumps(result)]
-            flat = await self._store.script(Script.RECORD_RESULT, keys=script_keys, args=args)
-            for n, (i, _) in enumerate(indexed):
-                new, completed, failed, total = flat[4 * n : 4 * n + 4]
-                answers[i] = (bool(new), int(completed), int(failed), int(total))
-        return [answers[i] for i in range(len(results))]
+                coordinates.append(f"{number} {item.line} {outcome} {item.entry_id}")
+                payloads.append(json.dumps(result))
+            reply = await self._store.script(
+                Script.RECORD_RESULT,
+                keys=script_keys,
+                args=[keys.BATCH_GROUP, "\n".join(coordinates), *payloads],
+            )
+            counts = reply[len(indexed) :]
+            for (i, (item, _, _)), new in zip(indexed, reply, strict=False):
+                at = 3 * (batch_numbers[item.batch_id] - 1)
+                answers[i] = (bool(new), int(counts[at]), int(counts[at + 1]), int(counts[at + 2]))
+        return answers
 
     async def lag_s(self, pool: str, now_ms: float) -> float:
         """Age of the oldest entry still in the pool's stream (acknowledged ones are deleted)."""
@@ -175,38 +189,68 @@ class BatchQueue:
 
 class ResultWriter:
     """Coalesces the results of items finishing within a few milliseconds into one Lua call:
-    the same exactly-once step per item, a fraction of the round trips."""
+    the same exactly-once step per item, a fraction of the round trips.
 
-    def __init__(self, queue: BatchQueue, *, max_batch: int = 64, max_delay_s: float = 0.002) -> None:
+    A burst is written at once, without the wait, when it is full or when every item the
+    caller has in flight (`in_flight`) is waiting here or being written: then no other
+    result can join it."""
+
+    def __init__(
+        self,
+        queue: BatchQueue,
+        *,
+        max_batch: int = 64,
+        max_delay_s: float = 0.002,
+        in_flight: Callable[[], int] | None = None,
+    ) -> None:
         self._queue = queue
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
+        self._in_flight = in_flight
         self._pending: list[tuple[QueueItem, dict[str, Any], bool, asyncio.Future[Any]]] = []
-        self._flush_task: asyncio.Task[None] | None = None
+        self._writing = 0  # results in calls under way
+        self._timer: asyncio.TimerHandle | None = None
+        self._calls: set[asyncio.Task[None]] = set()
 
     async def write(self, item: QueueItem, result: dict[str, Any], *, ok: bool) -> tuple[bool, int, int, int]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((item, result, ok, future))
-        if self._flush_task is None or self._flush_task.done():
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+        waiting = len(self._pending)
+        if waiting >= self._max_batch or (
+            self._in_flight is not None and waiting + self._writing >= self._in_flight()
+        ):
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._max_delay_s, self._flush)
         answer: tuple[bool, int, int, int] = await future
         return answer
 
-    async def _flush(self) -> None:
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        loop = asyncio.get_running_loop()
         while self._pending:
-            if len(self._pending) < self._max_batch:
-                await asyncio.sleep(self._max_delay_s)
             taken, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
-            try:
-                answers = await self._queue.record_many([(item, result, ok) for item, result, ok, _ in taken])
-            except Exception as exc:  # noqa: BLE001 - not swallowed: every waiter gets it
-                for *_, future in taken:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (*_, future), answer in zip(taken, answers, strict=True):
+            self._writing += len(taken)
+            call = loop.create_task(self._write(taken))
+            self._calls.add(call)  # held until done: the loop keeps only a weak reference
+            call.add_done_callback(self._calls.discard)
+
+    async def _write(self, taken: list[tuple[QueueItem, dict[str, Any], bool, asyncio.Future[Any]]]) -> None:
+        try:
+            answers = await self._queue.record_many([(item, result, ok) for item, result, ok, _ in taken])
+        except Exception as exc:  # noqa: BLE001 - not swallowed: every waiter gets it
+            for *_, future in taken:
                 if not future.done():
-                    future.set_result(answer)
+                    future.set_exception(exc)
+            return
+        finally:
+            self._writing -= len(taken)
+        for (*_, future), answer in zip(taken, answers, strict=True):
+            if not future.done():
+                future.set_result(answer)
 
 
 def _pool_of(stream: str) -> str:
