@@ -89,20 +89,32 @@ class PoolRouter:
         Serve would otherwise hold the request until a replica appears. Waiting for
         assignment has no public API in Ray 2.60; `_fetch_future_result_async` is
         what `DeploymentResponse._to_object_ref` awaits for the same purpose.
+
+        The deadline is a plain loop timer that cancels the response, not
+        `wait_for(shield(...))`: that wraps the wait in a task of its own and a shield
+        future on every request (issue 12), where a timer handle is all the deadline needs.
+        Cancelling the response cancels a still-pending assignment, which ends the wait.
         """
+        timer = asyncio.get_running_loop().call_later(self._assign_timeout_s, response.cancel)
         try:
-            await asyncio.wait_for(
-                asyncio.shield(response._fetch_future_result_async()),
-                timeout=self._assign_timeout_s,
-            )
-        except TimeoutError:
-            response.cancel()
-            raise ServiceUnavailable(
-                f"no replica of pool '{pool.name}' is available; retry shortly",
-                code="no_live_replica",
-            ) from None
-        except BaseException as exc:  # noqa: BLE001 - the one translation point; cancellation passes as is
+            await response._fetch_future_result_async()
+        except asyncio.CancelledError:
+            if response.cancelled():  # the timer fired: no replica took the request in time
+                raise _no_live_replica(pool) from None
+            response.cancel()  # the caller left before a replica took it: nothing runs on
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the one translation point
             raise _translate(exc, pool) from None
+        finally:
+            timer.cancel()
+        if response.cancelled():  # the timer fired in the loop turn that assigned it
+            raise _no_live_replica(pool)
+
+
+def _no_live_replica(pool: PoolConfig) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"no replica of pool '{pool.name}' is available; retry shortly", code="no_live_replica"
+    )
 
 
 def _translate(exc: BaseException, pool: PoolConfig) -> BaseException:

@@ -185,3 +185,20 @@ async def test_a_unary_call_cancelled_aborts_the_engine_request() -> None:
     # Outside Serve the router must cancel the remote call itself, or it runs on.
     await _until(lambda: engine.aborted)
     assert engine.running == 0 and not engine.finished
+
+
+async def test_a_call_cancelled_before_assignment_never_runs() -> None:
+    """The caller left while the pool had no replica: its call is withdrawn, so a replica
+    that comes up later does not run it for nobody (outside a Serve request, e.g. gRPC)."""
+    router, pools = await _router()
+    handle = pools.handles["text"]
+    replica = handle.replicas.pop()
+    call = asyncio.ensure_future(router.generate(router.resolve("phi-3.5-mini"), _request()))
+    await _until(lambda: handle.calls == ["generate"])
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    handle.add_replica(replica)
+    result = await router.generate(router.resolve("phi-3.5-mini"), _request("four five"))
+    assert result.text == " four five"
+    assert len(pools.engines["text"].requests) == 1  # the second call only
