@@ -35,6 +35,7 @@ class _ProbedTokenizer:
     def __init__(self, tokenizer: Any, probe_loop: asyncio.AbstractEventLoop) -> None:
         self._tokenizer = tokenizer
         self.encode_batch = OffLoopProbe(tokenizer.encode_batch, probe_loop)
+        self.encode = OffLoopProbe(tokenizer.encode, probe_loop)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tokenizer, name)
@@ -99,11 +100,13 @@ async def test_a_huge_prompt_is_counted_off_the_loop(state: RedisStore, tiny_mod
         await gate.enter(Tenant(id="bulk"), text_pool, request, deadline_s=None)
     assert "longer in characters" not in refused.value.message  # it was counted, then refused
     probed.encode_batch.assert_off_loop()
+    assert probed.encode.calls == 0  # all of it in the one batch, on the counting thread
 
 
 async def test_a_short_prompt_is_counted_on_the_loop(state: RedisStore, tiny_models: dict[str, Path]) -> None:
     """The control: the probe does see work on the loop (a hop to a thread costs more than
-    counting a chat message, so short prompts stay there)."""
+    counting a chat message, so short prompts stay there, encoded one text at a time:
+    `encode_batch` would hand them to the tokenizer's own threads and wait)."""
     gate, text_pool, probed = _text_gate(state, tiny_models, probe_loop=asyncio.get_running_loop())
     assert probed is not None
     request = GenerationRequest(
@@ -114,4 +117,5 @@ async def test_a_short_prompt_is_counted_on_the_loop(state: RedisStore, tiny_mod
     )
     admitted = await gate.enter(Tenant(id="chat"), text_pool, request, deadline_s=None)
     await gate.leave(admitted, prompt_tokens=0, completion_tokens=0)
-    assert probed.encode_batch.calls_on_loop == 1
+    assert probed.encode.calls_on_loop == 1
+    assert probed.encode_batch.calls == 0
