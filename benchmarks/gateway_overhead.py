@@ -1,414 +1,118 @@
-"""What the phiserve gateway adds on top of calling the same vLLM engine directly.
+"""What the phiserve gateway adds on top of calling the same vLLM engine directly, and what Ray
+Serve LLM's OpenAI app adds, measured interleaved in one run.
 
-One after the other (never both at once: 2 cores): `direct` = vLLM's OpenAI server on the tiny
-Phi-3.5-mini model; `gateway` = phiserve (Ray Serve, the local profile's text pool only), same
-model and engine settings. Same workload: POST /v1/chat/completions, fixed prompt, max_tokens=16,
-ignore_eos, temperature 0; unary and streaming, at concurrency 1 and 16, after a warm-up.
-Per mode: p50/p99 latency, TTFT (first SSE event with content), req/s, CPU-ms per request
-(psutil user+system before/after) of `gateway_path` = ray::ProxyActor (+ ray::HAProxyManager,
-haproxy), ray::ServeReplica:phiserve:gateway and, with tenancy, Redis; the pool replica (it holds
-the engine, as the direct server does) is shown apart. Chunks of 250 requests during which other
-jobs used more than --max-other-load cores are redone when the machine is quiet.
+Targets, all alive at once (one engine each, same tiny Phi-3.5-mini model and engine settings:
+the local profile's text pool, `_gateway_targets.ENGINE_KWARGS`):
+- `direct`: vLLM's own OpenAI server, a process of its own;
+- `phiserve`: the local profile's text pool behind phiserve's gateway (auth, admission and fair
+  queue in a private Redis; the demo tenant's fresh key), Serve application `phiserve` on `/`;
+- `rayllm` (`--peer rayllm`, the default; `--peer none` leaves it out): Ray Serve LLM's OpenAI
+  app (`ray.serve.llm.build_openai_app`, needs the `bench` extra: pyarrow, jsonref) on the CPU
+  backend, one `{"CPU": 1}` bundle, no replica CPU, with vLLM's `uni` executor as phiserve and
+  `vllm serve` run it (`_gateway_rayllm.py`; Ray Serve LLM would force `mp`), Serve application
+  `rayllm` on `/rayllm` in the same Serve instance. Its stream batching is its default (50 ms).
+Workload: POST /v1/chat/completions, fixed prompt, max_tokens=16, ignore_eos, temperature 0;
+unary and streaming, at concurrency 1 and 16, after a warm-up per target. Each mode is measured
+in alternating chunks (--chunk requests: direct, phiserve, rayllm, then from the next target
+on), so the machine's drift hits all alike. Per target and mode: p50/p99 latency, TTFT (first
+SSE event with content), req/s, CPU-ms per request (psutil user+system around each chunk) of
+- `gateway_path`: every Serve process but the one holding the engine: HAProxy (+ its manager,
+  + Serve's fallback proxy; shared by both apps and counted for the one whose chunk ran: chunks
+  never overlap) or Serve's proxy, the app's ingress replica, and for phiserve its Redis;
+- `pool_frontend`: the replica holding the engine (phiserve's pool, Ray Serve LLM's LLMServer);
+- `engine`: that replica's children (vLLM's engine core); direct: `frontend` + `engine`.
+gw/engine = gateway_path CPU / engine CPU in the same chunks: it repeats between runs where the
+machine's speed does not. Chunks during which other jobs used more than --max-other-load cores
+are redone when the machine is quiet.
   RESULT gateway_overhead p50_ratio=X p99_ratio=Y throughput_ratio=Z cpu_ms_per_req=W
-p50/p99_ratio: gateway/direct latency, unary c=1; throughput_ratio: gateway/direct req/s, unary
-c=16; cpu_ms_per_req: gateway_path CPU-ms per request, unary c=1.
---proxy-mode: default = Serve's Python proxy on the HTTP port (http_options.port); direct =
-RAY_SERVE_ENABLE_DIRECT_INGRESS=1, the gateway replica serves on its own port (30000-31000, from
-the target groups; the HTTP port keeps a fallback proxy); haproxy = RAY_SERVE_ENABLE_HA_PROXY=1,
-HAProxy on the HTTP port forwards to the replica's port. Tenancy (services.tenancy): a private
-Redis and the demo tenant's fresh key, sent to both targets. --source DIR: the `services`
-package to benchmark. --profile-seconds S: py-spy the gateway path under unary c=1 load.
+  RESULT gateway_vs_rayllm p50_ratio=X cpu_ratio=Y ttft_ratio=Z
+  RESULT gw_engine phiserve=X rayllm=Y
+  RESULT rayllm_overhead p50_ratio=X throughput_ratio=Y ttft_ratio=Z cpu_ms_per_req=W
+gateway_overhead: phiserve/direct; p50/p99 latency at unary c=1, req/s at unary c=16,
+cpu_ms_per_req = phiserve's gateway_path CPU-ms per request at unary c=1. gateway_vs_rayllm:
+phiserve/Ray Serve LLM; p50 unary c=1, gateway_path CPU-ms/req unary c=1, TTFT p50 stream c=1.
+gw_engine: unary c=1. rayllm_overhead: Ray Serve LLM/direct, as gateway_overhead (+ TTFT).
+Env: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for the whole Ray cluster (both apps) unless
+--no-throughput-optimized. --proxy-mode: default = Serve's Python proxy on the HTTP port;
+direct = RAY_SERVE_ENABLE_DIRECT_INGRESS=1, clients call each app's ingress replica on its own
+port; haproxy = RAY_SERVE_ENABLE_HA_PROXY=1, HAProxy on the HTTP port forwards to the replicas.
+--source DIR: the `services` package to benchmark. --profile-seconds S: py-spy phiserve's
+gateway path under unary c=1 load after the measurement.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import psutil
 import uvloop
-from _common import CACHE_DIR, REPO, deploy, free_port, pct, serve_session, text_catalog, wait_http
+from _common import CACHE_DIR, REPO, free_port, serve_session
+from _gateway_measure import Target, cmd, load, measure_mode
+from _gateway_targets import (
+    configure_env,
+    count_processes,
+    deploy_phiserve,
+    deploy_rayllm,
+    direct_vllm,
+    show,
+    start_tenancy,
+)
 from _profile import summarise
 
-MODEL_DIR = CACHE_DIR / "models"
-SERVED, MAX_TOKENS, PROMPT = "phi-3.5-mini", 16, "Write one sentence about the sea."
-CHUNK = 250  # requests measured between two CPU snapshots
 MODES = [(False, 1), (False, 16), (True, 1), (True, 16)]  # (stream, concurrency)
-ENGINE_ENV = {  # services.app.CPU_ENGINE_ENV, literal: importing services.app imports ray
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-Groups = dict[str, list[psutil.Process]]
-HEADERS = {"content-type": "application/json"}  # + the tenant's key when the gateway has tenancy
+LAT_KEYS = ("p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "req_s")
 
 
-def configure_env(mode: str, source: Path) -> Path | None:
-    """Before `import ray`. Returns the HAProxy folder to delete afterwards."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    sys.path.insert(0, str(source))  # and for Ray workers (which also get the driver's cwd):
-    os.chdir(source)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
-    if mode == "default":
-        return None
-    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-    # Replica ports come from 30000 up in every Ray cluster on the host; a block of our own keeps a
-    # parallel cluster from taking a port our HAProxy still points at when a replica is replaced.
-    base = 30100 + 100 * random.randrange(9)
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(base))
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(base + 99))
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # fast shutdown
-    if mode != "haproxy":
-        return None
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-    # Short: Serve adds a 56-character node id to each path, HAProxy takes socket paths <= 97.
-    hp = Path(tempfile.mkdtemp(prefix="hp", dir="/tmp"))
-    for key, name in [
-        ("CONFIG_FILE_LOC", "haproxy.cfg"),
-        ("SOCKET_PATH", "admin.sock"),
-        ("SERVER_STATE_FILE", "server-state"),
-        ("METRICS_SOCKET_PATH", "metrics.sock"),
-        ("SERVER_STATE_BASE", ""),
-    ]:
-        os.environ[f"RAY_SERVE_HAPROXY_{key}"] = str(hp / name)
-    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))  # else 8404, 9101
-    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))  # on all interfaces
-    return hp
-
-
-def own_tree() -> list[psutil.Process]:
-    return [psutil.Process(), *psutil.Process().children(recursive=True)]
-
-
-def cmd(p: psutil.Process) -> str:
-    with contextlib.suppress(psutil.Error):
-        return " ".join(p.cmdline()).strip() or p.name()
-    return ""
-
-
-def cpu_s(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += sum(p.cpu_times()[:2])  # user + system
-    return total
-
-
-def snapshot(groups: Groups) -> dict[str, float]:
-    snap = {name: cpu_s(procs) for name, procs in groups.items()}
-    snap["client"] = cpu_s([psutil.Process()])
-    snap["own"] = cpu_s(list(set(own_tree()).union(*groups.values())))  # + the daemonised Redis
-    t = psutil.cpu_times()
-    snap["machine_busy"] = sum(t) - t.idle - getattr(t, "iowait", 0.0)
-    snap["wall"] = time.monotonic()
-    return snap
-
-
-def other_load(before: dict[str, float], after: dict[str, float]) -> float:
-    """CPU seconds the rest of the machine (other users' jobs) used between two snapshots."""
-    return (after["machine_busy"] - before["machine_busy"]) - (after["own"] - before["own"])
-
-
-async def one(session: Any, url: str, body: bytes, stream: bool) -> tuple[float, float | None]:
-    t0, ttft = time.perf_counter(), None
-    async with session.post(url, data=body, headers=HEADERS) as r:
-        if r.status != 200:
-            raise RuntimeError(f"HTTP {r.status}: {(await r.read())[:200]!r}")
-        if not stream:
-            usage = json.loads(await r.read())["usage"]
-        else:
-            last = b""
-            async for line in r.content:
-                data = line[6:].strip() if line.startswith(b"data: ") else None
-                if data == b"[DONE]":
-                    break
-                if (
-                    data
-                    and ttft is None
-                    and (json.loads(data).get("choices") or [{}])[0].get("delta", {}).get("content")
-                ):
-                    ttft = time.perf_counter() - t0
-                last = data or last
-            usage = json.loads(last)["usage"]
-    if usage["completion_tokens"] != MAX_TOKENS:
-        raise RuntimeError(f"expected {MAX_TOKENS} tokens, got {usage['completion_tokens']}")
-    return time.perf_counter() - t0, ttft
-
-
-async def drive(
-    url: str, n: int, conc: int, stream: bool, warmup: int, groups: Groups, max_other: float = float("inf")
-) -> dict[str, Any]:
-    """`n` requests at concurrency `conc` in chunks; a chunk during which other jobs used more
-    than `max_other` cores is thrown away and redone once it is quiet (at most ~3x a chunk)."""
-    import aiohttp
-
-    request: dict[str, Any] = {
-        "model": SERVED,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": stream,
-        **({"stream_options": {"include_usage": True}} if stream else {}),
-    }
-    body, errors = json.dumps(request).encode(), []
-    connector = aiohttp.TCPConnector(limit=conc)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as s:
-
-        async def run(count: int, lat: list[float], ttft: list[float]) -> None:
-            left = [count]
-
-            async def worker() -> None:
-                while left[0] > 0:
-                    left[0] -= 1
-                    try:
-                        latency, first = await one(s, url, body, stream)
-                    except Exception as exc:  # noqa: BLE001 (counted and reported)
-                        errors.append(repr(exc)[:200])
-                        continue
-                    lat.append(latency)
-                    ttft.extend([first] if first is not None else [])
-
-            await asyncio.gather(*(worker() for _ in range(conc)))
-
-        await run(warmup, [], [])
-        errors.clear()
-        lat: list[float] = []
-        ttft: list[float] = []
-        cpu: Counter[str] = Counter()
-        done, wall, other, redone = 0, 0.0, 0.0, 0
-        while done < n:
-            chunk_lat: list[float] = []
-            chunk_ttft: list[float] = []
-            m = min(CHUNK, n - done)
-            before = snapshot(groups)
-            await run(m, chunk_lat, chunk_ttft)
-            after = snapshot(groups)
-            if other_load(before, after) > max_other * (after["wall"] - before["wall"]) and redone < 3 * (
-                n // CHUNK + 1
-            ):
-                redone += 1
-                for _ in range(30):  # wait (up to ~60 s) for a quiet machine
-                    quiet = snapshot({})
-                    await asyncio.sleep(2.0)
-                    if other_load(quiet, snapshot({})) < 2.0 * max_other:
-                        break
-                continue
-            done, lat, ttft = done + m, lat + chunk_lat, ttft + chunk_ttft
-            wall, other = wall + after["wall"] - before["wall"], other + other_load(before, after)
-            cpu.update({k: after[k] - before[k] for k in [*groups, "client"]})
-    return {
-        "stream": stream,
-        "concurrency": conc,
-        "requests": n,
-        "errors": len(errors),
-        "first_errors": errors[:3],
-        "wall_s": wall,
-        "req_s": len(lat) / wall,
-        "p50_ms": pct(lat, 0.5),
-        "p99_ms": pct(lat, 0.99),
-        "ttft_p50_ms": pct(ttft, 0.5),
-        "ttft_p99_ms": pct(ttft, 0.99),
-        "cpu_ms_per_req": {k: v * 1e3 / n for k, v in cpu.items()},
-        "foreign_cpu_pct": 100.0 * other / wall,
-        "rejected_chunks": redone,
-        "lost": sorted({f"{p.pid} {k}" for k, ps in groups.items() for p in ps if not p.is_running()}),
-    }
-
-
-def run_modes(url: str, args: argparse.Namespace, groups: Groups) -> list[dict]:
-    out = []
+def run_modes(targets: list[Target], headers: dict[str, str], args: argparse.Namespace) -> None:
+    """Every mode on every target, interleaved; results go to `args.results[target]`."""
     for stream, conc in MODES:
         warmup = max(4 * conc, args.requests // 10)
-        out.append(
-            res := uvloop.run(drive(url, args.requests, conc, stream, warmup, groups, args.max_other_load))
-        )
-        print(
-            f"  {'stream' if stream else 'unary'} c={conc}: p50 {res['p50_ms']:.1f} ms, "
-            f"{res['req_s']:.1f} req/s, errors {res['errors']} {res['first_errors'][:1]}, "
-            f"{res['rejected_chunks']} chunk(s) redone for other load",
-            flush=True,
-        )
-        if res["lost"]:  # e.g. a replica killed or replaced: its CPU is missing, the row is void
-            print(f"  WARNING: processes gone during this phase: {res['lost']}", flush=True)
-    return out
-
-
-def bench_direct(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(MODEL_DIR / "phi-3.5-mini-tiny"),
-        "--served-model-name",
-        SERVED,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "bfloat16",
-        "--max-model-len",
-        "2048",
-        "--enforce-eager",
-        "--kv-cache-memory-bytes",
-        "268435456",
-        "--max-num-seqs",
-        "32",
-        "--scheduling-policy",
-        "priority",
-    ]  # the local profile's pools use priority too
-    with open(tmp / "vllm-server.log", "wb") as log:
-        proc = subprocess.Popen(
-            argv,
-            env={**os.environ, **ENGINE_ENV},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        t0 = time.monotonic()
-        wait_http(f"http://127.0.0.1:{port}/health", 300, "vLLM server", proc)
-        print(f"direct: vLLM OpenAI server ready on :{port} after {time.monotonic() - t0:.1f} s", flush=True)
-        server = psutil.Process(proc.pid)
-        groups = {"frontend": [server], "engine": server.children(recursive=True)}
-        modes = run_modes(f"http://127.0.0.1:{port}/v1/chat/completions", args, groups)
-        return {"url": f"http://127.0.0.1:{port}", "modes": modes}
-    except BaseException:
-        print((tmp / "vllm-server.log").read_text()[-3000:], file=sys.stderr)  # why it failed
-        raise
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
-        proc.wait()
-
-
-def gateway_groups(redis: psutil.Process | None) -> Groups:
-    """Searched in our own process tree only, so a parallel Ray cluster is never counted."""
-    groups: Groups = {"gateway_path": [], "pool_frontend": [], "engine": []}
-    for p in own_tree()[1:] + ([redis] if redis else []):
-        c = cmd(p)
-        short = next(
-            (
-                k
-                for k in ("ray::ServeReplica:phiserve:gateway", "ray::ProxyActor", "ray::HAProxyManager")
-                if c.startswith(k)
-            ),
-            "haproxy" if "bin/haproxy " in c else "redis" if p is redis else None,
-        )
-        if short:
-            groups["gateway_path"].append(p)
-            groups.setdefault(f"gw/{short.rpartition(':')[2]}", []).append(p)
-        elif c.startswith("ray::ServeReplica:phiserve:pool-"):
-            groups["pool_frontend"].append(p)
-            groups["engine"].extend(p.children(recursive=True))
-    return groups
-
-
-def direct_ingress_url(app_name: str) -> str:
-    import ray
-    from ray.serve.context import _get_global_client
-
-    controller = _get_global_client()._controller  # type: ignore[union-attr]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        for group in ray.get(controller.get_target_groups.remote(app_name)):
-            targets = [t for t in group.targets if "proxy" not in t.name.lower()]
-            if str(group.protocol).upper().endswith("HTTP") and targets:
-                return f"http://127.0.0.1:{targets[0].port}"
-        time.sleep(0.5)
-    raise TimeoutError("no direct-ingress target for the gateway")
-
-
-def start_tenancy(tmp: Path) -> tuple[dict[str, Any], Any]:
-    """A gateway with tenancy needs Redis and a key: a private Redis, and the local profile's
-    demo tenant (no limits) with a fresh key; both targets get the same header."""
-    try:
-        from services.local.redis_server import LocalRedis
-        from services.tenancy.store import new_plain_key
-    except ImportError:
-        return {}, None
-    redis = LocalRedis(port=free_port(), directory=tmp / "redis")
-    redis.start(appendonly=False)
-    key = new_plain_key()[1]
-    HEADERS["authorization"] = f"Bearer {key}"
-    return {"redis_url": redis.url, "api_key": key}, redis
-
-
-def bench_gateway(args: argparse.Namespace, tmp: Path, tenancy: dict[str, Any], redis: Any) -> dict[str, Any]:
-    from services.app import APP_NAME
-    from services.settings import Settings
-
-    port = free_port()
-    settings = Settings(port=port, cache_dir=REPO / ".cache", **tenancy)
-    t0 = time.monotonic()
-    with serve_session(port):
-        base = deploy(settings, text_catalog())
-        if args.proxy_mode == "direct":
-            base = direct_ingress_url(APP_NAME)
-            wait_http(f"{base}/ready", 120, "phiserve (replica port)")
-        print(
-            f"gateway[{args.proxy_mode}]: ready after {time.monotonic() - t0:.1f} s; requests to {base}"
-            f" (HTTP port {port})",
-            flush=True,
-        )
-        groups = gateway_groups(psutil.Process(int(redis.pidfile.read_text())) if redis else None)
-        for name, procs in groups.items():
-            print(
-                "".join(f"  [{name}] pid {p.pid}: {cmd(p)[:90]}\n" for p in procs if "/" not in name), end=""
+        by_target = uvloop.run(
+            measure_mode(
+                targets,
+                headers,
+                stream=stream,
+                conc=conc,
+                n=args.requests,
+                chunk=args.chunk,
+                warmup=warmup,
+                max_other=args.max_other_load,
             )
-        modes = run_modes(f"{base}/v1/chat/completions", args, groups)
-        if args.profile_seconds:
-            profile(f"{base}/v1/chat/completions", args, groups, modes[0]["req_s"], tmp)
-        return {
-            "url": base,
-            "http_port": port,
-            "modes": modes,
-            "counted": {k: [f"{p.pid} {cmd(p)[:80]}" for p in v] for k, v in groups.items()},
-        }
+        )
+        for name, res in by_target.items():
+            args.results[name]["modes"].append(res)
+            print(
+                f"  {name:8} {'stream' if stream else 'unary'} c={conc}: p50 {res['p50_ms'] or 0:.1f} ms, "
+                f"{res['req_s']:.1f} req/s, errors {res['errors']} {res['first_errors'][:1]}, "
+                f"{res['rejected_chunks']} chunk(s) redone for other load",
+                flush=True,
+            )
+            if res["lost"]:  # e.g. a replica killed or replaced: its CPU is missing, the row is void
+                print(f"  WARNING: {name}: processes gone during this phase: {res['lost']}", flush=True)
 
 
-def profile(url: str, args: argparse.Namespace, groups: Groups, rate: float, tmp: Path) -> None:
+def profile(
+    target: Target, headers: dict[str, str], args: argparse.Namespace, rate: float, tmp: Path
+) -> None:
     """py-spy on each Python process of the gateway path under unary c=1 load, sampling at 200 Hz
     the thread that holds the GIL: where the Python CPU goes (C++ core-worker threads are not seen)."""
     spy = str(Path(sys.executable).with_name("py-spy"))
-    spies = [(p, tmp / f"pyspy-{p.pid}.txt") for p in groups["gateway_path"] if cmd(p).startswith("ray::")]
+    spies = [
+        (p, tmp / f"pyspy-{p.pid}.txt") for p in target.groups["gateway_path"] if cmd(p).startswith("ray::")
+    ]
+    flags = ["--rate", "200", "--nonblocking", "--nolineno", "--gil", "-f", "raw"]
     procs = [
         subprocess.Popen(
-            [
-                spy,
-                "record",
-                "--pid",
-                str(p.pid),
-                "--rate",
-                "200",
-                "--nonblocking",
-                "--nolineno",
-                "--gil",
-                "-f",
-                "raw",
-                "-o",
-                str(out),
-            ],
+            [spy, "record", "--pid", str(p.pid), *flags, "-o", str(out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -416,16 +120,13 @@ def profile(url: str, args: argparse.Namespace, groups: Groups, rate: float, tmp
     ]
     time.sleep(1.0)  # py-spy attaches
     n = max(20, int(rate * args.profile_seconds))
-    uvloop.run(drive(url, n, 1, False, 0, {}))
+    uvloop.run(load(target.url, headers, n, 1, False))
     for proc in procs:
         proc.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
         proc.wait(60)
     for p, out in spies:
         print(f"\nprofile of pid {p.pid} {cmd(p)[:50]}, {n} unary requests at c=1:")
         summarise(out, args.profile_top, n)
-
-
-LAT_KEYS = ("p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "req_s")
 
 
 def label(m: dict[str, Any]) -> str:
@@ -436,52 +137,90 @@ def cols(values: list[Any], spec: str = ">8.1f") -> str:
     return " ".join(format(v, spec) if isinstance(v, float) else format(v or "-", spec[:2]) for v in values)
 
 
-def report(results: dict[str, Any]) -> dict[str, float]:
+def div(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def report(results: dict[str, Any], names: list[str]) -> dict[str, dict[str, float | None]]:
     print(
         f"\n{'target':8} {'mode':10} {'n':>5} {cols(['p50 ms', 'p99 ms', 'ttft50', 'ttft99', 'req/s'])}"
-        " err  CPU-ms/req by process group; other load on the machine"
+        " err  CPU-ms/req by process group; gw/engine; other load on the machine"
     )
-    for target in ("direct", "gateway"):
+    for target in names:
         for m in results[target]["modes"]:
             cpu = m["cpu_ms_per_req"]
+            gw_engine = div(cpu.get("gateway_path"), cpu.get("engine"))
             print(
                 f"{target:8} {label(m):10} {m['requests']:5d} {cols([m[k] for k in LAT_KEYS])} "
                 f"{m['errors']:3d}  "
                 + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if "/" not in k)
+                + (f"; gw/engine {gw_engine:.3f}" if gw_engine else "")
                 + f"; other {m['foreign_cpu_pct']:.0f}% of a core ({m['rejected_chunks']} redone)"
                 + (f"; INVALID, processes gone: {m['lost']}" if m["lost"] else "")
             )
-            if target == "gateway":
+            if "gateway_path" in cpu:
                 print(
                     f"{'':86}gateway_path = "
                     + " + ".join(f"{k[3:]} {v:.2f}" for k, v in cpu.items() if k.startswith("gw/"))
                 )
-    print(
-        f"\nratios gateway/direct:\n{'mode':10} {cols(['p50', 'p99', 'ttft50', 'ttft99', 'req/s'])}"
-        " +ms p50 +ms p99"
+    pairs = [("phiserve", "direct")] + (
+        [("rayllm", "direct"), ("phiserve", "rayllm")] if "rayllm" in names else []
     )
-    for d, g in zip(results["direct"]["modes"], results["gateway"]["modes"], strict=True):
-        results.setdefault("ratios", {})[label(d)] = r = {
-            k: g[k] / d[k] if d[k] and g[k] else None for k in LAT_KEYS
-        }
+    for a, b in pairs:
         print(
-            f"{label(d):10} {cols([r[k] for k in LAT_KEYS], '>8.2f')} {g['p50_ms'] - d['p50_ms']:7.1f} "
-            f"{g['p99_ms'] - d['p99_ms']:7.1f}"
+            f"\nratios {a}/{b}:\n{'mode':10} {cols(['p50', 'p99', 'ttft50', 'ttft99', 'req/s'])} +ms p50 +ms p99"
         )
-    (d0, d1), (g0, g1) = results["direct"]["modes"][:2], results["gateway"]["modes"][:2]
-    return {
-        "p50_ratio": g0["p50_ms"] / d0["p50_ms"],
-        "p99_ratio": g0["p99_ms"] / d0["p99_ms"],
-        "throughput_ratio": g1["req_s"] / d1["req_s"],
-        "cpu_ms_per_req": g0["cpu_ms_per_req"]["gateway_path"],
+        for ma, mb in zip(results[a]["modes"], results[b]["modes"], strict=True):
+            r = {k: div(ma[k], mb[k]) for k in LAT_KEYS}
+            results.setdefault("ratios", {}).setdefault(f"{a}/{b}", {})[label(ma)] = r
+            print(
+                f"{label(ma):10} {cols([r[k] for k in LAT_KEYS], '>8.2f')} "
+                f"{(ma['p50_ms'] or 0) - (mb['p50_ms'] or 0):7.1f} {(ma['p99_ms'] or 0) - (mb['p99_ms'] or 0):7.1f}"
+            )
+    modes = {name: results[name]["modes"] for name in names}  # [unary 1, unary 16, stream 1, stream 16]
+    gw = {name: m[0]["cpu_ms_per_req"].get("gateway_path") for name, m in modes.items()}
+    gw_engine = {name: div(gw[name], m[0]["cpu_ms_per_req"].get("engine")) for name, m in modes.items()}
+    out: dict[str, dict[str, float | None]] = {
+        "gateway_overhead": {
+            "p50_ratio": div(modes["phiserve"][0]["p50_ms"], modes["direct"][0]["p50_ms"]),
+            "p99_ratio": div(modes["phiserve"][0]["p99_ms"], modes["direct"][0]["p99_ms"]),
+            "throughput_ratio": div(modes["phiserve"][1]["req_s"], modes["direct"][1]["req_s"]),
+            "cpu_ms_per_req": gw["phiserve"],
+        }
     }
+    if "rayllm" in names:
+        out["gateway_vs_rayllm"] = {
+            "p50_ratio": div(modes["phiserve"][0]["p50_ms"], modes["rayllm"][0]["p50_ms"]),
+            "cpu_ratio": div(gw["phiserve"], gw["rayllm"]),
+            "ttft_ratio": div(modes["phiserve"][2]["ttft_p50_ms"], modes["rayllm"][2]["ttft_p50_ms"]),
+        }
+        out["gw_engine"] = {"phiserve": gw_engine["phiserve"], "rayllm": gw_engine["rayllm"]}
+        out["rayllm_overhead"] = {
+            "p50_ratio": div(modes["rayllm"][0]["p50_ms"], modes["direct"][0]["p50_ms"]),
+            "throughput_ratio": div(modes["rayllm"][1]["req_s"], modes["direct"][1]["req_s"]),
+            "ttft_ratio": div(modes["rayllm"][2]["ttft_p50_ms"], modes["direct"][2]["ttft_p50_ms"]),
+            "cpu_ms_per_req": gw["rayllm"],
+        }
+    else:
+        out["gw_engine"] = {"phiserve": gw_engine["phiserve"]}
+    return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1500, help="measured requests per mode")
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1500, help="measured requests per mode and target")
     parser.add_argument("--quick", action="store_true", help="smoke run: --requests 150")
+    parser.add_argument("--chunk", type=int, default=100, help="requests per chunk (targets alternate)")
     parser.add_argument("--proxy-mode", choices=["default", "direct", "haproxy"], default="default")
+    parser.add_argument(
+        "--peer", choices=["rayllm", "none"], default="rayllm", help="Ray Serve LLM beside phiserve"
+    )
+    parser.add_argument(
+        "--no-throughput-optimized",
+        dest="throughput_optimized",
+        action="store_false",
+        help="leave RAY_SERVE_THROUGHPUT_OPTIMIZED unset",
+    )
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument(
         "--max-other-load",
@@ -490,28 +229,55 @@ def main() -> None:
         help="redo a chunk when other jobs used more cores than this meanwhile",
     )
     parser.add_argument("--source", type=Path, default=REPO, help="folder holding the services package")
-    parser.add_argument("--profile-seconds", type=int, default=0, help="py-spy the gateway path ~this long")
+    parser.add_argument(
+        "--profile-seconds", type=int, default=0, help="py-spy phiserve's gateway path ~this long"
+    )
     parser.add_argument("--profile-top", type=int, default=15)
     args = parser.parse_args()
     args.requests = 150 if args.quick else args.requests
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="phiserve-bench-"))
-    hp = configure_env(args.proxy_mode, args.source.resolve())
+    hp = configure_env(args.proxy_mode, args.source.resolve(), throughput_optimized=args.throughput_optimized)
 
     from services.local.tiny_models import build_tiny_models
 
-    build_tiny_models(MODEL_DIR, log=lambda m: print(f"tiny models: {m}", flush=True))
+    build_tiny_models(CACHE_DIR / "models", log=lambda m: print(f"tiny models: {m}", flush=True))
     started = time.monotonic()
+    names = ["direct", "phiserve"] + (["rayllm"] if args.peer == "rayllm" else [])
     results: dict[str, Any] = {
         "proxy_mode": args.proxy_mode,
+        "throughput_optimized": args.throughput_optimized,
         "requests": args.requests,
+        "chunk": args.chunk,
         "source": str(args.source),
         "loadavg_start": os.getloadavg(),
+        **{name: {"modes": []} for name in names},
     }
+    args.results = results
     tenancy, redis = start_tenancy(tmp)
-    results["tenancy"] = redis is not None
+    headers = {"content-type": "application/json"}
+    if tenancy:
+        headers["authorization"] = f"Bearer {tenancy['api_key']}"
+    port = free_port()
     try:
-        results["direct"] = bench_direct(args, tmp)
-        results["gateway"] = bench_gateway(args, tmp, tenancy, redis)
+        with direct_vllm(tmp) as direct, serve_session(port):
+            targets = [direct, deploy_phiserve(port, args.proxy_mode, tenancy)]
+            if args.peer == "rayllm":
+                targets.append(deploy_rayllm(port, args.proxy_mode))
+            count_processes(targets, redis, args.proxy_mode)
+            for target in targets:
+                show(target)
+                results[target.name]["url"] = target.url
+                results[target.name]["counted"] = {
+                    k: [f"{p.pid} {cmd(p)[:80]}" for p in v] for k, v in target.groups.items()
+                }
+            run_modes(targets, headers, args)
+            if args.profile_seconds:
+                profile(targets[1], headers, args, results["phiserve"]["modes"][0]["req_s"], tmp)
     finally:
         if redis is not None:
             redis.stop()
@@ -519,16 +285,21 @@ def main() -> None:
         if not args.profile_seconds:
             shutil.rmtree(tmp, ignore_errors=True)
     results["loadavg_end"], results["elapsed_s"] = os.getloadavg(), time.monotonic() - started
-    results["result"] = result = report(results)
+    results["result"] = result = report(results, names)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(
-        f"\nproxy mode {args.proxy_mode}, {args.requests} requests/mode, services from {args.source}"
+        f"\nproxy mode {args.proxy_mode}, throughput-optimized {'on' if args.throughput_optimized else 'off'}, "
+        f"{args.requests} requests/mode/target in chunks of {args.chunk}, services from {args.source}"
         f"{' (tenancy on, Redis counted in gateway_path)' if redis else ''}, "
         f"{results['elapsed_s']:.0f} s, load average {results['loadavg_start'][0]:.1f} -> "
         f"{results['loadavg_end'][0]:.1f}" + (f", py-spy files in {tmp}" if args.profile_seconds else "")
     )
-    print("RESULT gateway_overhead " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
+    for name, values in result.items():
+        print(
+            f"RESULT {name} "
+            + " ".join(f"{k}={v:.3f}" if v is not None else f"{k}=nan" for k, v in values.items())
+        )
 
 
 if __name__ == "__main__":
