@@ -1,6 +1,6 @@
 """Throughput of the batch queue path against raw Redis Streams, in the same run.
 
-queue path: enqueue (MULTI of XADDs per chunk, as BatchService does) -> the real batch
+queue path: enqueue (one Lua call of XADDs per chunk, as BatchService does) -> the real batch
             worker loop (`BatchProcessor.run`: XREADGROUP, the batch and tenant checked
             before the try, a pass-through stand-in for generation, the result written once
             and acknowledged in one Lua step per burst of results, `ResultWriter`), timed until
@@ -37,7 +37,7 @@ from _common import CACHE_DIR, deploy, free_port, serve_session, text_catalog
 
 from services.batch.api import build_batch_api
 from services.batch.metrics import BatchMetrics
-from services.batch.queue import BatchQueue, QueueItem, item_fields
+from services.batch.queue import BatchQueue, QueueItem, add_items, item_fields
 from services.batch.service import BatchService
 from services.batch.worker import BatchProcessor
 from services.inference.core import Core, build_core
@@ -133,11 +133,8 @@ async def queue_path(core: Core, settings: Settings, n: int, meter: Meter) -> No
     await state.redis.hset(
         keys.batch_record(batch_id), mapping={**record, "total": n, "completed": 0, "failed": 0}
     )
-    for start in range(0, n, ENQUEUE_CHUNK):
-        async with state.redis.pipeline(transaction=True) as pipe:
-            for item in items[start : start + ENQUEUE_CHUNK]:
-                pipe.xadd(keys.batch_stream("text"), item_fields(batch_id, item))
-            await pipe.execute()
+    for start in range(0, n, ENQUEUE_CHUNK):  # as BatchService.create, chunk by chunk
+        await add_items(state, "text", batch_id, items[start : start + ENQUEUE_CHUNK])
     await state.redis.hset(keys.batch_record(batch_id), "status", "in_progress")
     meter.enqueued()
     # The worker starts once the batch is ready, as raw's reader starts after its writes (a

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.redis_store import EntryFields, EntryIds, RedisStore, Script, keys
+from services.redis_store import EntryFields, EntryIds, RedisStore, Script, keys, texts
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ class QueueItem:
 
 def item_fields(batch_id: str, item: dict[str, Any]) -> EntryFields:
     # One field holding the item: one encode per item for redis-py, one decode for workers.
+    return {"item": _item_value(batch_id, item)}
+
+
+def _item_value(batch_id: str, item: dict[str, Any]) -> str:
     payload = {
         "batch": batch_id,
         "line": item["line"],
@@ -43,7 +47,15 @@ def item_fields(batch_id: str, item: dict[str, Any]) -> EntryFields:
         "url": item["url"],
         "body": item["body"],
     }
-    return {"item": json.dumps(payload, separators=(",", ":"))}
+    return json.dumps(payload, separators=(",", ":"))
+
+
+async def add_items(store: RedisStore, pool: str, batch_id: str, items: list[dict[str, Any]]) -> list[str]:
+    """Add a chunk of a batch's items to the pool's stream, all or none (one Lua call);
+    answers their entry ids in order."""
+    values = [_item_value(batch_id, item) for item in items]
+    ids = await store.script(Script.ENQUEUE_ITEMS, keys=[keys.batch_stream(pool)], args=values)
+    return texts(ids)
 
 
 def _parse(pool: str, entry_id: str, fields: dict[str, str], deliveries: int = 1) -> QueueItem:

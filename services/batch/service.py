@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from services.batch.files import FileService, parse_batch_jsonl
-from services.batch.queue import item_fields
+from services.batch.queue import add_items
 from services.batch.quotas import Quota, TenantQuotas
 from services.errors import InvalidRequest, ModelNotFound, ResourceNotFound
 from services.inference.errors import batch_error_line
@@ -149,28 +149,27 @@ class BatchService:
             await pipe.execute()
         unroutable = 0
         for start in range(0, len(items), self._enqueue_chunk):
-            pools: list[str | None] = []
-            async with self._store.pipeline() as pipe:
-                for item in items[start : start + self._enqueue_chunk]:
-                    try:
-                        pool = self._router.resolve(item["body"]["model"])
-                    except ModelNotFound as exc:
-                        # Refused item by item, as OpenAI does: the rest of the batch runs.
-                        line = batch_error_line(f"{batch_id}-{item['line']}", item["custom_id"], exc)
-                        pipe.hsetnx(
-                            keys.batch_results(batch_id),
-                            item["line"],
-                            json.dumps({"ok": False, "line": line}),
-                        )
-                        pools.append(None)
-                        unroutable += 1
-                        continue
-                    pipe.xadd(keys.batch_stream(pool.name), item_fields(batch_id, item))
-                    pools.append(pool.name)
-                replies = await pipe.execute()
-            for pool_name, reply in zip(pools, replies, strict=True):
-                if pool_name is not None:
-                    added.setdefault(pool_name, []).append(reply)
+            by_pool: dict[str, list[dict[str, Any]]] = {}
+            refused: dict[int, str] = {}
+            for item in items[start : start + self._enqueue_chunk]:
+                try:
+                    pool = self._router.resolve(item["body"]["model"])
+                except ModelNotFound as exc:
+                    # Refused item by item, as OpenAI does: the rest of the batch runs.
+                    line = batch_error_line(f"{batch_id}-{item['line']}", item["custom_id"], exc)
+                    refused[item["line"]] = json.dumps({"ok": False, "line": line})
+                    continue
+                by_pool.setdefault(pool.name, []).append(item)
+            if refused:
+                async with self._store.pipeline() as pipe:
+                    for number, result in refused.items():
+                        pipe.hsetnx(keys.batch_results(batch_id), number, result)
+                    await pipe.execute()
+                unroutable += len(refused)
+            # One call per pool, all of the chunk's items or none (enqueue_items.lua).
+            for pool_name, pool_items in by_pool.items():
+                ids = await add_items(self._store, pool_name, batch_id, pool_items)
+                added.setdefault(pool_name, []).extend(ids)
         ready: EntryFields = {
             "status": BatchStatus.in_progress.value,
             "in_progress_at": int(self._clock()),

@@ -24,6 +24,7 @@ class Script(StrEnum):
     FAIR_QUEUE = "fair_queue"  # fair queue: acquire / release / renew, then dispatch
     RECORD_RESULT = "record_result"  # batch: write items' results once and acknowledge them
     RESERVE = "reserve"  # batch: take a place in a per-tenant quota hash
+    ENQUEUE_ITEMS = "enqueue_items"  # batch: add a chunk of items to a pool's stream (all or none)
     ENTER = "enter"  # a generation's way in: auth version, admit, fair-queue acquire
     LEAVE = "leave"  # a generation's way out: settle, fair-queue release
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from services.batch.queue import BatchQueue, item_fields
+from services.batch.queue import BatchQueue, add_items
 from services.batch.quotas import Quota, TenantQuotas
 from services.errors import Overloaded
 from services.local.redis_server import LocalRedis
@@ -94,9 +94,8 @@ async def _batch_queue(state: RedisStore) -> None:
         await state.redis.hset(
             keys.batch_record(batch_id), mapping={"status": status, "total": 2, "completed": 0, "failed": 0}
         )
-        for line in (1, 2):
-            item = {"line": line, "custom_id": f"c{line}", "url": "/v1/completions", "body": {}}
-            await state.redis.xadd(keys.batch_stream("p"), item_fields(batch_id, item))
+        items = [{"line": line, "custom_id": f"c{line}", "url": "/v1/completions", "body": {}} for line in (1, 2)]
+        await add_items(state, "p", batch_id, items)  # enqueue_items.lua, as BatchService adds them
     items = await queue.read("w", count=10, block_ms=100)
     assert len(items) == 6
     # Several batches, both outcomes and a finished batch in one call.
