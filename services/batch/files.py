@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import tempfile
@@ -151,7 +152,25 @@ def _check_line(line: str, number: int, seen: dict[str, int]) -> dict[str, Any] 
         return "body must be a JSON object with a model"
     if body.get("stream"):
         return "streaming is not available in a batch"
-    return {"line": number, "custom_id": custom_id, "url": item["url"], "body": body}
+    checked = {"line": number, "custom_id": custom_id, "url": item["url"], "body": body}
+    if _has_nonfinite(body):
+        checked["exact_json"] = True  # the queue encodes it with json, which keeps NaN as written
+    return checked
+
+
+def _has_nonfinite(value: Any) -> bool:
+    """NaN or +-Infinity (which Python's json reads): orjson would write them as null."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:

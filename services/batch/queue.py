@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from services.redis_store import EntryFields, EntryIds, RedisStore, Script, keys, texts
 
 
@@ -39,7 +41,7 @@ def item_fields(batch_id: str, item: dict[str, Any]) -> EntryFields:
     return {"item": _item_value(batch_id, item)}
 
 
-def _item_value(batch_id: str, item: dict[str, Any]) -> str:
+def _item_value(batch_id: str, item: dict[str, Any]) -> bytes | str:
     payload = {
         "batch": batch_id,
         "line": item["line"],
@@ -47,7 +49,18 @@ def _item_value(batch_id: str, item: dict[str, Any]) -> str:
         "url": item["url"],
         "body": item["body"],
     }
-    return json.dumps(payload, separators=(",", ":"))
+    if not item.get("exact_json"):
+        return _dumps(payload)
+    return json.dumps(payload, separators=(",", ":"))  # NaN / Infinity kept as written
+
+
+def _dumps(value: Any) -> bytes | str:
+    """orjson, ten times json's speed on the queue path (a tenth of an item's cost there);
+    json where orjson refuses a value (an integer past 64 bits, a lone surrogate)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, separators=(",", ":"))
 
 
 async def add_items(store: RedisStore, pool: str, batch_id: str, items: list[dict[str, Any]]) -> list[str]:
@@ -59,6 +72,7 @@ async def add_items(store: RedisStore, pool: str, batch_id: str, items: list[dic
 
 
 def _parse(pool: str, entry_id: str, fields: dict[str, str], deliveries: int = 1) -> QueueItem:
+    # json, not orjson: orjson reads an integer past 64 bits as a float, and refuses NaN.
     data = json.loads(fields["item"])
     return QueueItem(
         pool=pool,
@@ -161,7 +175,7 @@ class BatchQueue:
             batch_numbers: dict[str, int] = {}
             script_keys = [keys.batch_stream(pool)]
             coordinates: list[str] = []
-            payloads: list[str] = []
+            payloads: list[bytes | str] = []
             for _, (item, result, ok) in indexed:
                 number = batch_numbers.get(item.batch_id)
                 if number is None:
@@ -169,7 +183,7 @@ class BatchQueue:
                     script_keys += [keys.batch_record(item.batch_id), keys.batch_results(item.batch_id)]
                 outcome = "completed" if ok else "failed"
                 coordinates.append(f"{number} {item.line} {outcome} {item.entry_id}")
-                payloads.append(json.dumps(result))
+                payloads.append(_dumps(result))
             reply = await self._store.script(
                 Script.RECORD_RESULT,
                 keys=script_keys,
