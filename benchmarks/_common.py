@@ -102,9 +102,10 @@ class LocalPhiserve:
 
 
 @contextmanager
-def local_phiserve(prefix: str) -> Iterator[LocalPhiserve]:
+def local_phiserve(prefix: str, **settings: Any) -> Iterator[LocalPhiserve]:
     """The tiny models, a private Redis and phiserve with the local text pool on free ports,
-    ready; everything stopped on exit."""
+    ready; everything stopped on exit. `settings` override the defaults (no batch workers,
+    files under the run's temporary folder)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.chdir(REPO)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -119,17 +120,21 @@ def local_phiserve(prefix: str) -> Iterator[LocalPhiserve]:
     redis.start(appendonly=False)
     key = new_plain_key()[1]
     port, grpc_port = free_port(), free_port()
-    settings = Settings(
-        port=port,
-        grpc_port=grpc_port,
-        cache_dir=CACHE_DIR,
-        redis_url=redis.url,
-        api_key=key,
-        batch_workers=0,
+    config = Settings(
+        **{
+            "port": port,
+            "grpc_port": grpc_port,
+            "cache_dir": CACHE_DIR,
+            "redis_url": redis.url,
+            "api_key": key,
+            "batch_workers": 0,
+            "files_dir": tmp / "files",
+            **settings,
+        }
     )
     try:
         with serve_session(port):
-            yield LocalPhiserve(deploy(settings, text_catalog()), f"127.0.0.1:{grpc_port}", key)
+            yield LocalPhiserve(deploy(config, text_catalog()), f"127.0.0.1:{grpc_port}", key)
     finally:
         redis.stop()
 

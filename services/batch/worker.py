@@ -101,6 +101,8 @@ class BatchProcessor:
         self._stopped = False
         self._in_flight: dict[asyncio.Task[None], QueueItem] = {}
         self._room = asyncio.Event()  # set when an item finishes: the loop may read more
+        self._recording = 0  # items whose result is being written: no longer hold a slot
+        self._tenant_of: dict[str, str] = {}  # batch id -> its tenant (never changes)
         self._writer = ResultWriter(queue, in_flight=self._in_flight.__len__)
         self._pools = [pool.name for pool in core.catalog.enabled_pools]
 
@@ -156,7 +158,9 @@ class BatchProcessor:
                     await self._housekeeping()
                     next_sweep = time.monotonic() + self._sweep_interval_s
                 self._room.clear()  # before counting: an item finishing from here on sets it
-                free = self._concurrency - len(self._in_flight)
+                # An item whose result is being written holds no slot: the next burst is read
+                # while the last one's results are recorded.
+                free = self._concurrency - len(self._in_flight) + self._recording
                 if free > 0:
                     items = await self._queue.read(self._consumer, count=free, block_ms=500)
                     checked = await self._check_burst(items)
@@ -217,7 +221,14 @@ class BatchProcessor:
                 await self._queue.drop(item)
                 return
             ok, line = outcome
-            new, completed, failed, total = await self._writer.write(item, {"ok": ok, "line": line}, ok=ok)
+            self._recording += 1
+            self._room.set()
+            try:
+                new, completed, failed, total = await self._writer.write(
+                    item, {"ok": ok, "line": line}, ok=ok
+                )
+            finally:
+                self._recording -= 1
             if new:
                 self._metrics.items.inc(tags={"outcome": "completed" if ok else "failed"})
             if completed + failed >= total:
@@ -273,7 +284,19 @@ class BatchProcessor:
 
     async def _stop_reason(self, batch_id: str) -> object:
         """Read before every try: the tenant to run the batch's item as, or why not to run it."""
-        record = await self._batches.record(batch_id)
+        tenant_id = self._tenant_of.get(batch_id)
+        tenant_read: Tenant | BaseException | None = None
+        if tenant_id is None:
+            record = await self._batches.record(batch_id)
+        else:  # a batch's tenant never changes: both reads in one round trip
+            record_read, tenant_read = await asyncio.gather(
+                self._batches.record(batch_id),
+                self._core.tenants.get_tenant(tenant_id),
+                return_exceptions=True,
+            )
+            if isinstance(record_read, BaseException):
+                raise record_read
+            record = record_read
         status = record.get("status")
         if not record or BatchStatus(status).final:
             return GONE
@@ -283,7 +306,12 @@ class BatchProcessor:
             return InvalidRequest("not run: the batch was cancelled", code="batch_cancelled")
         if record.get("expiring"):
             return InvalidRequest("not run: the batch's completion window ended", code="batch_expired")
-        tenant = await self._core.tenants.get_tenant(record["tenant_id"])
+        if isinstance(tenant_read, BaseException):
+            raise tenant_read
+        tenant = tenant_read or await self._core.tenants.get_tenant(record["tenant_id"])
+        if len(self._tenant_of) >= 1024:  # bounded; a batch's entry is only a shortcut
+            self._tenant_of.clear()
+        self._tenant_of[batch_id] = record["tenant_id"]
         if tenant.disabled:
             return PermissionDenied("not run: the tenant is disabled", code="tenant_disabled")
         return tenant.model_copy(update={"priority_class": PriorityClass.batch})
