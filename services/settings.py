@@ -182,6 +182,14 @@ class Settings(BaseSettings):
     batch_concurrency: int = Field(
         32, ge=1, description="Items one worker keeps in flight (waiting for pool capacity)."
     )
+    batch_pool_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of a pool's capacity one batch worker's items may generate in at "
+        "once: the rest stays free for interactive requests, which would otherwise wait for a "
+        "batch generation to end (issue 12: TTFT p50 4.7x with a batch filling the pool).",
+    )
     batch_visibility_timeout_s: float = Field(
         60.0, ge=1, description="An item of a worker silent this long is reclaimed by another."
     )

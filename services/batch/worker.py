@@ -82,6 +82,7 @@ class BatchProcessor:
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
         generate: ItemGenerator | None = None,
+        pool_share: float = 1.0,
     ) -> None:
         self._core = core
         self._generate = generate or self._generate_on_core
@@ -107,6 +108,12 @@ class BatchProcessor:
         self._recorded: collections.Counter[str] = collections.Counter()  # outcomes not yet published
         self._writer = ResultWriter(queue, in_flight=self._in_flight.__len__)
         self._pools = [pool.name for pool in core.catalog.enabled_pools]
+        # Items generating at once per pool: a share of its capacity, so that interactive
+        # requests find a free slot instead of waiting for a batch generation to end.
+        self._generating = {
+            pool.name: asyncio.Semaphore(max(1, int(pool.capacity * pool_share)))
+            for pool in core.catalog.enabled_pools
+        }
 
     @classmethod
     def from_settings(
@@ -134,6 +141,7 @@ class BatchProcessor:
             max_deliveries=settings.batch_max_deliveries,
             stall_after_s=settings.batch_loop_stall_s,
             generate=generate,
+            pool_share=settings.batch_pool_share,
         )
 
     async def check_health(self) -> None:
@@ -274,7 +282,9 @@ class BatchProcessor:
                 return False, batch_error_line(item_id, item.custom_id, stop)
             assert isinstance(stop, Tenant)
             try:
-                return True, output_line(item_id, item.custom_id, await self._generate(stop, item, item_id))
+                async with self._generating.get(item.pool, contextlib.nullcontext()):
+                    body = await self._generate(stop, item, item_id)
+                return True, output_line(item_id, item.custom_id, body)
             except WAITS as exc:
                 if exc.param in NEVER_FITS:
                     return False, batch_error_line(item_id, item.custom_id, exc)

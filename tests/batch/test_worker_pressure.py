@@ -148,3 +148,57 @@ async def test_an_item_delivered_n_times_is_dead_lettered_once(
     assert [line["custom_id"] for line in lines] == ["req-0"]
     assert lines[0]["error"]["code"] == "max_deliveries_exceeded"
     assert str(deliveries) in lines[0]["error"]["message"]
+
+
+async def test_a_worker_generates_in_at_most_its_share_of_a_pool(redis_server, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """batch_pool_share leaves the rest of a pool to interactive requests (issue 12): with
+    more items in flight than the share, no more than the share generate at once."""
+    from services.batch.metrics import BatchMetrics
+    from services.batch.worker import BatchProcessor
+
+    settings = worker_settings(
+        redis_server.url, tmp_path / "files", batch_concurrency=16, batch_pool_share=0.125
+    )
+    worker = build_worker(settings)
+    capacity = next(p.capacity for p in worker.core.catalog.enabled_pools if p.name == "text")
+    share = int(capacity * 0.125)
+    assert 1 <= share < 16  # the check below is not vacuous
+    running, most, gate = 0, 0, asyncio.Event()
+
+    async def generate(tenant, item, item_id):  # type: ignore[no-untyped-def]
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        if running == share:
+            gate.set()
+        await asyncio.sleep(0.05)
+        running -= 1
+        return {"ok": item_id}
+
+    processor = BatchProcessor.from_settings(
+        worker.core,
+        worker.queue,
+        worker.batches,
+        BatchMetrics(),
+        settings,
+        consumer="share",
+        generate=generate,
+    )
+    await add_tenant(worker, "t")
+    upload = await worker.files.upload("t", filename="in.jsonl", purpose="batch", data=jsonl(40))
+    batch = await worker.batches.create(
+        "t", CreateBatchRequest(input_file_id=upload.id, endpoint="/v1/completions")
+    )
+    task = asyncio.get_running_loop().create_task(processor.run())
+    try:
+        await asyncio.wait_for(gate.wait(), 30)
+        deadline = asyncio.get_running_loop().time() + 60
+        while (await worker.batches.get("t", batch.id)).status.value != "completed":
+            assert asyncio.get_running_loop().time() < deadline, "the batch did not finish"
+            await asyncio.sleep(0.05)
+    finally:
+        processor.stop()
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        await worker.state.close()
+    assert most == share
