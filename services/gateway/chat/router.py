@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from services.gateway.deps import CoreServices, CurrentCaller, RequestId
+from services.gateway.deps import Generation
 from services.gateway.errors import ERROR_RESPONSES
 from services.gateway.openapi import event_stream
 from services.gateway.sse import sse_response
@@ -26,10 +26,11 @@ router = APIRouter()
     },
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, core: CoreServices, caller: CurrentCaller, request_id: RequestId
+    body: ChatCompletionRequest, call: Generation
 ) -> JSONResponse | StreamingResponse:
+    chat = call.core.chat
     if body.stream:
-        events, headers = await core.chat.create_stream(caller, body, request_id)
+        events, headers = await chat.create_stream(call.caller, body, call.request_id)
         return sse_response(events, headers)
-    payload, headers = await core.chat.create(caller, body, request_id)
+    payload, headers = await chat.create(call.caller, body, call.request_id)
     return JSONResponse(payload, headers=headers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from services.gateway.deps import CoreServices, CurrentCaller, RequestId
+from services.gateway.deps import Generation
 from services.gateway.errors import ERROR_RESPONSES
 from services.gateway.openapi import event_stream
 from services.gateway.sse import sse_response
@@ -24,11 +24,10 @@ router = APIRouter()
         **ERROR_RESPONSES,
     },
 )
-async def create_completion(
-    body: CompletionRequest, core: CoreServices, caller: CurrentCaller, request_id: RequestId
-) -> JSONResponse | StreamingResponse:
+async def create_completion(body: CompletionRequest, call: Generation) -> JSONResponse | StreamingResponse:
+    completions = call.core.completions
     if body.stream:
-        events, headers = await core.completions.create_stream(caller, body, request_id)
+        events, headers = await completions.create_stream(call.caller, body, call.request_id)
         return sse_response(events, headers)
-    payload, headers = await core.completions.create(caller, body, request_id)
+    payload, headers = await completions.create(call.caller, body, call.request_id)
     return JSONResponse(payload, headers=headers)
