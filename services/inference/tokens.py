@@ -12,9 +12,12 @@ import functools
 import io
 import logging
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from cachetools import LRUCache
 
 from services.catalog.models import PoolConfig
 from services.errors import InvalidRequest, ServiceUnavailable
@@ -33,6 +36,9 @@ TILE = 336
 # Short prompts stay on the loop, where a thread hop would cost more than the count.
 OFF_LOOP_CHARS = 16 * 1024
 COUNTING_THREADS = 2
+# Characters of text whose counts a replica keeps (TextCounts): ~4-16 MB of Python strings.
+COUNT_CACHE_CHARS = 4 * 1024 * 1024
+COUNT_CACHE_ENTRY_CHARS = 100  # what an entry costs beside its text, in characters
 
 
 def phi3v_image_tokens(width: int, height: int, num_crops: int) -> int:
@@ -54,13 +60,56 @@ def phi3v_image_tokens(width: int, height: int, num_crops: int) -> int:
     return int(((new_h // TILE) * (new_w // TILE) + 1) * 144 + 1 + (new_h // TILE + 1) * 12)
 
 
+class TextCounts:
+    """Token counts of the texts a replica counted lately, per tenant and pool (issue 12).
+
+    A chat request carries its whole conversation, so each turn counts every earlier
+    message again: ~0.5 us per character with the tiny models' tokenizer, which like Phi's
+    does not split the text into words first (a 6 KB history is ~3 ms of the event loop on
+    every turn). Keyed by the tenant's prefix-cache salt, like the pools' prefix cache: a
+    tenant cannot tell from the timing whether another tenant sent a text. Least recently
+    used texts go first once `max_chars` of text are held; a text longer than a sixteenth
+    of that is never kept. Thread-safe: long prompts are counted on the counting threads."""
+
+    def __init__(self, max_chars: int = COUNT_CACHE_CHARS) -> None:
+        self._counts: LRUCache[tuple[str, str, str], tuple[int, int]] = LRUCache(
+            maxsize=max_chars, getsizeof=lambda entry: entry[1]
+        )
+        self._longest = max_chars // 16
+        self._lock = threading.Lock()
+
+    def get(self, salt: str, pool: str, text: str) -> int | None:
+        with self._lock:
+            entry = self._counts.get((salt, pool, text))
+        return None if entry is None else entry[0]
+
+    def has(self, salt: str, pool: str, text: str) -> bool:
+        with self._lock:
+            return (salt, pool, text) in self._counts  # a peek: not a use
+
+    def put(self, salt: str, pool: str, text: str, count: int) -> None:
+        if len(text) <= self._longest:
+            with self._lock:
+                self._counts[(salt, pool, text)] = (count, len(text) + COUNT_CACHE_ENTRY_CHARS)
+
+    @property
+    def chars(self) -> int:
+        return int(self._counts.currsize)
+
+
 class TokenCounter:
     def __init__(
-        self, tokenizers: dict[str, Any], num_crops: dict[str, int], *, off_loop_chars: int = OFF_LOOP_CHARS
+        self,
+        tokenizers: dict[str, Any],
+        num_crops: dict[str, int],
+        *,
+        off_loop_chars: int = OFF_LOOP_CHARS,
+        text_counts: TextCounts | None = None,
     ) -> None:
         self._tokenizers = tokenizers
         self._num_crops = num_crops
         self._off_loop_chars = off_loop_chars
+        self._text_counts = text_counts or TextCounts()
         # Threads start on first use; the tokenizers library releases the GIL while encoding.
         self._executor = ThreadPoolExecutor(max_workers=COUNTING_THREADS, thread_name_prefix="tokens")
         # The longest vocabulary entry bounds the characters one token can cover: a prompt
@@ -81,8 +130,9 @@ class TokenCounter:
         return cls(loaded, crops)
 
     async def count(self, pool: PoolConfig, request: GenerationRequest) -> int:
-        """`prompt_tokens`, off the event loop when the prompt is long or carries images."""
-        if request.images or _text_length(request) > self._off_loop_chars:
+        """`prompt_tokens`, off the event loop when the text still to encode (what the
+        tenant's earlier requests did not count already) is long, or with images."""
+        if request.images or self._uncounted_length(pool, request) > self._off_loop_chars:
             return await asyncio.get_running_loop().run_in_executor(
                 self._executor, functools.partial(self.prompt_tokens, pool, request, batch=True)
             )
@@ -137,23 +187,40 @@ class TokenCounter:
         library spreads the texts over its own threads). Short prompts are encoded one text at
         a time on the calling thread: `encode_batch` hands even one short text to that thread
         pool and waits for it, ~45 us of wall time where `encode` takes ~16 (issue 12)."""
-        if request.prompts is not None:
-            texts = [p for p in request.prompts if isinstance(p, str)]
-            overhead = sum(len(p) for p in request.prompts if not isinstance(p, str))
-        elif request.messages is None:
-            texts = []
-            overhead = 0
-        else:
-            texts = [m.text for m in request.messages]
-            overhead = TOKENS_PER_MESSAGE * len(request.messages) + TOKENS_PER_PROMPT
+        texts, overhead = _texts(request)
         tokenizer = self._tokenizers.get(pool.name)
         if tokenizer is None:
             count = sum(len(t) for t in texts) // CHARS_PER_TOKEN_FALLBACK + 1
-        elif batch:
-            count = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
         else:
-            count = sum(len(tokenizer.encode(text, add_special_tokens=False).ids) for text in texts)
+            count = self._encoded_length(pool, request.cache_salt, texts, tokenizer, batch=batch)
         return count + overhead + sum(self._image_tokens(pool, blob) for blob in request.images)
+
+    def _encoded_length(
+        self, pool: PoolConfig, salt: str | None, texts: list[str], tokenizer: Any, *, batch: bool
+    ) -> int:
+        """Tokens of `texts`, each encoded once per tenant (`salt`) while its count is cached."""
+        if salt is None:  # no tenant to key the counts by
+            return sum(_encode(tokenizer, texts, batch=batch))
+        total = 0
+        missing: list[str] = []
+        for text in texts:
+            known = self._text_counts.get(salt, pool.name, text)
+            if known is None:
+                missing.append(text)
+            else:
+                total += known
+        counts = _encode(tokenizer, missing, batch=batch)
+        for text, count in zip(missing, counts, strict=True):
+            self._text_counts.put(salt, pool.name, text, count)
+        return total + sum(counts)
+
+    def _uncounted_length(self, pool: PoolConfig, request: GenerationRequest) -> int:
+        """Characters of the prompt's texts not in the tenant's cached counts."""
+        texts, _ = _texts(request)
+        salt = request.cache_salt
+        if salt is None or self._tokenizers.get(pool.name) is None:
+            return sum(map(len, texts))
+        return sum(len(t) for t in texts if not self._text_counts.has(salt, pool.name, t))
 
     def _image_tokens(self, pool: PoolConfig, blob: bytes) -> int:
         from PIL import Image
@@ -164,6 +231,23 @@ class TokenCounter:
         except Exception:  # noqa: BLE001 - any unreadable image: the pool refuses it with a clear 400
             return 0
         return phi3v_image_tokens(width, height, self._num_crops[pool.name])
+
+
+def _encode(tokenizer: Any, texts: list[str], *, batch: bool) -> list[int]:
+    """Each text's token count, as the engine counts a text (no special tokens added)."""
+    if batch:
+        return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return [len(tokenizer.encode(text, add_special_tokens=False).ids) for text in texts]
+
+
+def _texts(request: GenerationRequest) -> tuple[list[str], int]:
+    """The prompt's texts, and the tokens it costs besides them (chat markers, token-id prompts)."""
+    if request.prompts is not None:
+        texts = [p for p in request.prompts if isinstance(p, str)]
+        return texts, sum(len(p) for p in request.prompts if not isinstance(p, str))
+    if request.messages is None:
+        return [], 0
+    return [m.text for m in request.messages], TOKENS_PER_MESSAGE * len(request.messages) + TOKENS_PER_PROMPT
 
 
 def _text_length(request: GenerationRequest) -> int:
