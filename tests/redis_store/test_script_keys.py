@@ -94,7 +94,9 @@ async def _batch_queue(state: RedisStore) -> None:
         await state.redis.hset(
             keys.batch_record(batch_id), mapping={"status": status, "total": 2, "completed": 0, "failed": 0}
         )
-        items = [{"line": line, "custom_id": f"c{line}", "url": "/v1/completions", "body": {}} for line in (1, 2)]
+        items = [
+            {"line": line, "custom_id": f"c{line}", "url": "/v1/completions", "body": {}} for line in (1, 2)
+        ]
         await add_items(state, "p", batch_id, items)  # enqueue_items.lua, as BatchService adds them
     items = await queue.read("w", count=10, block_ms=100)
     assert len(items) == 6
