@@ -18,13 +18,14 @@ from pathlib import Path
 
 PROXY_MODES = ("default", "direct", "haproxy")
 
-# Ray Serve's throughput-optimized mode (serve/_private/constants.py, end of file), in every
-# proxy mode (issue 12): handle calls between deployments go over gRPC instead of Ray actor
-# calls, user code and the request router run on the replica's own event loop, the GC is
-# frozen after start-up. Its request-path log buffer (1,000 records, flushed only when full
-# or on an error) would hold a quiet replica's log lines for hours: phiserve writes one line
-# per request, so records are written as they come (1) and Serve's access log is off
-# (services/app.py) instead.
+# Ray Serve's throughput-optimized mode (serve/_private/constants.py, end of file), opt-in
+# (issue 12): handle calls between deployments go over gRPC instead of Ray actor calls, user
+# code and the request router run on the replica's own event loop, the GC is frozen after
+# start-up. It is off by default: with it, a unary request whose client timed out ran to its
+# end in 2 of 3 test-suite runs (tests/pools/test_abort.py; abort on disconnect must hold).
+# Its request-path log buffer (1,000 records, flushed only when full or on an error) would
+# hold a quiet replica's log lines for hours: phiserve writes one line per request, so
+# records are written as they come (1); Serve's access log is off (services/app.py).
 THROUGHPUT_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
@@ -99,13 +100,14 @@ def ray_process_env(
     drain_period_s: float | None = None,
     haproxy_stats_port: int | None = None,
     haproxy_metrics_port: int | None = None,
+    throughput_optimized: bool = False,
 ) -> dict[str, str]:
     """The variables for `proxy_mode`; in `haproxy` mode also writes the HAProxy launcher
     into `state_dir` (private to the caller). The stats and metrics ports default to Ray's
     (8404, 9101); two clusters on one machine need their own."""
     if proxy_mode not in PROXY_MODES:
         raise ValueError(f"proxy mode {proxy_mode!r}: use one of {', '.join(PROXY_MODES)}")
-    env = {"RAY_USAGE_STATS_ENABLED": "0", **THROUGHPUT_ENV}
+    env = {"RAY_USAGE_STATS_ENABLED": "0", **(THROUGHPUT_ENV if throughput_optimized else {})}
     if proxy_mode == "default":
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"  # throughput mode would turn it on
         return env

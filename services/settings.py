@@ -95,6 +95,12 @@ class Settings(BaseSettings):
         "direct-ingress gateway replicas (least CPU per request), Serve's Python proxy, or "
         "direct ingress alone. See services/ray_env.py and docs/benchmarks.md.",
     )
+    serve_throughput_optimized: bool = Field(
+        False,
+        description="Ray Serve's throughput-optimized mode on a locally started Ray (gRPC between "
+        "deployments, user code on each replica's event loop): less CPU per request, but with it "
+        "a unary request whose client left was not always cancelled (docs/benchmarks.md, issue 12).",
+    )
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray (default: all).")
 
     redis_url: str = Field(

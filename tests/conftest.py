@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from services.catalog.loader import load_catalog
 from services.catalog.models import Catalog
 from services.local.redis_server import LocalRedis
-from services.ray_env import THROUGHPUT_ENV, ray_process_env
+from services.ray_env import ray_process_env
 from services.redis_store import RedisStore
 from services.settings import Settings
 
@@ -67,11 +67,7 @@ _RAY_ENV = ray_process_env(
     haproxy_stats_port=free_port(),
     haproxy_metrics_port=free_port(),
 )
-# Serve's throughput-optimized mode is for the cluster's processes, which inherit this
-# environment when the test process starts Ray (the `cluster` fixture sets it just before).
-# The test process itself stays out of it, as `phiserve up`'s driver does: it calls Serve
-# handles from plain threads, which that mode refuses (no running event loop).
-os.environ.update({name: value for name, value in _RAY_ENV.items() if name not in THROUGHPUT_ENV})
+os.environ.update(_RAY_ENV)
 
 
 def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -210,9 +206,6 @@ def cluster(tiny_models: dict[str, Path], redis_server: LocalRedis) -> Iterator[
     )
     catalog = load_catalog("local")
     metrics_port = free_port()
-    import ray.serve._private.constants  # read now, without the mode (see above)
-
-    os.environ.update(THROUGHPUT_ENV)
     init_private_ray(metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)

@@ -106,3 +106,16 @@ def test_the_test_clusters_haproxy_listens_on_loopback_only(cluster: Cluster) ->
     for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         port = int(os.environ[name])
         assert _listening(port) == {LOOPBACK}, f"{name} {port} listens on {_listening(port)}"
+
+
+def test_throughput_optimized_mode_is_opt_in(tmp_path: Path) -> None:
+    """Serve's throughput-optimized mode only when asked for (issue 12): with it, a unary
+    request whose client timed out was not always cancelled. Asked for with Serve's Python
+    proxy, it must not turn direct ingress on behind the proxy's back."""
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in ray_process_env("haproxy", tmp_path)
+    env = ray_process_env("haproxy", tmp_path, throughput_optimized=True)
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] == "1"  # log lines as they come
+    proxied = ray_process_env("default", tmp_path, throughput_optimized=True)
+    assert proxied["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert proxied["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"

@@ -79,7 +79,14 @@ def start_local_ray(settings: Settings) -> str:
     if settings.ray_num_cpus:
         cmd.append(f"--num-cpus={settings.ray_num_cpus}")
     # Read by every Ray process at import: it must be in the environment of `ray start`.
-    env = {**os.environ, **ray_process_env(settings.proxy_mode, folder), **AUTH_ENV, MARKER: str(folder)}
+    env = {
+        **os.environ,
+        **ray_process_env(
+            settings.proxy_mode, folder, throughput_optimized=settings.serve_throughput_optimized
+        ),
+        **AUTH_ENV,
+        MARKER: str(folder),
+    }
     for _ in range(START_ATTEMPTS):
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)  # tried again
         address = gcs_address(folder)
