@@ -8,7 +8,7 @@ temperature 0, ignore_eos), started together; one such batch is a round.
   (services.app.CPU_ENGINE_ENV) and delta outputs, as the pool asks for them. The prompt is the
   chat template's rendering of the same message, so both prefill the same tokens.
 * gateway: phiserve as `phiserve up` runs it (`services.ray_env.ray_process_env("haproxy")`:
-  HAProxy in front, Serve's throughput-optimized mode, a private Redis, tenancy on), REST SSE
+  HAProxy in front, a private Redis, tenancy on; --throughput-optimized: Serve's opt-in mode), REST SSE
   with include_usage, through `_common.local_phiserve`.
 Rounds alternate (bare, gateway, bare, gateway, ...) after a warm-up round of each, so the
 machine's drift hits both alike. Per round: tokens/s (tokens / wall time of the round), TTFT
@@ -303,6 +303,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20, help="measured rounds per target")
     parser.add_argument("--quick", action="store_true", help="smoke run: --rounds 4")
+    parser.add_argument(
+        "--throughput-optimized", action="store_true", help="Serve's throughput-optimized mode (opt-in)"
+    )
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--profile-seconds", type=float, default=0, help="then py-spy both replicas")
@@ -313,7 +316,8 @@ def main() -> None:
         return
     rounds = 4 if args.quick else args.rounds
     tmp = Path(tempfile.mkdtemp(prefix=PREFIX))
-    # `phiserve up`'s Ray environment (HAProxy, throughput-optimized Serve), before Ray is imported.
+    # `phiserve up`'s Ray environment (HAProxy; Serve's throughput-optimized mode when asked
+    # for, as PHISERVE_SERVE_THROUGHPUT_OPTIMIZED does), before Ray is imported.
     from services.ray_env import ray_process_env
 
     hp = Path(tempfile.mkdtemp(prefix="hp", dir="/tmp"))
@@ -324,6 +328,7 @@ def main() -> None:
             drain_period_s=1.0,
             haproxy_stats_port=free_port(),
             haproxy_metrics_port=free_port(),
+            throughput_optimized=args.throughput_optimized,
         )
     )
     load_start = os.getloadavg()[0]
