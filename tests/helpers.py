@@ -64,3 +64,33 @@ class OffLoopProbe:
         assert self.calls > 0, "the wrapped work never ran"
         assert self.calls_on_loop == 0, f"{self.calls_on_loop} of {self.calls} calls ran on the event loop"
         assert self.loop_ran_during_call == self.calls
+
+
+def real_gate(
+    state: Any,
+    capacity: dict[str, int],
+    metrics: Any,
+    *,
+    counter: Any = None,
+    lease_ttl_s: float = 30,
+    queue_timeout_s: float = 5,
+) -> Any:
+    """The real tenant gate on the test's Redis (admission, fair queue, lease keeper), no Ray."""
+    from services.inference.gate import LeaseKeeper, TenantGate
+    from services.inference.tokens import TokenCounter
+    from services.tenancy.admission import Admission
+    from services.tenancy.entry import TenancySteps
+    from services.tenancy.fair_queue import FairQueue
+    from services.tenancy.store import TenantStore
+
+    admission = Admission(state, lease_ttl_s=lease_ttl_s)
+    fair_queue = FairQueue(state, capacity, max_waiting=10, lease_ttl_s=lease_ttl_s)
+    keeper = LeaseKeeper(admission, fair_queue, metrics, pools=list(capacity), interval_s=60)
+    return TenantGate(
+        TenancySteps(state, admission, fair_queue),
+        TenantStore(state),
+        counter or TokenCounter({}, {}),
+        keeper,
+        metrics,
+        queue_timeout_s=queue_timeout_s,
+    )

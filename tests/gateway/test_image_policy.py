@@ -15,19 +15,14 @@ from aiohttp import web
 from services.catalog.loader import load_catalog
 from services.errors import InvalidRequest, PermissionDenied
 from services.inference.chat import ChatService
-from services.inference.gate import LeaseKeeper, TenantGate
 from services.inference.generation import Caller, GenerationRunner
 from services.inference.images import ImageLoader
 from services.inference.metrics import GatewayMetrics
 from services.inference.protocol.chat import ChatCompletionRequest
 from services.inference.router import PoolRouter
-from services.inference.tokens import TokenCounter
 from services.redis_store import RedisStore
-from services.tenancy.admission import Admission
-from services.tenancy.entry import TenancySteps
-from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import ImagePolicy, Tenant
-from services.tenancy.store import TenantStore
+from tests.helpers import real_gate
 
 
 @pytest.fixture
@@ -55,18 +50,8 @@ def _chat_service(state: RedisStore) -> ChatService:
     catalog = load_catalog("local")
     router = PoolRouter(catalog, {}, assign_timeout_s=1.0)
     metrics = GatewayMetrics()
-    admission = Admission(state, lease_ttl_s=10)
     capacity = {p.name: p.capacity for p in catalog.enabled_pools}
-    fair_queue = FairQueue(state, capacity, max_waiting=10, lease_ttl_s=10)
-    keeper = LeaseKeeper(admission, fair_queue, metrics, pools=[], interval_s=5)
-    gate = TenantGate(
-        TenancySteps(state, admission, fair_queue),
-        TenantStore(state),
-        TokenCounter({}, {}),
-        keeper,
-        metrics,
-        queue_timeout_s=1.0,
-    )
+    gate = real_gate(state, capacity, metrics, lease_ttl_s=10, queue_timeout_s=1.0)
     images = ImageLoader(allow_remote=True, max_bytes=1 << 20, timeout_s=2.0, allow_loopback=True)
     return ChatService(router, GenerationRunner(router, gate, metrics), images, platform=catalog.platform)
 

@@ -16,18 +16,14 @@ import pytest
 
 from services.catalog.loader import load_catalog
 from services.errors import GenerationFailed, InvalidRequest, PhiserveError, ServiceUnavailable
-from services.inference.gate import LeaseKeeper, TenantGate
 from services.inference.generation import Caller, GenerationRunner
 from services.inference.metrics import GatewayMetrics
-from services.inference.tokens import TokenCounter
 from services.pools.engine import ChatMessage, GenerationChunk, GenerationRequest, SamplingOptions
 from services.redis_store import RedisStore, keys
-from services.tenancy.admission import Admission, utc_day
-from services.tenancy.entry import TenancySteps
-from services.tenancy.fair_queue import FairQueue
+from services.tenancy.admission import utc_day
 from services.tenancy.models import Tenant, TenantLimits
-from services.tenancy.store import TenantStore
 from services.tenancy.usage import UsageLedger
+from tests.helpers import real_gate
 
 
 class FailingPool:
@@ -59,17 +55,7 @@ class Shape:
 
 def _runner(state: RedisStore, error: BaseException) -> GenerationRunner:
     metrics = GatewayMetrics()
-    admission = Admission(state, lease_ttl_s=30)
-    fair_queue = FairQueue(state, {"text": 4}, max_waiting=10, lease_ttl_s=30)
-    keeper = LeaseKeeper(admission, fair_queue, metrics, pools=["text"], interval_s=60)
-    gate = TenantGate(
-        TenancySteps(state, admission, fair_queue),
-        TenantStore(state),
-        TokenCounter({}, {}),
-        keeper,
-        metrics,
-        queue_timeout_s=5,
-    )
+    gate = real_gate(state, {"text": 4}, metrics)
     return GenerationRunner(FailingPool(error), gate, metrics)  # type: ignore[arg-type]
 
 

@@ -20,18 +20,14 @@ import pytest
 
 from services.catalog.loader import load_catalog
 from services.grpc.servicer import InferenceServicer, _Call
-from services.inference.gate import LeaseKeeper, TenantGate
+from services.inference.gate import LeaseKeeper
 from services.inference.generation import Caller, GenerationRunner
 from services.inference.metrics import GatewayMetrics
 from services.inference.ports import BatchApis
-from services.inference.tokens import TokenCounter
 from services.pools.engine import ChatMessage, GenerationChunk, GenerationRequest, SamplingOptions
 from services.redis_store import RedisStore, keys
-from services.tenancy.admission import Admission
-from services.tenancy.entry import TenancySteps
-from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import Tenant, TenantLimits
-from services.tenancy.store import TenantStore
+from tests.helpers import real_gate
 
 TENANT = Tenant(id="leaver", limits=TenantLimits(max_concurrent=1))
 
@@ -66,17 +62,8 @@ class Shape:
 
 def _runner(state: RedisStore) -> tuple[GenerationRunner, EndlessPool, LeaseKeeper]:
     metrics = GatewayMetrics()
-    admission = Admission(state, lease_ttl_s=30)
-    fair_queue = FairQueue(state, {"text": 4}, max_waiting=10, lease_ttl_s=30)
-    keeper = LeaseKeeper(admission, fair_queue, metrics, pools=["text"], interval_s=60)
-    gate = TenantGate(
-        TenancySteps(state, admission, fair_queue),
-        TenantStore(state),
-        TokenCounter({}, {}),
-        keeper,
-        metrics,
-        queue_timeout_s=5,
-    )
+    gate = real_gate(state, {"text": 4}, metrics)
+    keeper = gate._keeper
     pool = EndlessPool()
     return GenerationRunner(pool, gate, metrics), pool, keeper  # type: ignore[arg-type]
 

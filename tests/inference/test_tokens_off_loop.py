@@ -16,17 +16,13 @@ import pytest
 
 from services.catalog.loader import load_catalog
 from services.errors import ContextLengthExceeded
-from services.inference.gate import LeaseKeeper, TenantGate
+from services.inference.gate import TenantGate
 from services.inference.metrics import GatewayMetrics
 from services.inference.tokens import TokenCounter
 from services.pools.engine import ChatMessage, GenerationRequest, SamplingOptions
 from services.redis_store import RedisStore
-from services.tenancy.admission import Admission
-from services.tenancy.entry import TenancySteps
-from services.tenancy.fair_queue import FairQueue
 from services.tenancy.models import Tenant
-from services.tenancy.store import TenantStore
-from tests.helpers import OffLoopProbe
+from tests.helpers import OffLoopProbe, real_gate
 
 
 class _ProbedTokenizer:
@@ -53,17 +49,7 @@ def _text_gate(
         probed = _ProbedTokenizer(counter._tokenizers[text_pool.name], probe_loop)
         counter = TokenCounter({text_pool.name: probed}, {text_pool.name: 4})
     metrics = GatewayMetrics()
-    admission = Admission(state, lease_ttl_s=30)
-    fair_queue = FairQueue(state, {"text": 4}, max_waiting=10, lease_ttl_s=30)
-    keeper = LeaseKeeper(admission, fair_queue, metrics, pools=["text"], interval_s=60)
-    gate = TenantGate(
-        TenancySteps(state, admission, fair_queue),
-        TenantStore(state),
-        counter,
-        keeper,
-        metrics,
-        queue_timeout_s=5,
-    )
+    gate = real_gate(state, {"text": 4}, metrics, counter=counter)
     return gate, text_pool, probed
 
 
