@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,18 @@ def wait_http(
             last = repr(exc)
         time.sleep(0.5)
     raise TimeoutError(f"{what}: {url} not ready after {timeout_s:.0f} s ({last})")
+
+
+async def sse_data(lines: Any) -> AsyncIterator[bytes]:
+    """The `data:` payloads of a Server-Sent Events body (aiohttp's `response.content`), up to
+    the "[DONE]" that ends an OpenAI stream."""
+    async for line in lines:
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            return
+        yield data
 
 
 def pct(values: list[float], q: float) -> float | None:

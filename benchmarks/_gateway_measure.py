@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
-from _common import pct
+from _common import pct, sse_data
 
 SERVED, MAX_TOKENS, PROMPT = "phi-3.5-mini", 16, "Write one sentence about the sea."
 Groups = dict[str, list[psutil.Process]]
@@ -94,10 +94,7 @@ async def one(
             usage = json.loads(await r.read())["usage"]
         else:
             last = b""
-            async for line in r.content:
-                data = line[6:].strip() if line.startswith(b"data: ") else None
-                if data == b"[DONE]":
-                    break
+            async for data in sse_data(r.content):
                 if (
                     data
                     and ttft is None

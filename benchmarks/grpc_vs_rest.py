@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from _common import REPO, ChatSession, local_phiserve, pct
+from _common import REPO, ChatSession, local_phiserve, pct, sse_data
 
 sys.path.insert(0, str(REPO))
 SERVED, MAX_TOKENS, PROMPT = "phi-3.5-mini", 16, "Write one sentence about the sea."
@@ -54,12 +54,7 @@ class Rest(ChatSession):
                 usage = json.loads(await r.read())["usage"]
             else:
                 last = b""
-                async for line in r.content:
-                    if not line.startswith(b"data: "):
-                        continue
-                    data = line[6:].strip()
-                    if data == b"[DONE]":
-                        break
+                async for data in sse_data(r.content):
                     choices = json.loads(data).get("choices") or [{}]
                     if ttft is None and choices[0].get("delta", {}).get("content"):
                         ttft = time.perf_counter() - t0

@@ -42,7 +42,7 @@ from typing import Any
 
 import psutil
 import uvloop
-from _common import CACHE_DIR, REPO, ChatSession, free_port, local_phiserve, pct
+from _common import CACHE_DIR, REPO, ChatSession, free_port, local_phiserve, pct, sse_data
 
 sys.path.insert(0, str(REPO))
 SERVED, PROMPT = "phi-3.5-mini", "Write a long story about the sea."
@@ -166,12 +166,7 @@ class Gateway(ChatSession):
         async with self._session.post(self._url, data=json.dumps(body), headers=self._headers) as r:
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}: {(await r.read())[:200]!r}")
-            async for line in r.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    break
+            async for data in sse_data(r.content):
                 if first is None and b'"content":"' in data and b'"content":""' not in data:
                     first = time.perf_counter() - t0
                 last = data

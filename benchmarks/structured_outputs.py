@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any
 
-from _common import REPO, ChatSession, local_phiserve, pct
+from _common import REPO, ChatSession, local_phiserve, pct, sse_data
 
 sys.path.insert(0, str(REPO))
 SERVED, PROMPT = "phi-3.5-mini", "List the items as JSON."
@@ -102,12 +102,7 @@ class Client(ChatSession):
         async with self._session.post(self._url, data=json.dumps(body), headers=self._headers) as r:
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}: {(await r.read())[:300]!r}")
-            async for line in r.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    break
+            async for data in sse_data(r.content):
                 event = json.loads(data)
                 if "error" in event:
                     raise RuntimeError(f"stream error: {event['error']}")
