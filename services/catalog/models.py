@@ -141,6 +141,24 @@ class DeploymentConfig(_Strict):
         return self
 
 
+class RoutingConfig(_Strict):
+    """How the gateway's Serve handle picks a replica of this pool (Serve's request router)."""
+
+    policy: Literal["least_loaded", "prefix_affinity"] = Field(
+        "least_loaded",
+        description="least_loaded: Serve's default (power of two choices by queue length). "
+        "prefix_affinity: a request goes to the replica that last served the longest prefix "
+        "of its prompt within the same tenant (services/pools/prefix_router.py), unless that "
+        "replica is busier than the least-loaded one by more than max_imbalance.",
+    )
+    max_imbalance: int = Field(
+        4,
+        ge=0,
+        description="prefix_affinity only: ongoing requests the affine replica may carry beyond "
+        "the least-loaded replica before the request falls back to the least-loaded one.",
+    )
+
+
 class PoolConfig(_Strict):
     """One model pool: one Ray Serve deployment whose replicas embed vLLM."""
 
@@ -152,10 +170,36 @@ class PoolConfig(_Strict):
         "built tiny model under the cache folder.",
     )
     served_names: list[str] = Field(
-        ..., min_length=1, description="Model names clients use; the first is canonical."
+        default_factory=list,
+        description="Model names clients use; the first is canonical. Empty only for a pool "
+        "that is another pool's long_context_pool (reached through that pool's names).",
     )
     aliases: list[str] = Field(default_factory=list, description="Extra names that route to this pool.")
     cost_factor: float = Field(1.0, gt=0, description="Relative price of one token (e.g. MoE > mini).")
+    cached_prompt_billing_factor: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of a token's price billed for a prompt token served from the prefix "
+        "cache (usage and the tenant's daily budget).",
+    )
+    cached_prompt_queue_factor: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of a token's weight a cached prompt token adds to the tenant's "
+        "virtual time in the fair queue.",
+    )
+    long_context_pool: str | None = Field(
+        None,
+        description="A pool of the same model with a longer max_model_len. Requests whose "
+        "prompt tokens + max_tokens exceed this pool's max_model_len are served there; "
+        "clients keep calling this pool's names (length-aware pools, docs/architecture.md).",
+    )
+    routing: RoutingConfig = Field(
+        default_factory=lambda: RoutingConfig.model_validate({}),
+        description="Which replica of the pool a request goes to.",
+    )
     max_images_per_request: int = Field(
         0, ge=0, description="Images one request may carry (0 for text pools)."
     )
@@ -244,13 +288,56 @@ class Catalog(_Strict):
                 seen_names[name] = pool.name
         return pools
 
+    @field_validator("pools")
+    @classmethod
+    def _long_context_pools(cls, pools: list[PoolConfig]) -> list[PoolConfig]:
+        by_name = {pool.name: pool for pool in pools}
+        long_of: dict[str, str] = {}
+        for pool in pools:
+            if pool.long_context_pool is None or not pool.enabled:
+                continue
+            where = f"pool {pool.name!r}: long_context_pool {pool.long_context_pool!r}"
+            long = by_name.get(pool.long_context_pool)
+            if long is None or not long.enabled:
+                raise ValueError(f"{where} is not an enabled pool of this catalog; add it or remove the field")
+            if long.long_context_pool is not None:
+                raise ValueError(f"{where} has a long_context_pool of its own; one long pool per model")
+            if (long.model, long.modality) != (pool.model, pool.modality):
+                raise ValueError(f"{where} serves another model; both pools must load the same model")
+            if long.engine.max_model_len <= pool.engine.max_model_len:
+                raise ValueError(
+                    f"{where} has max_model_len {long.engine.max_model_len}, not above this pool's "
+                    f"{pool.engine.max_model_len}; raise it or drop the field"
+                )
+            if long.name in long_of:
+                raise ValueError(f"{where} is already the long pool of {long_of[long.name]!r}")
+            long_of[long.name] = pool.name
+        for pool in pools:
+            if pool.enabled and not pool.served_names and pool.name not in long_of:
+                raise ValueError(
+                    f"pool {pool.name!r} has no served_names; give it one, or name it as another "
+                    "pool's long_context_pool"
+                )
+        return pools
+
     @property
     def enabled_pools(self) -> list[PoolConfig]:
         return [pool for pool in self.pools if pool.enabled]
 
+    def long_pool_of(self, pool: PoolConfig) -> PoolConfig | None:
+        """The pool serving `pool`'s requests that do not fit its context, if any."""
+        if pool.long_context_pool is None:
+            return None
+        return next(p for p in self.pools if p.name == pool.long_context_pool)
+
+    def front_pool_of(self, pool: PoolConfig) -> PoolConfig:
+        """The pool whose names reach `pool`: itself, or the short pool of a long pool."""
+        return next((p for p in self.enabled_pools if p.long_context_pool == pool.name), pool)
+
     def tiny_models(self) -> list[str]:
-        return [
+        names = (
             pool.model.removeprefix(TINY_MODEL_SCHEME)
             for pool in self.enabled_pools
             if pool.model.startswith(TINY_MODEL_SCHEME)
-        ]
+        )
+        return list(dict.fromkeys(names))  # a short and a long pool share one model

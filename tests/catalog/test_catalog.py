@@ -15,11 +15,14 @@ def _local_raw() -> dict:  # type: ignore[type-arg]
     return yaml.safe_load((PROFILES_DIR / "local.yaml").read_text())  # type: ignore[no-any-return]
 
 
-def test_local_profile_has_three_pools_on_cpu() -> None:
+def test_local_profile_has_three_models_on_cpu() -> None:
     catalog = load_catalog("local")
     assert catalog.platform is Platform.cpu
     pools = {p.name: p for p in catalog.enabled_pools}
-    assert set(pools) == {"text", "moe", "vision"}
+    assert set(pools) == {"text", "text-long", "moe", "vision"}
+    assert catalog.long_pool_of(pools["text"]) is pools["text-long"]
+    assert catalog.front_pool_of(pools["text-long"]) is pools["text"]
+    assert catalog.tiny_models().count("phi-3.5-mini-tiny") == 1
     assert pools["vision"].modality is Modality.vision
     assert pools["text"].engine.kv_cache_memory_bytes
     assert pools["text"].engine.enforce_eager
