@@ -44,7 +44,11 @@ class VLLMEngine(Engine):
 
         args = AsyncEngineArgs(
             model=self._model_path,
-            served_model_name=self._pool.served_names[0],
+            # The pool's name: vLLM labels its metrics with it (model_name), and they describe
+            # a pool: a short and a long pool load the same model, and a long pool has no
+            # served name (issue 13, per-pool prefix cache hit rate). Clients never see it:
+            # responses carry the gateway's model name.
+            served_model_name=self._pool.name,
             disable_log_stats=False,
             # For the whole engine: vLLM 0.32 reads neither the backend nor
             # `disable_any_whitespace` per request. Without free whitespace, since a model may
