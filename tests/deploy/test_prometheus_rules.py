@@ -19,6 +19,7 @@ from tests.deploy.tooling import (
     contract_metric,
     one,
     promql_metric_names,
+    recording_rules,
     run,
 )
 
@@ -110,3 +111,19 @@ def test_alerts_read_only_contract_metrics() -> None:
             assert contract_metric(name) or re.fullmatch(r"phiserve:\w+:threshold", name), (
                 f"{rule['alert']} reads {name}, which is not in the metrics contract"
             )
+
+
+def test_recording_rules_read_only_contract_metrics() -> None:
+    recorded = recording_rules()
+    # Per pool from vLLM's counters (their model_name is the pool's name); its values per pool
+    # are unit-tested in alerts_test.yml ("prefix cache hit ratio per pool").
+    assert promql_metric_names(recorded["pool:phiserve_prefix_cache_hit_ratio:rate5m"]) == {
+        "ray_vllm_prefix_cache_hits_total",
+        "ray_vllm_prefix_cache_queries_total",
+    }
+    for record, expr in recorded.items():
+        assert re.fullmatch(r"\w+:\w+:\w+", record), f"{record}: not named level:metric:operations"
+        names = promql_metric_names(expr)
+        assert names, record
+        for name in names:
+            assert contract_metric(name), f"{record} reads {name}, which is not in the metrics contract"

@@ -73,6 +73,8 @@ CONTRACT_METRICS = {
     "ray_phiserve_batch_queue_lag_seconds",
     "ray_phiserve_batch_items_total",
     "ray_phiserve_batch_duration_seconds",
+    "ray_phiserve_pool_routed_total",
+    "ray_phiserve_context_routed_total",
     "ray_vllm_num_requests_running",
     "ray_vllm_num_requests_waiting",
     "ray_vllm_kv_cache_usage_perc",
@@ -230,6 +232,18 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
 def alert_rules() -> list[dict[str, Any]]:
     groups = yaml.safe_load(ALERTS.read_text())["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def recording_rules() -> dict[str, str]:
+    """Recorded series of alerts.yml (the constant thresholds aside): name -> expression."""
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return {
+        rule["record"]: rule["expr"]
+        for group in groups
+        if group["name"] != "phiserve-thresholds"
+        for rule in group["rules"]
+        if "record" in rule
+    }
 
 
 _BYTE_UNITS = {
