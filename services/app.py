@@ -11,6 +11,7 @@ from services.batch.deployment import BatchWorker
 from services.catalog.models import Catalog, PoolConfig
 from services.ingress import GatewayIngress
 from services.pools.deployment import PoolReplica
+from services.pools.prefix_router import PrefixAffinityRouter
 from services.settings import Settings
 
 GATEWAY_DEPLOYMENT = "gateway"
@@ -64,6 +65,14 @@ def build_pool(pool: PoolConfig, catalog: Catalog, settings: Settings) -> Applic
         }
     else:
         options["num_replicas"] = dep.num_replicas
+    if pool.routing.policy == "prefix_affinity":
+        # Every handle to this deployment (gateway replicas, batch workers) routes with it;
+        # least_loaded keeps Serve's default router (power of two choices).
+        # Serve's RequestRouterConfig, as the dict serve.deployment takes.
+        options["request_router_config"] = {
+            "request_router_class": PrefixAffinityRouter,
+            "request_router_kwargs": {"max_imbalance": pool.routing.max_imbalance, "pool": pool.name},
+        }
     model_path = pool.resolve_model_path(settings.model_dir.resolve())
     return serve.deployment(**options)(PoolReplica).bind(pool.for_replica(), model_path)
 
