@@ -1,7 +1,9 @@
-"""A real Prometheus server scrapes the running cluster: gateway and vLLM metrics read back."""
+"""A real Prometheus server scrapes the running cluster: gateway and vLLM metrics read back,
+and the recording rules of deploy/prometheus/alerts.yml evaluated on them."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import AUTH, Cluster, free_port, wait_until
+from tests.deploy.tooling import ALERTS
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +24,7 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
     config = work / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{ALERTS}']\n"
         "scrape_configs:\n"
         "  - job_name: ray\n"
         f"    static_configs: [{{targets: ['127.0.0.1:{cluster.metrics_port}']}}]\n"
@@ -81,18 +85,96 @@ def test_gateway_and_vllm_metrics_reach_prometheus(cluster: Cluster, prometheus:
     assert {r["metric"]["deployment"] for r in requests} == {"gateway"}
 
     running = wait_until(
-        lambda: _query(prometheus, 'ray_vllm_num_requests_running{model_name="phi-3.5-mini"}'),
+        lambda: _query(prometheus, 'ray_vllm_num_requests_running{model_name="text"}'),
         timeout_s=90,
         interval_s=1,
         what="vLLM engine gauge scraped",
     )
     assert running
     generated = wait_until(
-        lambda: _query(prometheus, 'ray_vllm_generation_tokens_total{model_name="phi-3.5-mini"}'),
+        lambda: _query(prometheus, 'ray_vllm_generation_tokens_total{model_name="text"}'),
         timeout_s=90,
         interval_s=1,
         what="vLLM token counter scraped",
     )
     assert sum(float(r["value"][1]) for r in generated) >= 15
-    tokens = _query(prometheus, 'ray_phiserve_completion_tokens_total{model="phi-3.5-mini",deployment="gateway"}')
+    tokens = _query(
+        prometheus, 'ray_phiserve_completion_tokens_total{model="phi-3.5-mini",deployment="gateway"}'
+    )
     assert tokens and sum(float(r["value"][1]) for r in tokens) >= 15
+
+
+def _chat(cluster: Cluster, system: str, user: str) -> dict:  # type: ignore[type-arg]
+    body = {
+        "model": "phi-3.5-mini",
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        "max_tokens": 4,
+    }
+    resp = httpx.post(f"{cluster.base_url}/chat/completions", json=body, headers=AUTH, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
+def _sums_by_pool(prom: str, metric: str) -> dict[str, float]:
+    query = f"sum by (model_name) ({metric})"
+    return {r["metric"]["model_name"]: float(r["value"][1]) for r in _query(prom, query)}
+
+
+def _seen_in(prom: str, metric: str, pools: set[str]) -> dict[str, float] | None:
+    """The metric's sums by pool once every pool in `pools` has a series, else None."""
+    found = _sums_by_pool(prom, metric)
+    return found if pools <= found.keys() else None
+
+
+def test_prefix_cache_hit_rate_per_pool(cluster: Cluster, prometheus: str) -> None:
+    """vLLM's prefix cache counters come per pool, the short (text) and the long (text-long)
+    pool of phi-3.5-mini apart, and the recording rule turns them into a hit rate per pool."""
+    words = random.Random(13).choices(["alpha", "river", "stone", "maple", "copper", "violet"], k=600)
+    short_system, long_system = " ".join(words[:120]), " ".join(words)
+    moe = {"model": "phi-3.5-moe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    def send_round(turn: int) -> None:
+        # The same system prompts every round: from the second on, their blocks are hits.
+        assert _chat(cluster, short_system, f"question {turn}")["usage"]["prompt_tokens"] < 1024
+        # prompt + max_tokens beyond the text pool's 1024: the long pool runs it.
+        assert _chat(cluster, long_system, f"question {turn}")["usage"]["prompt_tokens"] > 1024
+        resp = httpx.post(f"{cluster.base_url}/chat/completions", json=moe, headers=AUTH, timeout=120)
+        assert resp.status_code == 200, resp.text
+
+    queries_total, hits_total = "ray_vllm_prefix_cache_queries_total", "ray_vllm_prefix_cache_hits_total"
+    send_round(0)
+    queries = wait_until(
+        lambda: _seen_in(prometheus, queries_total, {"text", "text-long", "moe"}),
+        timeout_s=90,
+        interval_s=1,
+        what="prefix cache queries of text, text-long and moe scraped",
+    )
+    # One series per pool, named by the pool: never the served model name.
+    assert set(queries) <= {p.name for p in cluster.catalog.pools}, queries
+    assert queries["text-long"] > 1024 and 0 < queries["text"] < queries["text-long"], queries
+    series = _query(prometheus, f'{queries_total}{{model_name="text"}}')
+    assert all(r["metric"].get("ReplicaId") for r in series), series
+
+    # vLLM counts no hit of 0 (a Ray counter takes no increment of 0), so the hit series
+    # start with the second round; rate() needs them to move after their first scrape.
+    send_round(1)
+    hits = wait_until(
+        lambda: _seen_in(prometheus, hits_total, {"text", "text-long"}),
+        timeout_s=90,
+        interval_s=1,
+        what="prefix cache hits of text and text-long scraped",
+    )
+    # The long pool found the long system prompt of the first round (most of ~1,600 tokens).
+    assert hits["text-long"] > 1024, hits
+    send_round(2)
+
+    def recorded() -> dict[str, float] | None:
+        rows = _query(prometheus, "pool:phiserve_prefix_cache_hit_ratio:rate5m")
+        found = {r["metric"]["pool"]: float(r["value"][1]) for r in rows}
+        return found if all(found.get(pool, 0) > 0 for pool in ("text", "text-long")) else None
+
+    ratios = wait_until(
+        recorded, timeout_s=90, interval_s=1, what="hit ratio recorded for text and text-long"
+    )
+    assert all(0 < ratio <= 1 for ratio in ratios.values()), ratios
+    assert set(ratios) <= {p.name for p in cluster.catalog.pools}, ratios
