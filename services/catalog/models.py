@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 TINY_MODEL_SCHEME = "tiny:"
 
@@ -217,6 +217,8 @@ class PoolConfig(_Strict):
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of the replica process."
     )
+    # The long pool's max_model_len, set by `Catalog` on a pool with a long_context_pool.
+    _long_context_len: int | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _modality_consistent(self) -> PoolConfig:
@@ -231,6 +233,16 @@ class PoolConfig(_Strict):
     @property
     def names(self) -> list[str]:
         return [*self.served_names, *self.aliases]
+
+    @property
+    def context_len(self) -> int:
+        """The context its names offer clients: its long pool's, when it has one."""
+        return self._long_context_len or self.engine.max_model_len
+
+    @property
+    def label(self) -> str:
+        """Its canonical model name, or (a long pool has none) the pool name."""
+        return self.served_names[0] if self.served_names else self.name
 
     def for_replica(self) -> PoolConfig:
         """What a replica is built from: everything but the deployment's own options.
@@ -299,7 +311,9 @@ class Catalog(_Strict):
             where = f"pool {pool.name!r}: long_context_pool {pool.long_context_pool!r}"
             long = by_name.get(pool.long_context_pool)
             if long is None or not long.enabled:
-                raise ValueError(f"{where} is not an enabled pool of this catalog; add it or remove the field")
+                raise ValueError(
+                    f"{where} is not an enabled pool of this catalog; add it or remove the field"
+                )
             if long.long_context_pool is not None:
                 raise ValueError(f"{where} has a long_context_pool of its own; one long pool per model")
             if (long.model, long.modality) != (pool.model, pool.modality):
@@ -312,6 +326,7 @@ class Catalog(_Strict):
             if long.name in long_of:
                 raise ValueError(f"{where} is already the long pool of {long_of[long.name]!r}")
             long_of[long.name] = pool.name
+            pool._long_context_len = long.engine.max_model_len
         for pool in pools:
             if pool.enabled and not pool.served_names and pool.name not in long_of:
                 raise ValueError(

@@ -106,6 +106,9 @@ def build_core(
         keeper,
         metrics,
         queue_timeout_s=settings.queue_timeout_s,
+        long_pools={
+            pool.name: long for pool in catalog.enabled_pools if (long := catalog.long_pool_of(pool))
+        },
     )
     secret = settings.cache_salt_secret.get_secret_value() if settings.cache_salt_secret else None
     runner = GenerationRunner(router, gate, metrics, cache_salts=CacheSalts.from_secret(secret))

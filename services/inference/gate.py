@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -42,12 +43,18 @@ STALE_AUTH_RETRIES = 3
 @dataclass
 class Admitted:
     tenant: Tenant
-    pool: PoolConfig
+    pool: PoolConfig  # the pool that runs it: the model's own, or its long_context_pool
     request: GenerationRequest
     reservation: Reservation
     grant: Grant | None
     estimated_prompt_tokens: int
     left: bool = field(default=False)
+    model_pool: PoolConfig | None = None  # the pool the model name resolved to, if not `pool`
+
+    @property
+    def model_name(self) -> str:
+        """The canonical name of the model the client called (usage, metrics, logs)."""
+        return (self.model_pool or self.pool).served_names[0]
 
     @property
     def headers(self) -> dict[str, str]:
@@ -120,8 +127,11 @@ class TenantGate:
         metrics: GatewayMetrics,
         *,
         queue_timeout_s: float,
+        long_pools: Mapping[str, PoolConfig] | None = None,
     ) -> None:
         self._metrics = metrics
+        # pool name -> its long_context_pool (length-aware pools, issue 13)
+        self._long_pools = dict(long_pools or {})
         self._steps = steps
         self._tenants = tenants
         self._counter = counter
@@ -134,7 +144,7 @@ class TenantGate:
         request = self._apply_policy(tenant, pool, request)
         if self._counter.cannot_fit(pool, request):
             self._refuse_context(
-                pool.engine.max_model_len,
+                pool.context_len,
                 "However, your prompt is longer in characters than that many tokens could be.",
                 param="prompt" if request.messages is None else "messages",
             )
@@ -142,6 +152,7 @@ class TenantGate:
         prompt_count = len(request.prompts) if request.prompts is not None else 1
         if prompt_count == 1:  # several prompts: the engine checks each against the context
             self._check_context(pool, request, prompt_tokens)
+        model_pool, pool = pool, self._pool_for_length(pool, request, prompt_tokens)
         max_tokens = request.sampling.max_tokens or max(
             pool.engine.max_model_len - prompt_tokens // prompt_count, 1
         )
@@ -170,43 +181,62 @@ class TenantGate:
                 raise
         else:
             raise TenancyUnavailable("tenant records keep changing; retry", retry_after_s=1)
-        admitted = Admitted(tenant, pool, request, reservation, grant, prompt_tokens)
+        admitted = Admitted(tenant, pool, request, reservation, grant, prompt_tokens, model_pool=model_pool)
         self._metrics.queue_wait.observe(grant.waited_s, tags={"pool": pool.name})
         self._keeper.add(admitted)
         return admitted
 
-    async def leave(self, admitted: Admitted, *, prompt_tokens: int | None, completion_tokens: int) -> None:
+    async def leave(
+        self,
+        admitted: Admitted,
+        *,
+        prompt_tokens: int | None,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+    ) -> None:
         """Settle once, to the tokens the engine reported; `prompt_tokens=None`: it reported
-        nothing, so nothing is billed. Shielded: a cancelled stream must still free its slot."""
+        nothing, so nothing is billed. `cached_tokens`: the engine's count of prompt tokens
+        served from the tenant's prefix cache, priced at the pool's cached-prompt factors
+        (issue 13); only ever the engine's, never a client's. Shielded: a cancelled stream
+        must still free its slot."""
         if admitted.left:
             return
         admitted.left = True
         self._keeper.discard(admitted)
-        await asyncio.shield(self._finish(admitted, prompt_tokens, completion_tokens))
+        await asyncio.shield(self._finish(admitted, prompt_tokens, completion_tokens, cached_tokens))
 
     async def leave_failed(self, admitted: Admitted, error: BaseException) -> None:
         """Settle a pool call that ended before the engine reported any usage (issue 9,
         item 5). Our failure (503, engine error, the engine refusing the request) bills
         nothing and is not counted as a request. A client that left (disconnect, deadline:
         the call is cancelled) pays for the prompt it sent, as counted here: the engine had
-        it, and leaving must not make its processing free."""
+        it, and leaving must not make its processing free (at full price: no cached count
+        came back)."""
         client_left = isinstance(error, asyncio.CancelledError)
         prompt = admitted.estimated_prompt_tokens if client_left else None
         await self.leave(admitted, prompt_tokens=prompt, completion_tokens=0)
 
-    async def _finish(self, admitted: Admitted, prompt_tokens: int | None, completion_tokens: int) -> None:
+    async def _finish(
+        self, admitted: Admitted, prompt_tokens: int | None, completion_tokens: int, cached_tokens: int
+    ) -> None:
         billed = prompt_tokens is not None or completion_tokens > 0
         prompt_tokens = prompt_tokens or 0
+        # Never more than the prompt, whatever a pool reports: a discount beyond it would
+        # make the request cheaper than no prompt at all.
+        cached_tokens = min(max(cached_tokens, 0), prompt_tokens)
+        pool = admitted.pool  # the pool that ran it (and whose queue granted it)
         usage = None
         if billed:
             usage = Usage(
-                model=admitted.pool.served_names[0],
+                model=admitted.model_name,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
                 images=len(admitted.request.images),
+                cached_prompt_tokens=cached_tokens,
+                cached_billing_factor=pool.cached_prompt_billing_factor,
             )
         tags = {
-            "model": admitted.pool.served_names[0],
+            "model": admitted.model_name,
             "tenant": tenant_label(admitted.tenant.id, admitted.tenant.metrics_label),
         }
         # Ray's counters refuse an increment of 0 (a request that failed before any token).
@@ -215,15 +245,20 @@ class TenantGate:
         if completion_tokens > 0:
             self._metrics.completion_tokens.inc(completion_tokens, tags=tags)
         used = prompt_tokens + completion_tokens
+        # The fair queue's actual cost (docs/tenancy.md): a cached prompt token weighs the
+        # pool's cached_prompt_queue_factor of a computed one.
+        queue_cost = (used - cached_tokens * (1 - pool.cached_prompt_queue_factor)) * pool.cost_factor
         try:
-            await self._steps.leave(admitted.reservation, admitted.grant, used, usage=usage)
+            await self._steps.leave(
+                admitted.reservation, admitted.grant, used, usage=usage, queue_cost=queue_cost
+            )
         except Exception as exc:  # noqa: BLE001 - Redis down: the leases expire on their own
             logger.warning("settling a request of tenant %s failed: %s", admitted.tenant.id, exc)
         request = admitted.request
         # The request's log line (REST, gRPC and batch): the end user only as its keyed hash.
         logger.info(
             "generation request_id=%s tenant=%s model=%s user=%s choices=%d prompt_tokens=%d "
-            "completion_tokens=%d",
+            "completion_tokens=%d cached_tokens=%d",
             request.request_id,
             admitted.tenant.id,
             tags["model"],
@@ -231,7 +266,26 @@ class TenantGate:
             request.choice_count,
             prompt_tokens,
             completion_tokens,
+            cached_tokens,
         )
+
+    def _pool_for_length(
+        self, pool: PoolConfig, request: GenerationRequest, prompt_tokens: int
+    ) -> PoolConfig:
+        """The pool that runs the request: the model's own while prompt + max_tokens fit its
+        context, else its long_context_pool. Without max_tokens the prompt alone decides (the
+        answer may then run to the short pool's context, finish_reason "length"). Several
+        prompts are bounded by their sum: none of them can be longer."""
+        long = self._long_pools.get(pool.name)
+        if long is None:
+            return pool
+        needed = prompt_tokens + (request.sampling.max_tokens or 0)
+        short_fits = prompt_tokens < pool.engine.max_model_len and needed <= pool.engine.max_model_len
+        chosen = pool if short_fits else long
+        self._metrics.context_routed.inc(
+            tags={"model": pool.served_names[0], "tier": "short" if short_fits else "long"}
+        )
+        return chosen
 
     def _check_context(self, pool: PoolConfig, request: GenerationRequest, prompt_tokens: int) -> None:
         """Refuse, before admission, what the engine would refuse after it: a prompt that
@@ -239,7 +293,7 @@ class TenantGate:
         the model tokenizer's own; an estimate is left to the engine (which bills nothing)."""
         if not self._counter.exact(pool):
             return
-        limit = pool.engine.max_model_len
+        limit = pool.context_len
         max_tokens = request.sampling.max_tokens
         field = "prompt" if request.messages is None else "messages"
         if prompt_tokens >= limit:

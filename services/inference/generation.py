@@ -141,12 +141,15 @@ class GenerationRunner:
         request = self._salted(caller, request)
         admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
         try:
-            result = await self._router.generate(pool, admitted.request)
+            result = await self._router.generate(admitted.pool, admitted.request)
         except BaseException as exc:
             await self._gate.leave_failed(admitted, exc)  # no usage reported: see leave_failed
             raise
         await self._gate.leave(
-            admitted, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
+            admitted,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            cached_tokens=result.cached_tokens,
         )
         return shape.response(result), admitted.headers
 
@@ -186,7 +189,7 @@ class GenerationRunner:
         caller.labels["model"] = pool.served_names[0]
         request = self._salted(caller, request)
         admitted = await self._gate.enter(caller.tenant, pool, request, deadline_s=caller.deadline_s)
-        chunks = self._router.stream(pool, admitted.request)
+        chunks = self._router.stream(admitted.pool, admitted.request)
         try:
             first = await anext(chunks)
         except BaseException as exc:
@@ -214,7 +217,10 @@ class GenerationRunner:
                 await chunks.aclose()
             finally:
                 await self._gate.leave(
-                    admitted, prompt_tokens=first.prompt_tokens, completion_tokens=first.completion_tokens
+                    admitted,
+                    prompt_tokens=first.prompt_tokens,
+                    completion_tokens=first.completion_tokens,
+                    cached_tokens=first.cached_tokens,
                 )
 
         stream = GenerationStream(payloads, settle_unstarted, self._settling)
@@ -247,7 +253,7 @@ class GenerationRunner:
                 yield shape.usage_chunk(usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens))
             if last.completion_tokens > first.completion_tokens:
                 itl = (time.perf_counter() - first_at) / (last.completion_tokens - first.completion_tokens)
-                self._metrics.inter_token_latency.observe(itl, tags={"model": admitted.pool.served_names[0]})
+                self._metrics.inter_token_latency.observe(itl, tags={"model": admitted.model_name})
         except PhiserveError as exc:
             logger.warning(
                 "request %s: stream failed after it started: %s", admitted.request.request_id, exc.message
@@ -257,7 +263,10 @@ class GenerationRunner:
             # Also on disconnect: settle what was generated and free the slot.
             await chunks.aclose()
             await self._gate.leave(
-                admitted, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens
+                admitted,
+                prompt_tokens=last.prompt_tokens,
+                completion_tokens=last.completion_tokens,
+                cached_tokens=last.cached_tokens,
             )
 
 

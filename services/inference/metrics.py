@@ -71,6 +71,12 @@ class GatewayMetrics:
             description="Generated tokens of finished requests (streams included).",
             tag_keys=("model", "tenant"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
         )
+        self.context_routed = metrics.Counter(
+            "phiserve_context_routed_total",
+            description="Requests of a model with a long-context pool, by the pool that ran them "
+            "(tier short: the model's own pool; long: its long_context_pool).",
+            tag_keys=("model", "tier"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
+        )
         self.pool_in_flight = metrics.Gauge(
             "phiserve_pool_in_flight",
             description="Requests holding a fair-queue slot of the pool (all gateways).",

@@ -1,5 +1,6 @@
 """GET /v1/models and /v1/models/{model}: served names and aliases, with modality and
-context length.
+context length. A model backed by a short and a long pool is one entry with the long
+context (the long pool has no names of its own).
 
 Without a key the list names every served model (public, like /health). A tenant sees the
 models it may use, in the list and one by one: a model it may not use is answered as one
@@ -31,7 +32,7 @@ class ModelsService:
                     "root": pool.served_names[0],
                     "pool": pool.name,
                     "modality": pool.modality.value,
-                    "max_model_len": pool.engine.max_model_len,
+                    "max_model_len": pool.context_len,  # a long_context_pool's, when it has one
                     "max_images_per_request": pool.max_images_per_request,
                 }
                 for pool in catalog.enabled_pools

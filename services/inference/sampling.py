@@ -131,7 +131,7 @@ def sampling_options(fields: SamplingFields, pool: PoolConfig, platform: Platfor
         )
     if fields.stream_options is not None and not fields.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
-    limit = pool.engine.max_model_len
+    limit = pool.context_len
     max_tokens = fields.token_limit()
     if max_tokens is not None and max_tokens >= limit:
         raise ContextLengthExceeded(

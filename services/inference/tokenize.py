@@ -66,7 +66,7 @@ class TokenizeService:
             raise InvalidRequest("the input makes no tokens", param="prompt")
         return TokenizeResponse(
             count=len(ids),
-            max_model_len=pool.engine.max_model_len,
+            max_model_len=pool.context_len,
             tokens=ids,
             token_strs=self._tokens.token_strings(pool, ids) if body.return_token_strs else None,
         )

@@ -124,8 +124,12 @@ class TokenCounter:
     def for_pools(cls, pools: list[PoolConfig], model_dir: Path) -> TokenCounter:
         loaded: dict[str, Any] = {}
         crops: dict[str, int] = {}
+        by_path: dict[str, Any] = {}
         for pool in pools:
-            loaded[pool.name] = _load_tokenizer(pool.resolve_model_path(model_dir))
+            path = pool.resolve_model_path(model_dir)
+            if path not in by_path:  # a short and a long pool share one model
+                by_path[path] = _load_tokenizer(path)
+            loaded[pool.name] = by_path[path]
             crops[pool.name] = int((pool.engine.mm_processor_kwargs or {}).get("num_crops", 4))
         return cls(loaded, crops)
 
@@ -142,7 +146,7 @@ class TokenCounter:
         """True when the prompt has more characters than the context could hold as tokens."""
         longest = self._longest_token.get(pool.name)
         prompts = len(request.prompts) if request.prompts is not None else 1
-        return longest is not None and _text_length(request) > longest * pool.engine.max_model_len * prompts
+        return longest is not None and _text_length(request) > longest * pool.context_len * prompts
 
     def exact(self, pool: PoolConfig) -> bool:
         """Counted with the model's own tokenizer (not estimated from the text's length)."""
@@ -179,7 +183,7 @@ class TokenCounter:
     def _tokenizer(self, pool: PoolConfig) -> Any:
         tokenizer = self._tokenizers.get(pool.name)
         if tokenizer is None:
-            raise ServiceUnavailable(f"model '{pool.served_names[0]}' has no tokenizer at the gateway")
+            raise ServiceUnavailable(f"model '{pool.label}' has no tokenizer at the gateway")
         return tokenizer
 
     def prompt_tokens(self, pool: PoolConfig, request: GenerationRequest, *, batch: bool = False) -> int:

@@ -131,6 +131,8 @@ class PoolReplica:
             "pid": me.pid,
             "engine_pids": [child.pid for child in me.children(recursive=True)],
             "num_unfinished": await self._engine.num_unfinished(),
+            "max_model_len": self._pool.engine.max_model_len,
+            "rope_scaling": await self._engine.rope_scaling(),
         }
 
     def __del__(self) -> None:

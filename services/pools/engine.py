@@ -255,3 +255,7 @@ class Engine(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Stop the engine and free its memory."""
+
+    async def rope_scaling(self) -> dict[str, object] | None:
+        """The rotary embedding the loaded model runs, for diagnostics (None: not known)."""
+        return None

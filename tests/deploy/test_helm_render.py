@@ -154,7 +154,7 @@ def test_h100_values_render_the_h100_profile(rendered: dict[str, list[dict[str, 
         assert ray_container(group)["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
         assert spec["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
-    assert gpus == {"pool-text": 1, "pool-vision": 1, "pool-moe": 2}
+    assert gpus == {"pool-text": 1, "pool-text-long": 1, "pool-vision": 1, "pool-moe": 2}
 
 
 def test_ray_pods_export_metrics_and_are_locked_down(docs: list[dict[str, Any]]) -> None:

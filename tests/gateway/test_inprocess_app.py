@@ -203,12 +203,12 @@ async def test_ready_reports_a_dead_engine(inprocess_gateway: InProcessGateway) 
     gw = inprocess_gateway
     assert (await gw.client.get("/ready")).json() == {
         "status": "ready",
-        "pools": {"text": "ready", "moe": "ready", "vision": "ready"},
+        "pools": {"text": "ready", "moe": "ready", "vision": "ready", "text-long": "ready"},
     }
     gw.pools.engines["vision"].dead = True
     answer = await gw.client.get("/ready")
     assert answer.status_code == 503
-    assert answer.json()["pools"] == {"text": "ready", "moe": "ready", "vision": "unavailable"}
+    assert answer.json()["pools"] == {"text": "ready", "moe": "ready", "vision": "unavailable", "text-long": "ready"}
 
 
 async def test_a_repeated_prompt_is_cached_for_its_tenant_only(inprocess_gateway: InProcessGateway) -> None:

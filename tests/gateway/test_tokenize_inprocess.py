@@ -74,7 +74,7 @@ async def test_a_prompt_is_tokenized_as_the_engine_encodes_it_and_detokenizes_ba
     body = answer.json()
     assert body["tokens"] == _pool_tokenizer(gw).encode(text)  # a text prompt, as vLLM encodes it
     assert body["count"] == len(body["tokens"]) > 3
-    assert body["max_model_len"] == gw.core.router.resolve(MODEL).engine.max_model_len
+    assert body["max_model_len"] == gw.core.router.resolve(MODEL).context_len == 2048  # its long pool's
     assert body["token_strs"] == _pool_tokenizer(gw).convert_ids_to_tokens(body["tokens"])
     back = await _post(gw, "/detokenize", {"model": MODEL, "tokens": body["tokens"]})
     assert back.status_code == 200, back.text

@@ -16,11 +16,13 @@ from tests.helpers import pool_diagnostics
 # As long as the tiny model's 2048-token context allows: even a quiet 2-core machine
 # (~1,200 tokens/s for one stream) needs well over a second for it.
 LONG = {"max_tokens": 2000, "ignore_eos": True}
+# 2000 tokens are beyond the short pool's context: phi-3.5-mini runs them on its long pool.
+LONG_POOL = "text-long"
 
 
 def _engine_idle() -> None:
     wait_until(
-        lambda: pool_diagnostics("text")["num_unfinished"] == 0,
+        lambda: pool_diagnostics(LONG_POOL)["num_unfinished"] == 0,
         timeout_s=20,
         interval_s=0.2,
         what="engine request aborted",
@@ -32,12 +34,12 @@ def test_deadline_mid_stream_aborts_engine_and_frees_the_slot(
 ) -> None:
     tenant_id, key = new_tenant(admin, limits={"max_concurrent": 1})
     client = Client(api_key=key, channel=grpc_channel)
-    assert pool_diagnostics("text")["num_unfinished"] == 0
+    assert pool_diagnostics(LONG_POOL)["num_unfinished"] == 0
     stream = client.chat_stream("phi-3.5-mini", [user("Write a very long story")], timeout_s=1.2, **LONG)
     received = [next(stream) for _ in range(3)]
     assert received[0].choices[0].delta.role
     # Running in the engine, holding the tenant's one slot.
-    assert pool_diagnostics("text")["num_unfinished"] == 1
+    assert pool_diagnostics(LONG_POOL)["num_unfinished"] == 1
     try:
         client.chat("phi-3.5-mini", [user("hi")], max_tokens=2, timeout_s=30)
     except PhiserveRpcError as busy:
@@ -69,7 +71,7 @@ def test_client_cancel_mid_stream_aborts_engine(grpc_client: Client) -> None:
     stream = grpc_client.chat_stream("phi-3.5-mini", [user("Write a very long story")], **LONG)
     for _ in range(3):
         next(stream)
-    assert pool_diagnostics("text")["num_unfinished"] == 1
+    assert pool_diagnostics(LONG_POOL)["num_unfinished"] == 1
     stream.close()  # leaving the loop cancels the call
     _engine_idle()
 
@@ -88,7 +90,7 @@ def test_deadline_on_a_unary_call_aborts_engine_and_settles(
     expired_at = time.monotonic()
     # Aborted, not left to run to its 2000 tokens (which takes far longer than this).
     wait_until(
-        lambda: pool_diagnostics("text")["num_unfinished"] == 0,
+        lambda: pool_diagnostics(LONG_POOL)["num_unfinished"] == 0,
         timeout_s=3,
         interval_s=0.1,
         what="engine request aborted promptly after the unary deadline",

@@ -116,7 +116,7 @@ async def test_a_stream_closed_early_aborts_the_engine_and_bills_what_was_made(
     engine = gw.engine(MODEL)
     engine.token_delay_s = 0.005
     pool = gw.core.router.resolve(MODEL)
-    text = " ".join(["word"] * 1000)
+    text = " ".join(["word"] * 500)  # leaves the short pool ~500 tokens to generate
     stream, _ = await gw.core.runner.open_stream(
         Caller(gw.tenant), pool, chat_request(text), PlainShape(), include_usage=False
     )
@@ -127,7 +127,7 @@ async def test_a_stream_closed_early_aborts_the_engine_and_bills_what_was_made(
     assert engine.running == 0 and not engine.finished
     requests, prompt, completion = await billed(gw.core, gw.tenant.id)
     assert (requests, prompt) == (1, _prompt_tokens(text))
-    assert 1 <= completion < 1000
+    assert 1 <= completion < 500
 
 
 async def _idle(gw: InProcessGateway) -> bool:
