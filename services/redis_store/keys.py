@@ -43,7 +43,7 @@ def concurrency_leases(tenant_id: str) -> str:  # zset lease id -> expiry (ms)
     return f"{PREFIX}:conc:{tenant_id}"
 
 
-def daily_tokens(tenant_id: str, day: str) -> str:  # integer: tokens reserved+used that day
+def daily_tokens(tenant_id: str, day: str) -> str:  # integer: tokens reserved + billed that day
     return f"{PREFIX}:budget:{tenant_id}:{day}"
 
 

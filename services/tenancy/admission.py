@@ -9,6 +9,7 @@ for every admitted request, including streams that end early and clients that le
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -23,12 +24,38 @@ from services.tenancy.usage import USAGE_TTL_S
 
 @dataclass(frozen=True)
 class Usage:
-    """What a finished request used, recorded under its canonical model name."""
+    """What a finished request used, recorded under its canonical model name.
+
+    `cached_prompt_tokens` are the engine's count of prompt tokens it served from the
+    tenant's prefix cache (never a client's), part of `prompt_tokens`. The daily budget
+    charges them at `cached_billing_factor` of a token (the pool's
+    cached_prompt_billing_factor; issue 13): `cache_credit_tokens` is what it does not
+    charge, rounded down, so rounding never makes a request cheaper than the factor."""
 
     model: str
     prompt_tokens: int
     completion_tokens: int
     images: int = 0
+    cached_prompt_tokens: int = 0
+    cached_billing_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cached_prompt_tokens <= self.prompt_tokens:
+            raise ValueError(
+                f"cached_prompt_tokens must be within 0..prompt_tokens ({self.prompt_tokens}), "
+                f"not {self.cached_prompt_tokens}"
+            )
+        if not 0 <= self.cached_billing_factor <= 1:
+            raise ValueError(f"cached_billing_factor must be within 0..1, not {self.cached_billing_factor}")
+
+    @property
+    def cache_credit_tokens(self) -> int:
+        return self.cached_prompt_tokens - math.ceil(self.cached_prompt_tokens * self.cached_billing_factor)
+
+    @property
+    def billed_tokens(self) -> int:
+        """Tokens the daily budget charges for this request."""
+        return self.prompt_tokens + self.completion_tokens - self.cache_credit_tokens
 
 
 logger = logging.getLogger(__name__)
@@ -172,9 +199,10 @@ class Admission:
         )
 
     async def settle(self, reservation: Reservation, used_tokens: int, *, usage: Usage | None = None) -> None:
-        """Move the reservation to `used_tokens`, free the slot, and (when given) add the
-        request to the tenant's daily usage: one Redis step, applied at most once per
-        reservation (redis-py resends a script whose reply it lost; issue 9, item 5)."""
+        """Move the reservation to `used_tokens` (the TPM window; the daily budget to that
+        less `usage.cache_credit_tokens`), free the slot, and (when given) add the request
+        to the tenant's daily usage: one Redis step, applied at most once per reservation
+        (redis-py resends a script whose reply it lost; issue 9, item 5)."""
         if reservation.recorded:
             await self._store.script(Script.SETTLE, *self.settle_call(reservation, used_tokens, usage))
 
@@ -183,6 +211,7 @@ class Admission:
     ) -> tuple[list[str], list[Any]]:
         """settle.lua's KEYS and ARGV (run alone, or inside leave.lua)."""
         usage_args: list[Any] = ["", 0, 0, 0, ""]
+        cache_args: list[Any] = [0, 0]
         if usage is not None:
             usage_args = [
                 f"{usage.model}|",
@@ -191,6 +220,7 @@ class Admission:
                 usage.images,
                 USAGE_TTL_S,
             ]
+            cache_args = [usage.cached_prompt_tokens, usage.cache_credit_tokens]
         tenant_id = reservation.tenant_id
         return (
             [
@@ -208,6 +238,7 @@ class Admission:
                 SETTLED_MARKER_TTL_S,
                 *usage_args,
                 tenant_id,
+                *cache_args,
             ],
         )
 

@@ -3,7 +3,8 @@
 In: `enter.lua` checks the auth version the caller's cached key was read at, admits the
 request against the tenant's limits and takes its fair-queue ticket, atomically; an idle
 pool grants the ticket in the same step. Out: `leave.lua` settles the reservation to the
-tokens used and releases the slot (dispatching the next tickets). `Admission` and
+tokens used, releases the slot (dispatching the next tickets) and corrects the tenant's
+virtual finish to the request's actual queue cost (issue 13). `Admission` and
 `FairQueue` name the keys and arguments of each part and read the parts' replies, so the
 rules live in one place whether a part runs alone or inside these steps.
 """
@@ -18,7 +19,7 @@ from typing import Any
 from services.errors import ServiceUnavailable
 from services.redis_store import RedisStore, Script, keys
 from services.tenancy.admission import Admission, AdmitCall, Reservation, Usage
-from services.tenancy.fair_queue import GRANTED, QUEUED, FairQueue, Grant
+from services.tenancy.fair_queue import GRANTED, QUEUED, FairQueue, Grant, QueueCharge
 from services.tenancy.models import Tenant
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,12 @@ class TenancySteps:
             await self._fair_queue.wake(pool, granted)
         try:
             grant = await self._fair_queue.after_acquire(
-                pool, ticket, outcome, started=started, timeout_s=timeout_s
+                pool,
+                ticket,
+                outcome,
+                started=started,
+                timeout_s=timeout_s,
+                charge=QueueCharge(tenant.id, cost, tenant.weight),
             )
         except BaseException:
             if outcome in (GRANTED, QUEUED):  # a full waiting room was undone by enter.lua
@@ -89,20 +95,27 @@ class TenancySteps:
         return reservation, grant
 
     async def leave(
-        self, reservation: Reservation, grant: Grant | None, used_tokens: int, *, usage: Usage | None
+        self,
+        reservation: Reservation,
+        grant: Grant | None,
+        used_tokens: int,
+        *,
+        usage: Usage | None,
+        queue_cost: float | None = None,
     ) -> None:
         """Settle and release in one step (both recorded: the common case); otherwise
-        each part that was recorded on its own."""
+        each part that was recorded on its own. `queue_cost`: the request's actual cost in
+        the fair queue, charged to its tenant instead of the acquire's (None: keep that)."""
         if not (reservation.recorded and grant is not None and grant.recorded):
             steps = [self._admission.settle(reservation, used_tokens, usage=usage)]
             if grant is not None:
-                steps.append(self._fair_queue.release(grant))
+                steps.append(self._fair_queue.release(grant, actual_cost=queue_cost))
             for exc in await asyncio.gather(*steps, return_exceptions=True):
                 if isinstance(exc, Exception):
                     raise exc
             return
         settle_keys, settle_args = self._admission.settle_call(reservation, used_tokens, usage)
-        queue_keys, queue_args = self._fair_queue.release_call(grant)
+        queue_keys, queue_args = self._fair_queue.release_call(grant, actual_cost=queue_cost)
         _, (_, granted) = await self._store.script(
             Script.LEAVE, keys=[*settle_keys, *queue_keys], args=[*settle_args, *queue_args]
         )

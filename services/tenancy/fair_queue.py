@@ -9,6 +9,10 @@ Start-time fair queueing (SFQ) with its state in Redis; each step is one Lua cal
 * a ticket's score is (priority class, virtual start), virtual start being
   max(pool virtual time, the tenant's last virtual finish), and its finish adds
   cost / weight, where cost = reserved tokens x the model's cost factor;
+* `release` of a granted slot corrects the tenant's last finish to the request's actual
+  cost (issue 13): uncached prompt + generated tokens + cached prompt tokens x the pool's
+  cached_prompt_queue_factor, times the cost factor, so a tenant whose prompts hit its
+  prefix cache (or that generates less than it reserved) waits its real share;
 * `acquire` enqueues and dispatches in one call: an idle pool grants the caller in
   that same round trip; otherwise the caller waits on its grant key in slices, renewing
   its ticket's own short lease between them;
@@ -45,12 +49,27 @@ TICKET_GONE, TICKET_WAITING, TICKET_GRANTED = 0, 1, 2
 
 
 @dataclass(frozen=True)
+class QueueCharge:
+    """What a ticket added to its tenant's virtual finish at acquire: cost / weight."""
+
+    tenant_id: str
+    cost: float
+    weight: float
+
+    def correction(self, actual_cost: float) -> float:
+        """The change to the tenant's last virtual finish that charges `actual_cost` instead."""
+        return (actual_cost - self.cost) / self.weight
+
+
+@dataclass(frozen=True)
 class Grant:
     pool: str
     ticket_id: str
     waited_s: float
     # False when Redis failed and the queue was configured to fail open: nothing to release.
     recorded: bool = True
+    # What acquire charged, corrected at release to the actual cost (None: no correction).
+    charge: QueueCharge | None = None
 
 
 class FairQueue:
@@ -143,7 +162,10 @@ class FairQueue:
             if isinstance(exc, ServiceUnavailable) and self._fail_open:
                 return self.granted_without_queue(pool, ticket, started)
             raise
-        return await self.after_acquire(pool, ticket, outcome, started=started, timeout_s=timeout_s)
+        charge = QueueCharge(tenant_id, cost, weight)
+        return await self.after_acquire(
+            pool, ticket, outcome, started=started, timeout_s=timeout_s, charge=charge
+        )
 
     def acquire_args(
         self, *, tenant_id: str, cost: float, weight: float, priority: int
@@ -158,9 +180,17 @@ class FairQueue:
         return Grant(pool, ticket, time.monotonic() - started, recorded=False)
 
     async def after_acquire(
-        self, pool: str, ticket: str, outcome: int, *, started: float, timeout_s: float
+        self,
+        pool: str,
+        ticket: str,
+        outcome: int,
+        *,
+        started: float,
+        timeout_s: float,
+        charge: QueueCharge | None = None,
     ) -> Grant:
-        """Wait for a queued ticket's grant, or refuse a full waiting room."""
+        """Wait for a queued ticket's grant, or refuse a full waiting room. `charge`: what
+        the acquire charged, which the grant's release corrects."""
         if outcome == QUEUED:
             try:
                 await self._wait(pool, ticket, started + timeout_s)
@@ -183,7 +213,7 @@ class FairQueue:
                 param="max_waiting_per_tenant",
                 retry_after_s=2,
             )
-        return Grant(pool, ticket, time.monotonic() - started)
+        return Grant(pool, ticket, time.monotonic() - started, charge=charge)
 
     async def _wait(self, pool: str, ticket: str, deadline: float) -> None:
         """Wait for the grant in slices, renewing the ticket's lease between them."""
@@ -222,12 +252,14 @@ class FairQueue:
                 "fair queue: could not withdraw ticket %s of pool %s (it expires): %s", ticket, pool, exc
             )
 
-    async def release(self, grant: Grant) -> None:
+    async def release(self, grant: Grant, *, actual_cost: float | None = None) -> None:
+        """Free the grant's slot; with `actual_cost`, charge its tenant that instead of
+        what the acquire charged."""
         if grant.recorded:
-            await self._step(grant.pool, "release", [grant.ticket_id])
+            await self._step(grant.pool, "release", _release_args(grant, actual_cost))
 
-    def release_call(self, grant: Grant) -> tuple[list[str], list[Any]]:
-        return self.step_call(grant.pool, "release", [grant.ticket_id])
+    def release_call(self, grant: Grant, *, actual_cost: float | None = None) -> tuple[list[str], list[Any]]:
+        return self.step_call(grant.pool, "release", _release_args(grant, actual_cost))
 
     async def renew(self, grants: list[Grant]) -> None:
         """Extend the leases of requests still running; one step per pool."""
@@ -245,3 +277,11 @@ class FairQueue:
             pipe.zcard(keys.pool_waiting(pool))
             in_flight, waiting = await pipe.execute()
         return int(in_flight), int(waiting)
+
+
+def _release_args(grant: Grant, actual_cost: float | None) -> list[Any]:
+    """The release step's arguments after the op: the ticket, and the correction of its
+    tenant's virtual finish when the actual cost is known."""
+    if actual_cost is None or grant.charge is None:
+        return [grant.ticket_id]
+    return [grant.ticket_id, grant.charge.tenant_id, grant.charge.correction(actual_cost)]

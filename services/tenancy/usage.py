@@ -1,4 +1,6 @@
-"""Usage per tenant, model and UTC day: requests, prompt/completion tokens, images.
+"""Usage per tenant, model and UTC day: requests, prompt/completion tokens, images, and
+the prompt tokens served from the tenant's prefix cache with what the daily budget charged
+(issue 13).
 
 Indexed by tenant (issue 9, item 9): one hash per tenant and day, so a tenant's own query
 reads only its own keys, and one set per day of the tenants with usage, for the admin view.
@@ -12,7 +14,18 @@ from typing import Any
 from services.redis_store import RedisStore, keys
 
 USAGE_TTL_S = 90 * 86400
-FIELDS = ("requests", "prompt_tokens", "completion_tokens", "images")
+# The fields settle.lua adds up per "<model>|". `cache_credit_tokens`: tokens of the usage
+# the daily budget did not charge (cached prompt tokens at the pool's billing factor).
+# Recorded as a credit, absent (0) for requests settled before it existed, whose budget
+# charge was their tokens in full.
+FIELDS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "images",
+    "cached_prompt_tokens",
+    "cache_credit_tokens",
+)
 
 
 @dataclass(frozen=True)
@@ -21,9 +34,28 @@ class UsageRow:
     tenant_id: str
     model: str
     requests: int
-    prompt_tokens: int
+    prompt_tokens: int  # all prompt tokens, cached or not
     completion_tokens: int
     images: int
+    cached_prompt_tokens: int  # of prompt_tokens, served from the tenant's prefix cache
+    uncached_prompt_tokens: int  # prompt_tokens - cached_prompt_tokens
+    billed_tokens: int  # what the daily token budget was charged
+
+    @classmethod
+    def from_counts(cls, day: str, tenant_id: str, model: str, counts: dict[str, int]) -> UsageRow:
+        prompt, cached = counts["prompt_tokens"], counts["cached_prompt_tokens"]
+        return cls(
+            day=day,
+            tenant_id=tenant_id,
+            model=model,
+            requests=counts["requests"],
+            prompt_tokens=prompt,
+            completion_tokens=counts["completion_tokens"],
+            images=counts["images"],
+            cached_prompt_tokens=cached,
+            uncached_prompt_tokens=prompt - cached,
+            billed_tokens=prompt + counts["completion_tokens"] - counts["cache_credit_tokens"],
+        )
 
 
 class UsageLedger:
@@ -49,7 +81,7 @@ class UsageLedger:
                 model, field = name.rsplit("|", 1)
                 grouped.setdefault(model, dict.fromkeys(FIELDS, 0))[field] = int(value)
             for model, counts in sorted(grouped.items()):
-                rows.append(UsageRow(day=day, tenant_id=tenant, model=model, **counts))
+                rows.append(UsageRow.from_counts(day, tenant, model, counts))
         return rows
 
     async def _read(self, commands: list[tuple[str, str]]) -> list[Any]:

@@ -203,9 +203,12 @@ class UsageRow(TypedDict):
     tenant_id: str
     model: str
     requests: int
-    prompt_tokens: int
+    prompt_tokens: int  # all prompt tokens, cached or not
     completion_tokens: int
     images: int
+    cached_prompt_tokens: int  # of prompt_tokens, served from the tenant's own prefix cache
+    uncached_prompt_tokens: int  # prompt_tokens - cached_prompt_tokens
+    billed_tokens: int  # charged to the daily token budget: cached prompt tokens at a discount
 
 
 class UsageReport(TypedDict):

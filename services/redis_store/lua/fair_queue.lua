@@ -18,7 +18,11 @@
 --       acquire: 5 ticket, 6 tenant, 7 cost, 8 weight, 9 class, 10 max_waiting,
 --                11 max_waiting_per_tenant (0: none),
 --                12 policy ("fair", or "fcfs": plain arrival order, the benchmarks' baseline)
---       release: 5 ticket
+--       release: 5 ticket, 6 the ticket's tenant ("" or absent: no correction),
+--                7 the correction of that tenant's last virtual finish: (actual cost -
+--                cost charged at acquire) / weight, applied only by the call that frees
+--                the granted slot (issue 13: the request's real work, cached prompt
+--                tokens at the pool's cached_prompt_queue_factor)
 --       renew:   5.. tickets
 -- Returns {result, granted}. result: acquire 1 granted now, 0 queued (BLPOP the grant key),
 -- -1 the pool's waiting room is full, -2 the tenant's waiting cap is reached;
@@ -75,8 +79,14 @@ if op == 'acquire' then
   redis.call('HINCRBY', KEYS[6], tenant, 1)
 elseif op == 'release' then
   if unqueue(ticket) then result = 1 end
-  redis.call('ZREM', KEYS[1], ticket)
+  local held = redis.call('ZREM', KEYS[1], ticket) == 1
   redis.call('DEL', KEYS[7])
+  -- Once: a resent call (or a lease that already expired) finds no slot and corrects nothing.
+  local tenant, correction = ARGV[6], tonumber(ARGV[7] or '0')
+  if held and tenant and tenant ~= '' and correction ~= 0 then
+    local last_finish = tonumber(redis.call('HGET', KEYS[4], 't:' .. tenant) or '0')
+    redis.call('HSET', KEYS[4], 't:' .. tenant, math.max(last_finish + correction, 0))
+  end
 else
   result = {}
   for i = 5, #ARGV do
