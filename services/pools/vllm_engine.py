@@ -226,34 +226,28 @@ class VLLMEngine(Engine):
         return int(self._engine.get_num_unfinished_requests())
 
     async def rope_scaling(self) -> dict[str, object] | None:
-        """LongRoPE's regime as the loaded model's rotary embedding chose it at start-up
-        (vLLM picks the short or the long factors once, from max_model_len). Read from the
-        worker's model itself, not the config: what the engine really computes with."""
-        try:
-            found = await self._engine.collective_rpc(_rotary_embedding)  # a callable runs on the worker
-        except Exception as exc:  # noqa: BLE001 - diagnostics only; e.g. a worker that refuses callables
-            logger.info("rotary embedding not readable: %s", exc)
-            return None
-        return found[0] if found else None
+        """LongRoPE's regime as this engine runs it. vLLM picks the short or the long factors
+        once, when the model loads: long when max_model_len exceeds the model's
+        original_max_position_embeddings (Phi3LongRoPEScaledRotaryEmbedding, vLLM 0.32). Read
+        from the engine's own resolved config, since the rotary embedding lives in the engine
+        core's process."""
+        config = self._engine.model_config
+        hf = config.hf_config
+        params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+        rope_type = params.get("rope_type") or params.get("type")
+        if rope_type != "longrope":
+            return {"rope_type": rope_type} if rope_type else None
+        original = int(params.get("original_max_position_embeddings") or hf.original_max_position_embeddings)
+        return {
+            "rope_type": rope_type,
+            "original_max_position_embeddings": original,
+            "factors": "long" if config.max_model_len > original else "short",
+        }
 
     def shutdown(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
-
-
-def _rotary_embedding(worker: Any) -> dict[str, object] | None:
-    """Runs in the engine's worker: the first rotary embedding of the model and its regime."""
-    for module in worker.get_model().modules():
-        if hasattr(module, "use_long_rope"):  # vLLM's Phi3LongRoPEScaledRotaryEmbedding
-            return {
-                "class": type(module).__name__,
-                "factors": "long" if module.use_long_rope else "short",
-                "original_max_position_embeddings": module.original_max_position_embeddings,
-            }
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            return {"class": type(module).__name__}
-    return None
 
 
 def _finished_with_error(request: GenerationRequest, *, generated: bool) -> PhiserveError:
