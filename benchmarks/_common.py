@@ -86,8 +86,9 @@ def deploy(settings: Any, catalog: Any, *, timeout_s: float = 600) -> str:
 
 
 @contextmanager
-def serve_session(port: int) -> Iterator[None]:
+def serve_session(port: int, **ray_init: Any) -> Iterator[None]:
     """In-process Ray on 2 CPUs with Serve's HTTP port at `port`; shut down on exit.
+    `ray_init` goes to `ray.init` (e.g. `_metrics_export_port`).
 
     A cluster of its own even beside `phiserve up` or a test session (issue 9, item 10)."""
     import ray
@@ -95,7 +96,7 @@ def serve_session(port: int) -> Iterator[None]:
 
     from services.local.ray_cluster import init_private_ray
 
-    init_private_ray("bench")
+    init_private_ray("bench", **ray_init)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield
