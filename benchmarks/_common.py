@@ -65,12 +65,17 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def text_catalog(**pool_updates: Any) -> Any:
-    """The local profile with its text pool only (the benchmarks' one engine)."""
+    """The local profile with its text pool only (the benchmarks' one engine), without its
+    long_context_pool (text-long is another engine): requests are held to the text pool's
+    context. Validated afresh: a model_copy would keep the long pool's context (2048) that
+    the catalog derived for it, and name a pool that is not there."""
     from services.catalog.loader import load_catalog
+    from services.catalog.models import Catalog
 
     catalog = load_catalog("local")
-    text = next(p for p in catalog.pools if p.name == "text").model_copy(update=pool_updates)
-    return catalog.model_copy(update={"pools": [text]})
+    text = next(p for p in catalog.pools if p.name == "text").model_dump()
+    text.update(long_context_pool=None, **pool_updates)
+    return Catalog.model_validate({"platform": catalog.platform, "pools": [text]})
 
 
 def deploy(settings: Any, catalog: Any, *, timeout_s: float = 600) -> str:
