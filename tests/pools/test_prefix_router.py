@@ -254,6 +254,20 @@ async def test_requests_sharing_a_prefix_stay_on_one_replica() -> None:
     assert {p for p, _ in metrics.routes} == {"text"}
 
 
+async def test_two_gateways_send_a_tenants_requests_to_the_same_replica() -> None:
+    """Each gateway replica has its own router and index, sharing nothing: the first request
+    of a prefix goes to the same replica from either, so the second gateway's requests find
+    the cache the first one's filled."""
+    reps = [replica(i) for i in range(4)]
+    gateway_a, _ = await make_router(reps)
+    gateway_b, metrics_b = await make_router(list(reversed(reps)))
+    for n in range(8):
+        system = f"tenant {n}: " + SYSTEM
+        home = await route(gateway_a, chat(f"salt-{n}", system, "first"))
+        assert await route(gateway_b, chat(f"salt-{n}", system, "second")) == home
+        assert metrics_b.routes[-1][1] == "spread"  # b knew nothing, and agreed anyway
+
+
 async def test_another_tenants_identical_prompt_is_not_routed_by_its_entries() -> None:
     """Attacker's side: tenant B sends tenant A's exact prompt. B's lookup finds nothing (it
     is placed as a new prefix of its own), and where B lands does not depend on where A's
