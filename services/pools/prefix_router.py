@@ -38,7 +38,7 @@ import hashlib
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -202,7 +202,7 @@ def choose(
     seed: bytes,
     *,
     max_imbalance: int,
-    key: Any = str,
+    key: Callable[[R], str] = str,
 ) -> Choice[R]:
     """The routing decision, pure.
 
