@@ -72,6 +72,7 @@ BLOCK_TOKENS = 128  # vLLM's CPU block size: a prefix is cached in whole blocks
 @dataclass
 class Sample:
     pool: str
+    tenant: int
     ttft_s: float | None
     prompt_tokens: int
     cached_tokens: int
@@ -165,11 +166,17 @@ def create_tenants(base: str, count: int) -> list[str]:
 
 
 async def one_request(
-    session: aiohttp.ClientSession, base: str, key: str, pool: str, system: str, user: str, max_tokens: int
+    session: aiohttp.ClientSession,
+    base: str,
+    pool: str,
+    tenant: int,
+    key: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
 ) -> Sample:
     body = {
         "model": pool,
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
@@ -189,7 +196,7 @@ async def one_request(
                 usage = chunk["usage"]
     assert usage is not None, "no usage chunk (stream_options.include_usage)"
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return Sample(pool, first, usage["prompt_tokens"], cached)
+    return Sample(pool, tenant, first, usage["prompt_tokens"], cached)
 
 
 async def run_round(
@@ -210,8 +217,9 @@ async def run_round(
         async def worker() -> None:
             while not queue.empty():
                 tenant, user = queue.get_nowait()
+                messages = [{"role": "system", "content": prompts[tenant]}, {"role": "user", "content": user}]
                 sample = await one_request(
-                    session, base, keys[tenant], pool, prompts[tenant], user, args.max_tokens
+                    session, base, pool, tenant, keys[tenant], messages, args.max_tokens
                 )
                 samples.append(sample)
 
@@ -219,34 +227,38 @@ async def run_round(
     return samples
 
 
-def scrape(metrics_port: int) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """vLLM's prefix cache counters by pool (hits, queries), and the router's decisions by pool
-    and route, from Ray's metrics export port."""
+Counts = dict[str, dict[str, float]]
+
+
+def scrape(metrics_port: int) -> tuple[dict[str, Counts], Counts]:
+    """vLLM's prefix cache counters by pool and replica ({"hits", "queries"}), and the router's
+    decisions by pool and route, from Ray's metrics export port."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as resp:
         text = resp.read().decode()
-    cache: dict[str, dict[str, float]] = defaultdict(lambda: {"hits": 0.0, "queries": 0.0})
-    routed: dict[str, dict[str, float]] = defaultdict(dict)
+    cache: dict[str, Counts] = defaultdict(lambda: defaultdict(lambda: {"hits": 0.0, "queries": 0.0}))
+    routed: Counts = defaultdict(dict)
+    counters = {"ray_vllm_prefix_cache_hits_total": "hits", "ray_vllm_prefix_cache_queries_total": "queries"}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == "ray_vllm_prefix_cache_hits_total":
-                cache[s.labels["model_name"]]["hits"] += s.value
-            elif s.name == "ray_vllm_prefix_cache_queries_total":
-                cache[s.labels["model_name"]]["queries"] += s.value
+            if s.name in counters:
+                cache[s.labels["model_name"]][s.labels.get("ReplicaId", "?")][counters[s.name]] += s.value
             elif s.name == "ray_phiserve_pool_routed_total":
                 by_route = routed[s.labels["pool"]]
                 by_route[s.labels["route"]] = by_route.get(s.labels["route"], 0.0) + s.value
     return dict(cache), dict(routed)
 
 
-def scrape_settled(metrics_port: int, prompt_tokens: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+def scrape_settled(metrics_port: int, prompt_tokens: dict[str, int]) -> tuple[dict[str, Counts], Counts]:
     """Poll until vLLM's queries reach the prompt tokens the client saw per pool (the agent
     reports every few seconds), with a deadline; the last scrape either way."""
     deadline = time.monotonic() + 60
     while True:
         cache, routed = scrape(metrics_port)
-        settled = all(cache.get(p, {}).get("queries", 0) >= n for p, n in prompt_tokens.items())
+        settled = all(
+            sum(r["queries"] for r in cache.get(p, {}).values()) >= n for p, n in prompt_tokens.items()
+        )
         if settled or time.monotonic() > deadline:
             return cache, routed
         time.sleep(1)
@@ -282,12 +294,24 @@ def report(
     cache, routed = scrape_settled(metrics_port, prompt_tokens)
     print("\nvLLM's counters, whole run (warm-up included), against the requests' own counts:")
     for pool, samples in every.items():
-        c = cache.get(pool, {"hits": 0.0, "queries": 0.0})
-        vllm_rate = c["hits"] / c["queries"] if c["queries"] else 0.0
+        replicas = cache.get(pool, {})
+        hits, queries = (sum(r[k] for r in replicas.values()) for k in ("hits", "queries"))
         print(
-            f"  {pool:<17} vLLM hits/queries {c['hits']:.0f}/{c['queries']:.0f} = {vllm_rate:.3f}; "
-            f"usage cached/prompt {sum(s.cached_tokens for s in samples)}/{prompt_tokens[pool]} = {hit_rate(samples):.3f}"
+            f"  {pool:<17} vLLM hits/queries {hits:.0f}/{queries:.0f} = {hits / max(queries, 1):.3f}; "
+            f"usage cached/prompt {sum(s.cached_tokens for s in samples)}/{prompt_tokens[pool]} "
+            f"= {hit_rate(samples):.3f}"
         )
+        # How the pool's prompt tokens spread over its replicas, and each one's hit rate.
+        for replica, r in sorted(replicas.items()):
+            print(
+                f"    replica {replica[-8:]}: {r['queries'] / max(queries, 1):.0%} of the prompt tokens, "
+                f"hit rate {r['hits'] / max(r['queries'], 1):.3f}"
+            )
+        by_tenant: dict[int, list[Sample]] = defaultdict(list)
+        for sample in measured[pool]:
+            by_tenant[sample.tenant].append(sample)
+        rates = " ".join(f"{t}:{hit_rate(by_tenant[t]):.2f}" for t in sorted(by_tenant))
+        print(f"    hit rate per tenant (measured rounds): {rates}")
     for pool in POLICIES:
         print(f"  router decisions of {pool}: {routed.get(pool) or 'none counted (Serve default router)'}")
     if not routed.get("prefix-affinity"):
