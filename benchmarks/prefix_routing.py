@@ -91,6 +91,12 @@ def parse_args() -> argparse.Namespace:
         "--cache-tenants", type=float, default=4, help="system prompts one replica's KV holds"
     )
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument(
+        "--max-imbalance",
+        type=int,
+        default=None,
+        help="prefix-affinity's routing.max_imbalance (catalog default)",
+    )
     parser.add_argument("--seed", type=int, default=13)
     return parser.parse_args()
 
@@ -110,6 +116,8 @@ def bench_catalog(args: argparse.Namespace) -> Any:
         "max_model_len": args.max_model_len,
         "kv_cache_memory_bytes": kv_tokens * KV_BYTES_PER_TOKEN,
     }
+    # prefix_affinity's load bound (least_loaded has none).
+    bound = {} if args.max_imbalance is None else {"max_imbalance": args.max_imbalance}
     # Validated afresh, not model_copy'd: a copy would keep what the catalog derived for the
     # text pool from its long_context_pool (its 2048-token context).
     pools = [
@@ -119,7 +127,7 @@ def bench_catalog(args: argparse.Namespace) -> Any:
             "served_names": [pool],
             "aliases": [],
             "long_context_pool": None,
-            "routing": {"policy": policy},
+            "routing": {"policy": policy, **bound},
             "engine": engine,
             "deployment": {**text["deployment"], "num_replicas": args.replicas},
         }
