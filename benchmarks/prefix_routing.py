@@ -33,6 +33,11 @@ attributable to a round, unlike vLLM's counters). vLLM's counters
 whole run as a cross-check, beside the router's decisions (`ray_phiserve_pool_routed_total`).
 
     .venv/bin/python benchmarks/prefix_routing.py [--rounds 4] [--requests 48] [--cache-tenants 4]
+        [--max-imbalance N]   (prefix-affinity's load bound; the catalog's default otherwise)
+
+Per replica (vLLM's counters by ReplicaId) the share of prompt tokens and hit rate, and the hit
+rate per tenant, show where a pool's misses come from (an uneven split of the tenants, or
+tenants spread over both replicas). Results and their reading: docs/benchmarks.md, issue 13.
 
 Ends with RESULT prefix_routing hit_rate_ratio=X ttft_p50_ratio=Y (prefix-affinity / least-loaded).
 """
