@@ -6,6 +6,7 @@ import httpx
 
 from tests.conftest import AUTH, Cluster, wait_until
 from tests.helpers import pool_diagnostics
+
 # 2000 tokens are beyond the short pool's context: phi-3.5-mini runs them on its long pool.
 LONG_POOL = "text-long"
 

@@ -14,6 +14,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID
 
 from services.pools.engine import ChatMessage, GenerationRequest, SamplingOptions
 from services.pools.prefix_router import (
+    Choice,
     PrefixAffinityRouter,
     PrefixIndex,
     choose,
@@ -141,9 +142,19 @@ def test_the_load_bound_falls_back_to_the_least_loaded() -> None:
     assert (choice.replica, choice.route) == ("r3", "fallback")
 
 
-def test_of_several_holders_the_least_loaded_takes_it() -> None:
-    choice = choose(["r1", "r2", "r3"], {"r1": 3, "r2": 1, "r3": 0}, ("r1", "r2"), b"seed", max_imbalance=4)
-    assert (choice.replica, choice.route) == ("r2", "affinity")
+def test_of_several_holders_the_prefix_keeps_its_home_while_within_the_bound() -> None:
+    """After a fallback two replicas hold a prefix: the one rendezvous ranks first (its home)
+    keeps taking it, even when the other holder is less loaded, so a tenant is not spread
+    over both for good; the next holder takes it only while the home is over the bound."""
+    holders = ("r1", "r2")
+    home = max(holders, key=lambda r: rendezvous_score(b"seed", r))
+    other = next(r for r in holders if r != home)
+    loads = {home: 3, other: 1, "r3": 0}
+    assert choose(["r1", "r2", "r3"], loads, holders, b"seed", max_imbalance=4) == Choice(home, "affinity")
+    loads = {home: 9, other: 1, "r3": 0}
+    assert choose(["r1", "r2", "r3"], loads, holders, b"seed", max_imbalance=4) == Choice(other, "affinity")
+    loads = {home: 9, other: 9, "r3": 0}
+    assert choose(["r1", "r2", "r3"], loads, holders, b"seed", max_imbalance=4) == Choice("r3", "fallback")
 
 
 def test_a_new_prefix_goes_where_rendezvous_points_whatever_the_order() -> None:
