@@ -237,7 +237,9 @@ class PoolConfig(_Strict):
     @property
     def context_len(self) -> int:
         """The context its names offer clients: its long pool's, when it has one."""
-        return self._long_context_len or self.engine.max_model_len
+        if self.long_context_pool is None or self._long_context_len is None:  # e.g. a model_copy without it
+            return self.engine.max_model_len
+        return self._long_context_len
 
     @property
     def label(self) -> str:
