@@ -6,6 +6,7 @@ work, and two tenants with the same prompt share no cache entry."""
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -136,15 +137,8 @@ def _ideal_cached(tokens: list[int], earlier: list[list[int]]) -> int:
     """What one replica that kept every block would serve from its cache: the longest common
     prefix with an earlier prompt of the same tenant, in whole blocks, leaving at least the
     last token to compute (vLLM's rule)."""
-    best = 0
-    for other in earlier:
-        common = 0
-        for a, b in zip(tokens, other, strict=False):
-            if a != b:
-                break
-            common += 1
-        best = max(best, min(common, len(tokens) - 1))
-    return best // CPU_BLOCK_TOKENS * CPU_BLOCK_TOKENS
+    common = max((len(os.path.commonprefix([tokens, other])) for other in earlier), default=0)
+    return min(common, len(tokens) - 1) // CPU_BLOCK_TOKENS * CPU_BLOCK_TOKENS
 
 
 def _placement(router: RequestRouter, request: GenerationRequest) -> str:
