@@ -72,7 +72,7 @@ def test_broken_images_are_400(http: httpx.Client) -> None:
 
 
 def test_max_tokens_beyond_context_is_400_with_param(http: httpx.Client, cluster: Cluster) -> None:
-    limit = cluster.catalog.enabled_pools[0].engine.max_model_len
+    limit = cluster.catalog.enabled_pools[0].context_len  # phi-3.5-mini with its long pool
     # Refused before it reaches a pool.
     _assert_error(
         http.post(CHAT, json=_chat(max_tokens=limit + 1)),

@@ -208,7 +208,12 @@ async def test_ready_reports_a_dead_engine(inprocess_gateway: InProcessGateway) 
     gw.pools.engines["vision"].dead = True
     answer = await gw.client.get("/ready")
     assert answer.status_code == 503
-    assert answer.json()["pools"] == {"text": "ready", "moe": "ready", "vision": "unavailable", "text-long": "ready"}
+    assert answer.json()["pools"] == {
+        "text": "ready",
+        "moe": "ready",
+        "vision": "unavailable",
+        "text-long": "ready",
+    }
 
 
 async def test_a_repeated_prompt_is_cached_for_its_tenant_only(inprocess_gateway: InProcessGateway) -> None:

@@ -167,7 +167,7 @@ def test_models_lists_every_name_with_modality_and_context(openai_client: OpenAI
         for name in pool.names:
             entry = models[name].model_dump()
             assert entry["modality"] == pool.modality.value
-            assert entry["max_model_len"] == pool.engine.max_model_len
+            assert entry["max_model_len"] == pool.context_len  # a long_context_pool's, if any
     assert models["phi-3.5-vision"].model_dump()["modality"] == "vision"
 
 

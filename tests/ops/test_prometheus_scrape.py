@@ -142,16 +142,25 @@ def test_prefix_cache_hit_rate_per_pool(cluster: Cluster, prometheus: str) -> No
         assert resp.status_code == 200, resp.text
 
     queries_total, hits_total = "ray_vllm_prefix_cache_queries_total", "ray_vllm_prefix_cache_hits_total"
+    # The session cluster's earlier tests count too: measure this round's growth.
+    before = _sums_by_pool(prometheus, queries_total)
+
+    def grown() -> dict[str, float] | None:
+        now = _seen_in(prometheus, queries_total, {"text", "text-long", "moe"})
+        if now is None:
+            return None
+        delta = {pool: value - before.get(pool, 0.0) for pool, value in now.items()}
+        return delta if delta["text-long"] > 1024 and delta["text"] > 0 and delta["moe"] > 0 else None
+
     send_round(0)
     queries = wait_until(
-        lambda: _seen_in(prometheus, queries_total, {"text", "text-long", "moe"}),
+        grown,
         timeout_s=90,
         interval_s=1,
-        what="prefix cache queries of text, text-long and moe scraped",
+        what="this round's prefix cache queries of text, text-long (> 1024 tokens) and moe scraped",
     )
     # One series per pool, named by the pool: never the served model name.
     assert set(queries) <= {p.name for p in cluster.catalog.pools}, queries
-    assert queries["text-long"] > 1024 and 0 < queries["text"] < queries["text-long"], queries
     series = _query(prometheus, f'{queries_total}{{model_name="text"}}')
     assert all(r["metric"].get("ReplicaId") for r in series), series
 
