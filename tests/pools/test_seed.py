@@ -55,7 +55,7 @@ async def engine(tiny_models: dict[str, Path]) -> AsyncIterator[Any]:
         pool = _text_pool()
         args = AsyncEngineArgs(
             model=str(tiny_models["phi-3.5-mini-tiny"]),
-            served_model_name=pool.served_names[0],
+            served_model_name=pool.name,
             **pool.engine.to_engine_kwargs(),
         )
         llm = AsyncLLM.from_engine_args(args)
