@@ -241,11 +241,6 @@ class PoolConfig(_Strict):
             return self.engine.max_model_len
         return self._long_context_len
 
-    @property
-    def label(self) -> str:
-        """Its canonical model name, or (a long pool has none) the pool name."""
-        return self.served_names[0] if self.served_names else self.name
-
     def for_replica(self) -> PoolConfig:
         """What a replica is built from: everything but the deployment's own options.
 

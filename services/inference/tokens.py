@@ -183,7 +183,7 @@ class TokenCounter:
     def _tokenizer(self, pool: PoolConfig) -> Any:
         tokenizer = self._tokenizers.get(pool.name)
         if tokenizer is None:
-            raise ServiceUnavailable(f"model '{pool.label}' has no tokenizer at the gateway")
+            raise ServiceUnavailable(f"model '{pool.served_names[0]}' has no tokenizer at the gateway")
         return tokenizer
 
     def prompt_tokens(self, pool: PoolConfig, request: GenerationRequest, *, batch: bool = False) -> int:
