@@ -172,6 +172,16 @@ class Settings(BaseSettings):
     files_dir: Path | None = Field(
         None, description="Where Batch API files are stored (default: <cache_dir>/files)."
     )
+    adapters_dir: Path | None = Field(
+        None,
+        description="The adapter store: LoRA adapter folders registered by a relative source "
+        "(default: <cache_dir>/adapters). Every gateway and pool replica must read it.",
+    )
+    adapter_roots: list[Path] = Field(
+        default_factory=list,
+        description="Other folders an adapter may be registered from by absolute path or "
+        "file:// URI (mounted volumes). Anything outside them and the store is refused.",
+    )
     max_batch_file_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest batch input file accepted."
     )
@@ -284,6 +294,10 @@ class Settings(BaseSettings):
     @property
     def batch_files_dir(self) -> Path:
         return (self.files_dir or self.cache_dir / "files").resolve()
+
+    @property
+    def adapter_store_dir(self) -> Path:
+        return (self.adapters_dir or self.cache_dir / "adapters").resolve()
 
     @property
     def is_local(self) -> bool:

@@ -76,6 +76,17 @@ class EngineConfig(_Strict):
     mm_processor_kwargs: dict[str, Any] | None = Field(
         None, description='Image processor options, e.g. {"num_crops": 4}.'
     )
+    enable_lora: bool = Field(
+        False, description="Serve tenants' LoRA adapters on this pool (docs/adapters.md)."
+    )
+    max_loras: int = Field(4, ge=1, description="LoRA only: adapters one scheduler step may mix (GPU slots).")
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        description="LoRA only: adapters a replica keeps loaded (least recently used go first); "
+        "default max_loras. Also the replica's Serve multiplexing cache size.",
+    )
+    max_lora_rank: int = Field(16, ge=1, le=512, description="LoRA only: the largest adapter rank.")
 
     @model_validator(mode="after")
     def _whole_prompts_fit_a_step(self) -> EngineConfig:
@@ -89,8 +100,31 @@ class EngineConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _lora_cache_holds_a_step(self) -> EngineConfig:
+        if self.enable_lora and self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) is below max_loras ({self.max_loras}); "
+                "raise it or leave it unset"
+            )
+        return self
+
+    @property
+    def adapters_per_replica(self) -> int:
+        """Adapters a replica keeps loaded (0: LoRA is off)."""
+        if not self.enable_lora:
+            return 0
+        return self.max_cpu_loras or self.max_loras
+
+    def lora_settings(self) -> tuple[bool, int, int | None, int]:
+        return (self.enable_lora, self.max_loras, self.max_cpu_loras, self.max_lora_rank)
+
     def to_engine_kwargs(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        kwargs = self.model_dump(exclude_none=True)
+        if not self.enable_lora:  # vLLM's defaults; it reads them only with LoRA on
+            for name in ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank"):
+                kwargs.pop(name, None)
+        return kwargs
 
 
 class AutoscalingConfig(_Strict):
@@ -319,6 +353,11 @@ class Catalog(_Strict):
                 raise ValueError(
                     f"{where} has max_model_len {long.engine.max_model_len}, not above this pool's "
                     f"{pool.engine.max_model_len}; raise it or drop the field"
+                )
+            if long.engine.lora_settings() != pool.engine.lora_settings():
+                raise ValueError(
+                    f"{where} has other LoRA settings; a model's adapters run on both pools, so "
+                    "give both the same enable_lora, max_loras, max_cpu_loras and max_lora_rank"
                 )
             if long.name in long_of:
                 raise ValueError(f"{where} is already the long pool of {long_of[long.name]!r}")

@@ -60,6 +60,20 @@ Prompt = str | tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """A tenant's LoRA adapter a request runs with, resolved and checked by the gateway.
+
+    `model_id` is the adapter's model id (`ft:<base>:<tenant>:<name>`, services/tenancy/
+    adapters.py): the pool's Serve multiplexing key. `path` is the folder the replica loads
+    it from; `version` changes when the adapter is registered again under the same name, so
+    a replica never serves a stale copy."""
+
+    model_id: str
+    path: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One generation. Exactly one of `prompts` (completions) or `messages` (chat) is set.
 
@@ -85,6 +99,8 @@ class GenerationRequest:
     # The client's `user`, as its keyed hash (services/tenancy/end_users.py): for the
     # request's log line only, never the raw value.
     end_user: str | None = None
+    # The tenant's LoRA adapter, set by the gateway after checking the tenant owns it.
+    adapter: AdapterRef | None = None
 
     @property
     def choice_count(self) -> int:

@@ -30,6 +30,10 @@ def api_key_by_id(key_id: str) -> str:  # string: the key's hash, for revocation
     return f"{PREFIX}:apikeyid:{key_id}"
 
 
+def tenant_adapters(tenant_id: str) -> str:  # hash adapter name -> JSON AdapterRecord
+    return f"{PREFIX}:tenant:{tenant_id}:adapters"
+
+
 # Admission state, per tenant. The rate windows are hashes of per-second buckets.
 def requests_window(tenant_id: str) -> str:
     return f"{PREFIX}:rl:{tenant_id}:req"

@@ -27,6 +27,7 @@ class Script(StrEnum):
     ENQUEUE_ITEMS = "enqueue_items"  # batch: add a chunk of items to a pool's stream (all or none)
     ENTER = "enter"  # a generation's way in: auth version, admit, fair-queue acquire
     LEAVE = "leave"  # a generation's way out: settle, fair-queue release
+    REGISTER_ADAPTER = "register_adapter"  # adapters: add a tenant's adapter within its cap
 
     @property
     def parts(self) -> tuple[Script, ...]:

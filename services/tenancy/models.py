@@ -40,6 +40,9 @@ class TenantLimits(BaseModel):
         None, ge=1, description="Cap on a request's max_tokens (also its default)."
     )
     max_n: int = Field(16, ge=1, le=128, description="Cap on a request's n (choices per prompt).")
+    max_adapters: int = Field(
+        8, ge=0, le=1000, description="LoRA adapters this tenant may have registered at once."
+    )
     max_schema_bytes: int = Field(
         65536,
         ge=0,

@@ -20,6 +20,7 @@ from services.errors import Overloaded
 from services.local.redis_server import LocalRedis
 from services.redis_store import RedisStore, Script, keys
 from services.redis_store.scripts import LUA_DIR
+from services.tenancy.adapters import AdapterRegistry, new_record
 from services.tenancy.admission import Admission, Usage
 from services.tenancy.entry import TenancySteps
 from services.tenancy.fair_queue import FairQueue
@@ -111,10 +112,16 @@ async def _quotas(state: RedisStore) -> None:
     await quotas.reserve(keys.tenant_file_bytes("t"), "f1", 10, quota)  # already there
 
 
+async def _adapters(state: RedisStore) -> None:
+    registry = AdapterRegistry(state)
+    record = new_record("t", "a1", base_model="m", path="/x", rank=8, target_modules=["o_proj"])
+    await registry.register(record, max_adapters=2)
+
+
 async def _every_call(state: RedisStore, redis_server: LocalRedis) -> list[ScriptCall]:
     monitor = ScriptMonitor(_url(redis_server))
     async with monitor.watching():
-        for scenario in (_admission, _fair_queue, _tenancy_steps, _batch_queue, _quotas):
+        for scenario in (_admission, _fair_queue, _tenancy_steps, _batch_queue, _quotas, _adapters):
             await scenario(state)
     return monitor.calls
 
