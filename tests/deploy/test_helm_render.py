@@ -90,6 +90,8 @@ def test_serve_config_builds_the_phiserve_app(docs: list[dict[str, Any]]) -> Non
     for name, group in ray_groups(one(docs, "RayService")):
         mounts = {m["mountPath"] for m in ray_container(group)["volumeMounts"]}
         assert args["files_dir"] in mounts, f"{name}: files_dir {args['files_dir']} is not mounted"
+        # The gateway validates registered adapters and every pool replica loads them.
+        assert args["adapters_dir"] in mounts, f"{name}: adapters_dir {args['adapters_dir']} is not mounted"
     assert set(args) <= set(Settings.model_fields), set(args) - set(Settings.model_fields)
     # The pods' env supplies the secrets; the args must validate as phiserve's Settings.
     settings = Settings(
@@ -267,12 +269,29 @@ def test_chart_copies_of_rules_and_dashboard_are_identical() -> None:
         )
 
 
+def test_extra_adapter_roots_are_mounted_read_only_and_allowed(helm: str) -> None:
+    extra = ["--set", "adapters.extraRoots.finetunes.claimName=ft-out"]
+    extra += ["--set", "adapters.extraRoots.finetunes.mountPath=/mnt/finetunes"]
+    base = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    docs = [d for d in yaml.safe_load_all(run([*base, *extra])) if d]
+    service = one(docs, "RayService")
+    (app,) = serve_config(service)["applications"]
+    assert app["args"]["adapter_roots"] == ["/mnt/finetunes"]
+    for name, group in ray_groups(service):
+        mounts = {m["mountPath"]: m for m in ray_container(group)["volumeMounts"]}
+        assert mounts["/mnt/finetunes"].get("readOnly") is True, name
+        claims = {v["name"]: v.get("persistentVolumeClaim") for v in group["template"]["spec"]["volumes"]}
+        assert claims["adapters-finetunes"] == {"claimName": "ft-out", "readOnly": True}, name
+
+
 def test_redis_maxmemory_is_configurable_and_validated(helm: str) -> None:
     base = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
     docs = [d for d in yaml.safe_load_all(run([*base, "--set", "redis.maxmemory=300mb"])) if d]
     args = one(docs, "StatefulSet", f"{RELEASE}-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--maxmemory") + 1] == "300mb"
-    refused = subprocess.run([*base, "--set", "redis.maxmemory=lots"], capture_output=True, text=True, check=False)
+    refused = subprocess.run(
+        [*base, "--set", "redis.maxmemory=lots"], capture_output=True, text=True, check=False
+    )
     assert refused.returncode != 0 and "maxmemory" in refused.stderr
 
 

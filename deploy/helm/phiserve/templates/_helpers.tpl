@@ -218,6 +218,10 @@ containers:
       - {name: dshm, mountPath: /dev/shm}
       - {name: models-cache, mountPath: /models-cache}
       - {name: batch-files, mountPath: {{ $v.batchFiles.mountPath }}}
+      - {name: adapters, mountPath: {{ $v.adapters.mountPath }}}
+      {{- range $name, $extra := $v.adapters.extraRoots }}
+      - {name: adapters-{{ $name }}, mountPath: {{ $extra.mountPath }}, readOnly: true}
+      {{- end }}
       - {name: catalog, mountPath: /etc/phiserve/catalog, readOnly: true}
       {{- if $v.tenants.enabled }}
       - {name: tenants, mountPath: {{ include "phiserve.tenantsDir" $root }}, readOnly: true}
@@ -245,6 +249,19 @@ volumes:
     {{- else }}
     emptyDir: {sizeLimit: {{ $v.batchFiles.sizeLimit }}}
     {{- end }}
+  - name: adapters
+    {{- if $v.adapters.existingClaim }}
+    persistentVolumeClaim:
+      claimName: {{ $v.adapters.existingClaim }}
+    {{- else }}
+    emptyDir: {sizeLimit: {{ $v.adapters.sizeLimit }}}
+    {{- end }}
+  {{- range $name, $extra := $v.adapters.extraRoots }}
+  - name: adapters-{{ $name }}
+    persistentVolumeClaim:
+      claimName: {{ $extra.claimName }}
+      readOnly: true
+  {{- end }}
   - name: catalog
     configMap:
       name: {{ include "phiserve.catalogName" $root }}
