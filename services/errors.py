@@ -3,7 +3,8 @@
     PhiserveError                       base; carries message, param, code, headers
      ├── InvalidRequest                 the client's request is wrong (400)
      │    ├── ContextLengthExceeded     prompt + max_tokens beyond the pool's context
-     │    └── UnsupportedContent        e.g. an image sent to a text-only model
+     │    ├── UnsupportedContent        e.g. an image sent to a text-only model
+     │    └── InvalidAdapter            a LoRA adapter's files fail validation
      ├── AuthenticationFailed           missing, unknown or revoked API key (401)
      ├── PermissionDenied               the key may not do this (403)
      ├── ModelNotFound                  no pool serves that model name (404)
@@ -81,6 +82,12 @@ class UnsupportedContent(InvalidRequest):
     default_code = "unsupported_content"
 
 
+class InvalidAdapter(InvalidRequest):
+    """A LoRA adapter's folder or files are unusable (services/pools/adapter_files.py)."""
+
+    default_code = "invalid_adapter"
+
+
 class AuthenticationFailed(PhiserveError):
     default_code = "invalid_api_key"
 
@@ -148,6 +155,7 @@ __all__ = [
     "ClientClosedRequest",
     "ContextLengthExceeded",
     "GenerationFailed",
+    "InvalidAdapter",
     "InvalidRequest",
     "ModelNotFound",
     "Overloaded",
