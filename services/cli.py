@@ -49,9 +49,13 @@ def _log(message: str) -> None:
 def ensure_tiny_models(settings: Settings, catalog: Catalog) -> None:
     if not catalog.tiny_models():
         return
+    from services.local.tiny_adapters import build_tiny_adapters
     from services.local.tiny_models import build_tiny_models
 
     build_tiny_models(settings.model_dir, log=_log)
+    # The tiny LoRA adapters tenants can register (issue 14): in the adapter store, so a
+    # registration's relative source `tiny/phi-3.5-mini-1` finds them.
+    build_tiny_adapters(settings.adapter_store_dir, settings.model_dir, log=_log)
 
 
 def wait_ready(url: str, timeout_s: float) -> None:
@@ -226,10 +230,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_build_tiny_models(settings: Settings, args: argparse.Namespace) -> None:
+    from services.local.tiny_adapters import build_tiny_adapters
     from services.local.tiny_models import build_tiny_models
 
     paths = build_tiny_models(settings.model_dir, force=args.force, log=_log)
-    for name, path in paths.items():
+    adapters = build_tiny_adapters(settings.adapter_store_dir, settings.model_dir, force=args.force, log=_log)
+    for name, path in {**paths, **adapters}.items():
         print(f"{name}: {path}")
 
 

@@ -107,9 +107,21 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
+    from services.local.tiny_adapters import build_tiny_adapters
     from services.local.tiny_models import build_tiny_models
 
-    return build_tiny_models(CACHE_DIR / "models")
+    models = build_tiny_models(CACHE_DIR / "models")
+    # The tiny LoRA adapters (issue 14) in the cluster's adapter store (cache_dir/adapters).
+    build_tiny_adapters(CACHE_DIR / "adapters", CACHE_DIR / "models")
+    return models
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """{"tiny/phi-3.5-mini-1": folder, ...}: the tiny adapters in the cluster's adapter store."""
+    from services.local.tiny_adapters import build_tiny_adapters
+
+    return build_tiny_adapters(CACHE_DIR / "adapters", CACHE_DIR / "models")
 
 
 @pytest.fixture(scope="session")
