@@ -165,6 +165,12 @@ class Settings(BaseSettings):
         "record (limits, weight) before reading them again. Revocations and tenant changes "
         "apply at once regardless: they bump an auth version that every admission checks.",
     )
+    adapter_cache_ttl_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long a gateway replica reuses a tenant's adapter record it read (issue "
+        "14): a deleted or re-registered adapter may be served as it was for up to this long.",
+    )
     lease_ttl_s: float = Field(
         60.0, ge=5, description="Concurrency and queue leases expire after this unless renewed."
     )

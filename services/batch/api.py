@@ -21,7 +21,7 @@ def build_batch_api(core: Core, settings: Settings) -> tuple[FileService, BatchS
     batches = BatchService(
         core.redis,
         files,
-        core.router,
+        core.resolver,
         max_active=settings.tenant_max_active_batches,
         max_queued_items=settings.tenant_max_queued_items,
         enqueue_chunk=settings.batch_enqueue_chunk,

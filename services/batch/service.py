@@ -27,6 +27,7 @@ from services.batch.files import FileService, parse_batch_jsonl
 from services.batch.queue import add_items
 from services.batch.quotas import Quota, TenantQuotas
 from services.errors import InvalidRequest, ModelNotFound, ResourceNotFound
+from services.inference.adapter_models import ModelResolver
 from services.inference.errors import batch_error_line
 from services.inference.protocol.batches import (
     BATCH_ENDPOINTS,
@@ -36,7 +37,6 @@ from services.inference.protocol.batches import (
     CreateBatchRequest,
     RequestCounts,
 )
-from services.inference.router import PoolRouter
 from services.redis_store import EntryFields, RedisStore, keys, text_hash, text_set, texts
 
 COMPLETION_WINDOW_S = 24 * 3600
@@ -60,7 +60,7 @@ class BatchService:
         self,
         store: RedisStore,
         files: FileService,
-        router: PoolRouter,
+        models: ModelResolver,
         *,
         max_active: int = 10,
         max_queued_items: int = 50_000,
@@ -71,7 +71,7 @@ class BatchService:
         self._store = store
         self._redis = store.redis
         self._files = files
-        self._router = router
+        self._models = models
         self._quotas = TenantQuotas(store)
         self._quota = Quota(max_active, max_queued_items, "unfinished batches", "queued items")
         self._enqueue_chunk = enqueue_chunk
@@ -153,13 +153,14 @@ class BatchService:
             refused: dict[int, str] = {}
             for item in items[start : start + self._enqueue_chunk]:
                 try:
-                    pool = self._router.resolve(item["body"]["model"])
+                    # The tenant's own adapters (`ft:` ids) resolve too, to their base's pool.
+                    resolved = await self._models.resolve(item["body"]["model"], tenant_id=tenant_id)
                 except ModelNotFound as exc:
                     # Refused item by item, as OpenAI does: the rest of the batch runs.
                     line = batch_error_line(f"{batch_id}-{item['line']}", item["custom_id"], exc)
                     refused[item["line"]] = json.dumps({"ok": False, "line": line})
                     continue
-                by_pool.setdefault(pool.name, []).append(item)
+                by_pool.setdefault(resolved.pool.name, []).append(item)
             if refused:
                 async with self._store.pipeline() as pipe:
                     for number, result in refused.items():

@@ -353,9 +353,13 @@ class BatchProcessor:
                 )
             else:
                 completion = CompletionRequest.model_validate(item.body)
-                prepared = core.completions.prepare(completion, item_id, response_id=item_id)
+                prepared = await core.completions.prepare(
+                    completion, item_id, tenant=tenant, response_id=item_id
+                )
         except ValidationError as exc:
             raise invalid_request_from(exc.errors()) from None
+        # An `ft:` item's adapter is resolved now, as its tenant's: one deleted since the batch
+        # was created fails the item with model_not_found, like a model that does not exist.
         pool, request, shape = prepared
         body, _ = await core.runner.complete(caller, pool, request, shape)
         return dict(body)

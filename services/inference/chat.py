@@ -9,13 +9,13 @@ from dataclasses import replace
 
 from services.catalog.models import Modality, Platform, PoolConfig
 from services.errors import InvalidRequest, UnsupportedContent
+from services.inference.adapter_models import ModelResolver
 from services.inference.chat_shape import ChatShape
 from services.inference.gate import check_access
 from services.inference.generation import Caller, GenerationRunner
 from services.inference.images import ImageLoader
 from services.inference.protocol.chat import ChatCompletionRequest, ChatMessageIn, ImagePart, TextPart
 from services.inference.protocol.responses import ChatCompletion, ChatCompletionChunk
-from services.inference.router import PoolRouter
 from services.inference.sampling import sampling_options
 from services.inference.tool_calls import plan_tools
 from services.pools.engine import ChatMessage, GenerationRequest
@@ -26,14 +26,14 @@ from services.tenancy.models import Tenant
 class ChatService:
     def __init__(
         self,
-        router: PoolRouter,
+        models: ModelResolver,
         runner: GenerationRunner,
         images: ImageLoader,
         *,
         platform: Platform,
         end_users: EndUserIds | None = None,
     ) -> None:
-        self._router = router
+        self._models = models
         self._runner = runner
         self._images = images
         self._platform = platform
@@ -48,9 +48,11 @@ class ChatService:
         response_id: str | None = None,
     ) -> tuple[PoolConfig, GenerationRequest, ChatShape]:
         """`tenant`: checked for the model and its image limit before any image is fetched or
-        decoded (the gate checks again, for callers that pass none). `response_id`: a batch
-        line's, else a fresh one."""
-        pool = self._router.resolve(body.model)
+        decoded (the gate checks again, for callers that pass none); with none, only plain
+        model names resolve (an adapter is always a tenant's). `response_id`: a batch line's,
+        else a fresh one."""
+        resolved = await self._models.resolve(body.model, tenant_id=tenant.id if tenant else None)
+        pool = resolved.pool
         image_count = _check_image_parts(body, pool)
         if tenant is not None:
             check_access(tenant, pool, model=body.model, images=image_count)
@@ -69,6 +71,7 @@ class ChatService:
             messages=messages,
             images=images,
             end_user=self._end_users.digest(body.user),
+            adapter=resolved.adapter,
         )
         echo = ""
         if body.echo and body.messages[-1].role == "assistant":

@@ -10,6 +10,7 @@ from typing import cast
 
 from services.catalog.models import Platform, PoolConfig
 from services.errors import InvalidRequest
+from services.inference.adapter_models import ModelResolver
 from services.inference.generation import Caller, GenerationRunner
 from services.inference.logprobs import completion_logprobs
 from services.inference.protocol.completions import CompletionRequest
@@ -21,11 +22,11 @@ from services.inference.protocol.responses import (
     Usage,
     usage,
 )
-from services.inference.router import PoolRouter
 from services.inference.sampling import sampling_options
 from services.inference.tokens import TokenCounter
 from services.pools.engine import GenerationChunk, GenerationRequest, GenerationResult, Prompt
 from services.tenancy.end_users import EndUserIds
+from services.tenancy.models import Tenant
 
 
 class CompletionShape:
@@ -106,25 +107,32 @@ class CompletionShape:
 class CompletionService:
     def __init__(
         self,
-        router: PoolRouter,
+        models: ModelResolver,
         runner: GenerationRunner,
         tokens: TokenCounter,
         *,
         platform: Platform,
         end_users: EndUserIds | None = None,
     ) -> None:
-        self._router = router
+        self._models = models
         self._runner = runner
         self._tokens = tokens
         self._platform = platform
         self._end_users = end_users or EndUserIds.from_secret(None)
 
-    def prepare(
-        self, body: CompletionRequest, request_id: str, *, response_id: str | None = None
+    async def prepare(
+        self,
+        body: CompletionRequest,
+        request_id: str,
+        *,
+        tenant: Tenant | None = None,
+        response_id: str | None = None,
     ) -> tuple[PoolConfig, GenerationRequest, CompletionShape]:
         """`request_id` is the client's (logs only); the response id is `response_id` (a
-        batch line's) or a fresh one."""
-        pool = self._router.resolve(body.model)
+        batch line's) or a fresh one. `tenant`: the caller, whose adapters `body.model` may
+        name (none: plain model names only); its access is checked by the gate."""
+        resolved = await self._models.resolve(body.model, tenant_id=tenant.id if tenant else None)
+        pool = resolved.pool
         prompts = _prompts(body.prompt)
         echo = [self._echo_text(pool, p) for p in prompts] if body.echo else None
         request = GenerationRequest(
@@ -133,6 +141,7 @@ class CompletionService:
             sampling=sampling_options(body, pool, self._platform),
             prompts=prompts,
             end_user=self._end_users.digest(body.user),
+            adapter=resolved.adapter,
         )
         shape = CompletionShape(response_id or uuid.uuid4().hex, body.model, echo_prefixes=echo, n=body.n)
         return pool, request, shape
@@ -146,7 +155,7 @@ class CompletionService:
         self, caller: Caller, body: CompletionRequest, request_id: str, *, from_stream: bool = False
     ) -> tuple[Completion, dict[str, str]]:
         """`from_stream`: assembled from the pool's stream (`GenerationRunner.collect`)."""
-        pool, request, shape = self.prepare(body, request_id)
+        pool, request, shape = await self.prepare(body, request_id, tenant=caller.tenant)
         if from_stream:
             return await self._runner.collect(caller, pool, request, shape)
         return await self._runner.complete(caller, pool, request, shape)
@@ -154,7 +163,7 @@ class CompletionService:
     async def create_stream(
         self, caller: Caller, body: CompletionRequest, request_id: str
     ) -> tuple[AsyncIterator[CompletionChunk], dict[str, str]]:
-        pool, request, shape = self.prepare(body, request_id)
+        pool, request, shape = await self.prepare(body, request_id, tenant=caller.tenant)
         return await self._runner.open_stream(
             caller,
             pool,

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.catalog.models import Catalog
+from services.inference.adapter_models import ModelResolver
 from services.inference.api_limits import ApiRequestLimiter
 from services.inference.capacity import LiveReplicas, PoolCapacity, serve_live_replicas
 from services.inference.chat import ChatService
@@ -29,6 +30,7 @@ from services.inference.tokenize import TokenizeService
 from services.inference.tokens import TokenCounter
 from services.redis_store import RedisStore
 from services.settings import Settings
+from services.tenancy.adapters import AdapterRegistry
 from services.tenancy.admission import Admission
 from services.tenancy.cache_salt import CacheSalts
 from services.tenancy.end_users import EndUserIds
@@ -42,6 +44,8 @@ from services.tenancy.usage import UsageLedger
 class Core:
     catalog: Catalog
     router: PoolRouter
+    resolver: ModelResolver  # a request's model -> its pool and the tenant's adapter
+    adapters: AdapterRegistry  # tenants' LoRA adapter records (issue 14)
     runner: GenerationRunner
     chat: ChatService
     completions: CompletionService
@@ -118,16 +122,22 @@ def build_core(
         max_bytes=settings.max_request_body_bytes,
         timeout_s=settings.remote_image_timeout_s,
     )
-    chat = ChatService(router, runner, images, platform=catalog.platform, end_users=end_users)
+    adapters = AdapterRegistry(redis)
+    resolver = ModelResolver(router, adapters, ttl_s=settings.adapter_cache_ttl_s)
+    chat = ChatService(resolver, runner, images, platform=catalog.platform, end_users=end_users)
     templates = ChatTemplates.for_pools(catalog.enabled_pools, settings.model_dir.resolve())
     return Core(
         catalog=catalog,
         router=router,
+        resolver=resolver,
+        adapters=adapters,
         runner=runner,
         chat=chat,
-        completions=CompletionService(router, runner, tokens, platform=catalog.platform, end_users=end_users),
+        completions=CompletionService(
+            resolver, runner, tokens, platform=catalog.platform, end_users=end_users
+        ),
         tokens=tokens,
-        tokenize=TokenizeService(router, chat, tokens, templates),
+        tokenize=TokenizeService(resolver, chat, tokens, templates),
         models=ModelsService(catalog, settings.model_dir.resolve()),
         tenants=tenants,
         usage=UsageLedger(redis),

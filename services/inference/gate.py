@@ -24,9 +24,10 @@ from services.errors import (
     TenancyUnavailable,
 )
 from services.inference.capacity import PoolCapacity
-from services.inference.metrics import GatewayMetrics, tenant_label
+from services.inference.metrics import GatewayMetrics, adapter_label, tenant_label
 from services.inference.tokens import TokenCounter
 from services.pools.engine import GenerationRequest
+from services.tenancy.adapters import parse_adapter_model_id
 from services.tenancy.admission import Admission, Reservation, Usage
 from services.tenancy.entry import StaleAuth, TenancySteps
 from services.tenancy.fair_queue import FairQueue, Grant
@@ -53,8 +54,15 @@ class Admitted:
 
     @property
     def model_name(self) -> str:
-        """The canonical name of the model the client called (usage, metrics, logs)."""
+        """The canonical name of the (base) model the client called (metrics, logs)."""
         return (self.model_pool or self.pool).served_names[0]
+
+    @property
+    def usage_model(self) -> str:
+        """The model its usage is recorded under: the adapter's id when it ran with one, so
+        a tenant's usage splits per adapter (issue 14), else the canonical model name."""
+        adapter = self.request.adapter
+        return adapter.model_id if adapter is not None else self.model_name
 
     @property
     def headers(self) -> dict[str, str]:
@@ -228,7 +236,7 @@ class TenantGate:
         usage = None
         if billed:
             usage = Usage(
-                model=admitted.model_name,
+                model=admitted.usage_model,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
                 images=len(admitted.request.images),
@@ -244,6 +252,13 @@ class TenantGate:
             self._metrics.prompt_tokens.inc(prompt_tokens, tags=tags)
         if completion_tokens > 0:
             self._metrics.completion_tokens.inc(completion_tokens, tags=tags)
+        adapter = admitted.request.adapter
+        if adapter is not None:
+            parsed = parse_adapter_model_id(adapter.model_id)
+            name = parsed[2] if parsed is not None else adapter.model_id
+            self._metrics.adapter_requests.inc(
+                tags={**tags, "adapter": adapter_label(name, admitted.tenant.metrics_label)}
+            )
         used = prompt_tokens + completion_tokens
         # The fair queue's actual cost (docs/tenancy.md): a cached prompt token weighs the
         # pool's cached_prompt_queue_factor of a computed one.
@@ -257,11 +272,12 @@ class TenantGate:
         request = admitted.request
         # The request's log line (REST, gRPC and batch): the end user only as its keyed hash.
         logger.info(
-            "generation request_id=%s tenant=%s model=%s user=%s choices=%d prompt_tokens=%d "
-            "completion_tokens=%d cached_tokens=%d",
+            "generation request_id=%s tenant=%s model=%s adapter=%s user=%s choices=%d "
+            "prompt_tokens=%d completion_tokens=%d cached_tokens=%d",
             request.request_id,
             admitted.tenant.id,
             tags["model"],
+            request.adapter.model_id if request.adapter is not None else "-",
             request.end_user or "-",
             request.choice_count,
             prompt_tokens,

@@ -7,7 +7,7 @@ node; Ray's agent already aggregates every process on its node (see docs/operati
 
 Labels are bounded: `model` is a catalog name, `status` an HTTP code, `reason` a fixed set,
 and `tenant` is the tenant id only for tenants with `metrics_label: true` (an allow-list
-the admin controls), `other` for everyone else.
+the admin controls), `other` for everyone else; so is `adapter`, a LoRA adapter's name.
 """
 
 from __future__ import annotations
@@ -71,6 +71,13 @@ class GatewayMetrics:
             description="Generated tokens of finished requests (streams included).",
             tag_keys=("model", "tenant"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
         )
+        self.adapter_requests = metrics.Counter(
+            "phiserve_adapter_requests_total",
+            description="Settled requests that ran with a tenant's LoRA adapter (issue 14). `model` "
+            "is the base model; `adapter` the adapter's name for tenants with metrics_label, "
+            "else `other` (bounded: labelled tenants' max_adapters each).",
+            tag_keys=("model", "tenant", "adapter"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
+        )
         self.context_routed = metrics.Counter(
             "phiserve_context_routed_total",
             description="Requests of a model with a long-context pool, by the pool that ran them "
@@ -91,3 +98,8 @@ class GatewayMetrics:
 
 def tenant_label(tenant_id: str, labelled: bool) -> str:
     return tenant_id if labelled else OTHER_TENANTS
+
+
+def adapter_label(adapter_name: str, labelled: bool) -> str:
+    """An adapter's name only for a tenant with metrics_label, like `tenant_label`."""
+    return adapter_name if labelled else OTHER_TENANTS

@@ -8,7 +8,8 @@ template rendered by jinja2 (services/inference/chat_template.py), then encoded 
 Images are refused: their tokens are made by the pool's image processor.
 
 Both calls are tenant-scoped like a generation: an unknown model is 404 `model_not_found`,
-one the tenant may not use 403 `model_not_allowed`. The adapters count them against the
+one the tenant may not use 403 `model_not_allowed`. A tenant's adapter (`ft:` id) counts with
+its base model's tokenizer: LoRA changes weights, never the vocabulary. The adapters count them against the
 tenant's RPM (`Core.api_limiter`), as they do for files and batches.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from services.errors import InvalidRequest, ServiceUnavailable, UnsupportedContent
+from services.inference.adapter_models import ModelResolver
 from services.inference.chat import ChatService
 from services.inference.chat_template import ChatTemplates
 from services.inference.errors import invalid_request_from
@@ -28,7 +30,6 @@ from services.inference.protocol.tokenize import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from services.inference.router import PoolRouter
 from services.inference.tokens import TokenCounter
 from services.pools.prompts import PromptRenderer
 from services.tenancy.models import Tenant
@@ -39,16 +40,16 @@ TOKENIZE_REQUEST_ID = "tokenize"
 
 class TokenizeService:
     def __init__(
-        self, router: PoolRouter, chat: ChatService, tokens: TokenCounter, templates: ChatTemplates
+        self, models: ModelResolver, chat: ChatService, tokens: TokenCounter, templates: ChatTemplates
     ) -> None:
-        self._router = router
+        self._models = models
         self._chat = chat
         self._tokens = tokens
         self._templates = templates
 
     async def tokenize(self, tenant: Tenant, body: TokenizeRequest) -> TokenizeResponse:
         """`body.prompt`'s or `body.messages`' token ids, as the engine would count them."""
-        pool = self._router.resolve(body.model)
+        pool = (await self._models.resolve(body.model, tenant_id=tenant.id)).pool
         if body.messages is not None:
             if body.prompt is not None:
                 raise InvalidRequest("send prompt or messages, not both", param="prompt")
@@ -73,7 +74,7 @@ class TokenizeService:
 
     async def detokenize(self, tenant: Tenant, body: DetokenizeRequest) -> DetokenizeResponse:
         """The text of `body.tokens`; an id outside the vocabulary is a 400 naming `tokens`."""
-        pool = self._router.resolve(body.model)
+        pool = (await self._models.resolve(body.model, tenant_id=tenant.id)).pool
         check_access(tenant, pool, model=body.model, images=0)
         return DetokenizeResponse(prompt=self._tokens.decode(pool, body.tokens, param="tokens"))
 

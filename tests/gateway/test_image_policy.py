@@ -14,6 +14,7 @@ from aiohttp import web
 
 from services.catalog.loader import load_catalog
 from services.errors import InvalidRequest, PermissionDenied
+from services.inference.adapter_models import ModelResolver
 from services.inference.chat import ChatService
 from services.inference.generation import Caller, GenerationRunner
 from services.inference.images import ImageLoader
@@ -53,7 +54,8 @@ def _chat_service(state: RedisStore) -> ChatService:
     capacity = {p.name: p.capacity for p in catalog.enabled_pools}
     gate = real_gate(state, capacity, metrics, lease_ttl_s=10, queue_timeout_s=1.0)
     images = ImageLoader(allow_remote=True, max_bytes=1 << 20, timeout_s=2.0, allow_loopback=True)
-    return ChatService(router, GenerationRunner(router, gate, metrics), images, platform=catalog.platform)
+    runner = GenerationRunner(router, gate, metrics)
+    return ChatService(ModelResolver(router), runner, images, platform=catalog.platform)
 
 
 def _body(url: str) -> ChatCompletionRequest:
