@@ -1,0 +1,75 @@
+"""Where adapter folders may come from (issue 14): the adapter store and the extra roots.
+
+An adapter's `source` is a path relative to the store (`Settings.adapter_store_dir`), or an
+absolute path or `file://` URI inside the store or one of `Settings.adapter_roots` (volumes
+every gateway and pool replica mounts). Everything is judged on real paths, with every
+symlink resolved, so neither `..` nor a link inside a root can reach a file outside the
+roots; the folder's two adapter files are held to the same rule (a link to /etc/shadow
+named adapter_config.json is refused before it is read).
+
+A pool replica calls `check_inside` again before loading a stored path: a folder swapped
+for a link after registration does not lead the engine out of the roots either.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+from services.errors import InvalidRequest
+from services.pools.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+
+def _refused(message: str) -> InvalidRequest:
+    return InvalidRequest(message, param="source", code="invalid_adapter_source")
+
+
+class AdapterSources:
+    def __init__(self, store_dir: Path, roots: Sequence[Path] = ()) -> None:
+        # Real paths: a root that is itself a link (e.g. /data -> /mnt/data) still matches.
+        self._store = Path(os.path.realpath(store_dir))
+        self._roots = [self._store, *(Path(os.path.realpath(root)) for root in roots)]
+
+    def resolve(self, source: str) -> Path:
+        """The real folder `source` names; `InvalidRequest` (400, param source) when it is
+        not one, or lies outside the store and the roots."""
+        if "\x00" in source:
+            raise _refused("the source holds a NUL character")
+        if source.startswith("file:"):
+            path = _file_uri_path(source)
+        elif os.path.isabs(source):
+            path = PurePosixPath(source)
+        else:
+            path = PurePosixPath(self._store, source)
+        if ".." in path.parts:
+            raise _refused("the source may not contain '..'")
+        return self.check_inside(Path(path))
+
+    def check_inside(self, folder: Path) -> Path:
+        """`folder`'s real path, when it and its adapter files are inside the store or a root."""
+        real = Path(os.path.realpath(folder))
+        if not self._inside(real):
+            raise _refused(
+                "the source is outside the adapter store and the allowed roots; put the adapter "
+                "under the store (settings adapters_dir) or one of adapter_roots"
+            )
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            target = real / name
+            if target.is_symlink() and not self._inside(Path(os.path.realpath(target))):
+                raise _refused(f"{name} is a link to a file outside the adapter store and the allowed roots")
+        return real
+
+    def _inside(self, real: Path) -> bool:
+        return any(real == root or real.is_relative_to(root) for root in self._roots)
+
+
+def _file_uri_path(source: str) -> PurePosixPath:
+    parts = urlsplit(source)
+    if parts.scheme != "file" or parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise _refused("a file URI must look like file:///absolute/path (no host, query or fragment)")
+    path = unquote(parts.path)
+    if "\x00" in path or not path.startswith("/"):
+        raise _refused("a file URI must name an absolute path")
+    return PurePosixPath(path)
