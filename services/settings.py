@@ -188,6 +188,12 @@ class Settings(BaseSettings):
         description="Other folders an adapter may be registered from by absolute path or "
         "file:// URI (mounted volumes). Anything outside them and the store is refused.",
     )
+    max_adapter_bytes: int = Field(
+        1024**3,
+        ge=1024,
+        description="Largest adapter_model.safetensors accepted: registration reads all of it "
+        "to check its values (a rank-64 adapter of every Phi-3.5-mini linear layer is ~200 MB).",
+    )
     max_batch_file_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest batch input file accepted."
     )

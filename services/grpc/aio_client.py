@@ -140,6 +140,13 @@ class AsyncClient(ClientBase):
         )
         return response.model
 
+    async def delete_model(self, model: str, *, timeout_s: float | None = None) -> pb.DeleteModelResponse:
+        """Deletes one of the tenant's own adapters (NOT_FOUND for any other id)."""
+        response: pb.DeleteModelResponse = await self._call(
+            self._stub.DeleteModel, pb.DeleteModelRequest(model=model), timeout_s, None
+        )
+        return response
+
     async def tokenize(
         self,
         model: str,

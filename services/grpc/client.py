@@ -176,6 +176,13 @@ class Client(ClientBase):
         )
         return response.model
 
+    def delete_model(self, model: str, *, timeout_s: float | None = None) -> pb.DeleteModelResponse:
+        """Deletes one of the tenant's own adapters (NOT_FOUND for any other id)."""
+        response: pb.DeleteModelResponse = self._call(
+            self._stub.DeleteModel, pb.DeleteModelRequest(model=model), timeout_s, None
+        )
+        return response
+
     def tokenize(
         self,
         model: str,

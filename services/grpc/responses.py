@@ -195,6 +195,7 @@ def model_message(entry: Model) -> models_pb2.Model:
         max_images_per_request=entry["max_images_per_request"],
         created=entry["created"],
         owned_by=entry["owned_by"],
+        parent=entry["parent"] or "",
     )
 
 

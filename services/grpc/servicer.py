@@ -140,7 +140,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             # unknown key is UNAUTHENTICATED, as on any tenant call).
             tenant = await self._tenant(call) if presented_key(call.metadata) else None
             await call.send_headers({})
-            return responses.models_response(self._core.models.list(tenant))
+            return responses.models_response(await self._core.models.list(tenant))
 
         return await self._run(context, "ListModels", run)
 
@@ -151,11 +151,23 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             # Needs a key, unlike ListModels: the answer is the tenant's (a model it may not
             # use is NOT_FOUND, as an unknown one).
             tenant = await self._tenant(call)
-            model = self._core.models.retrieve(tenant, request.model)
+            model = await self._core.models.retrieve(tenant, request.model)
             await call.send_headers({})
             return pb.GetModelResponse(model=responses.model_message(model))
 
         return await self._run(context, "GetModel", run)
+
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteModelResponse:
+        async def run(call: _Call) -> pb.DeleteModelResponse:
+            # The tenant's own adapter only (REST's DELETE /v1/models/{model}).
+            tenant = await self._limited_tenant(call)
+            deleted = await self._core.models.delete(tenant, request.model)
+            await call.send_headers({})
+            return pb.DeleteModelResponse(id=deleted["id"], deleted=deleted["deleted"])
+
+        return await self._run(context, "DeleteModel", run)
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.catalog.models import Catalog
+from services.inference.adapter_admin import AdapterAdmin
 from services.inference.adapter_models import ModelResolver
 from services.inference.api_limits import ApiRequestLimiter
 from services.inference.capacity import LiveReplicas, PoolCapacity, serve_live_replicas
@@ -28,6 +29,7 @@ from services.inference.readiness import Readiness
 from services.inference.router import PoolRouter
 from services.inference.tokenize import TokenizeService
 from services.inference.tokens import TokenCounter
+from services.pools.adapter_sources import AdapterSources
 from services.redis_store import RedisStore
 from services.settings import Settings
 from services.tenancy.adapters import AdapterRegistry
@@ -46,6 +48,7 @@ class Core:
     router: PoolRouter
     resolver: ModelResolver  # a request's model -> its pool and the tenant's adapter
     adapters: AdapterRegistry  # tenants' LoRA adapter records (issue 14)
+    adapter_admin: AdapterAdmin  # registers, lists and deletes them (the admin API)
     runner: GenerationRunner
     chat: ChatService
     completions: CompletionService
@@ -131,6 +134,14 @@ def build_core(
         router=router,
         resolver=resolver,
         adapters=adapters,
+        adapter_admin=AdapterAdmin(
+            catalog,
+            adapters,
+            tenants,
+            AdapterSources(settings.adapter_store_dir, settings.adapter_roots),
+            model_dir=settings.model_dir.resolve(),
+            max_adapter_bytes=settings.max_adapter_bytes,
+        ),
         runner=runner,
         chat=chat,
         completions=CompletionService(
@@ -138,7 +149,7 @@ def build_core(
         ),
         tokens=tokens,
         tokenize=TokenizeService(resolver, chat, tokens, templates),
-        models=ModelsService(catalog, settings.model_dir.resolve()),
+        models=ModelsService(catalog, settings.model_dir.resolve(), adapters),
         tenants=tenants,
         usage=UsageLedger(redis),
         api_limiter=ApiRequestLimiter(admission, metrics),

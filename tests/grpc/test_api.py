@@ -148,9 +148,11 @@ def test_completions_and_echo(grpc_client: Client) -> None:
 
 
 def test_list_models_matches_rest(grpc_client: Client, openai_client: OpenAI) -> None:
-    models = {m.id: m for m in Client(channel=grpc_client._channel).list_models()}  # no key needed
+    public = {m.id for m in Client(channel=grpc_client._channel).list_models()}  # no key needed
+    models = {m.id: m for m in grpc_client.list_models()}  # the demo tenant's, adapters included
     rest = {m.id: m.model_extra for m in openai_client.models.list()}
     assert set(models) == set(rest)
+    assert public == {name for name in rest if not name.startswith("ft:")}
     for name, entry in rest.items():
         assert models[name].max_model_len == entry["max_model_len"]
         assert models[name].pool == entry["pool"]

@@ -20,6 +20,7 @@ INFERENCE_METHODS = [
     "CompleteStream",
     "ListModels",
     "GetModel",
+    "DeleteModel",
     "Tokenize",
     "Detokenize",
 ]

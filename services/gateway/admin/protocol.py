@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.tenancy.adapters import AdapterRecord
 from services.tenancy.models import ApiKeyRecord, Tenant
 
 
@@ -25,3 +26,8 @@ class TenantList(BaseModel):
 class KeyList(BaseModel):
     object: str = "list"
     data: list[ApiKeyRecord]
+
+
+class AdapterList(BaseModel):
+    object: str = "list"
+    data: list[AdapterRecord] = Field(..., description="The tenant's adapters, by name.")

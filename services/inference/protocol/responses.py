@@ -182,8 +182,9 @@ class Model(TypedDict):
     id: str
     object: Literal["model"]
     created: int
-    owned_by: str
+    owned_by: str  # "phiserve", or the owning tenant's id for its adapters
     root: str  # the pool's first served name
+    parent: str | None  # a tenant adapter's base model (its root); None for a served model
     pool: str
     modality: ModelModality
     max_model_len: int
@@ -193,6 +194,12 @@ class Model(TypedDict):
 class ModelList(TypedDict):
     object: Literal["list"]
     data: list[Model]
+
+
+class ModelDeleted(TypedDict):  # OpenAI's answer to models.delete
+    id: str
+    object: Literal["model"]
+    deleted: bool
 
 
 # -- usage, files, probes ---------------------------------------------------------------

@@ -78,6 +78,11 @@ class InferenceServiceStub:
                 request_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/phiserve.v1.InferenceService/DeleteModel',
+                request_serializer=phiserve_dot_v1_dot_inference__service__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=phiserve_dot_v1_dot_inference__service__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/phiserve.v1.InferenceService/Tokenize',
                 request_serializer=phiserve_dot_v1_dot_inference__service__pb2.TokenizeRequest.SerializeToString,
@@ -181,7 +186,8 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Every served model name, with its modality and context length. Needs no key.
+        """Every served model name, with its modality and context length. Needs no key; with one,
+        the models the caller's tenant may use and its own LoRA adapters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,6 +196,15 @@ class InferenceServiceServicer:
     def GetModel(self, request, context):
         """One model, as ListModels lists it (REST's GET /v1/models/{model}). A model the caller's
         tenant may not use is NOT_FOUND, the same answer as a model that is not served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Deletes one of the caller's tenant's own adapters (REST's DELETE /v1/models/{model}).
+        Any other model id is NOT_FOUND, as GetModel answers it; a served model is
+        PERMISSION_DENIED. Counts against the tenant's RPM.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -310,6 +325,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.GetModelRequest.FromString,
                     response_serializer=phiserve_dot_v1_dot_inference__service__pb2.GetModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=phiserve_dot_v1_dot_inference__service__pb2.DeleteModelRequest.FromString,
+                    response_serializer=phiserve_dot_v1_dot_inference__service__pb2.DeleteModelResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -543,6 +563,33 @@ class InferenceService:
             '/phiserve.v1.InferenceService/GetModel',
             phiserve_dot_v1_dot_inference__service__pb2.GetModelRequest.SerializeToString,
             phiserve_dot_v1_dot_inference__service__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phiserve.v1.InferenceService/DeleteModel',
+            phiserve_dot_v1_dot_inference__service__pb2.DeleteModelRequest.SerializeToString,
+            phiserve_dot_v1_dot_inference__service__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18phiserve/v1/models.proto\x12\x0bphiserve.v1\"\xb2\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\'\n\x08modality\x18\x04 \x01(\x0e\x32\x15.phiserve.v1.Modality\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x1e\n\x16max_images_per_request\x18\x06 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x03\x12\x10\n\x08owned_by\x18\x08 \x01(\t*L\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_TEXT\x10\x01\x12\x13\n\x0fMODALITY_VISION\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18phiserve/v1/models.proto\x12\x0bphiserve.v1\"\xc2\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\'\n\x08modality\x18\x04 \x01(\x0e\x32\x15.phiserve.v1.Modality\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x1e\n\x16max_images_per_request\x18\x06 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x03\x12\x10\n\x08owned_by\x18\x08 \x01(\t\x12\x0e\n\x06parent\x18\t \x01(\t*L\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_TEXT\x10\x01\x12\x13\n\x0fMODALITY_VISION\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phiserve.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=222
-  _globals['_MODALITY']._serialized_end=298
+  _globals['_MODALITY']._serialized_start=238
+  _globals['_MODALITY']._serialized_end=314
   _globals['_MODEL']._serialized_start=42
-  _globals['_MODEL']._serialized_end=220
+  _globals['_MODEL']._serialized_end=236
 # @@protoc_insertion_point(module_scope)

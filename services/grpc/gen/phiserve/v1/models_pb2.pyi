@@ -15,7 +15,7 @@ MODALITY_TEXT: Modality
 MODALITY_VISION: Modality
 
 class Model(_message.Message):
-    __slots__ = ("id", "root", "pool", "modality", "max_model_len", "max_images_per_request", "created", "owned_by")
+    __slots__ = ("id", "root", "pool", "modality", "max_model_len", "max_images_per_request", "created", "owned_by", "parent")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROOT_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class Model(_message.Message):
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     OWNED_BY_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     root: str
     pool: str
@@ -32,4 +33,5 @@ class Model(_message.Message):
     max_images_per_request: int
     created: int
     owned_by: str
-    def __init__(self, id: _Optional[str] = ..., root: _Optional[str] = ..., pool: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., max_model_len: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., created: _Optional[int] = ..., owned_by: _Optional[str] = ...) -> None: ...
+    parent: str
+    def __init__(self, id: _Optional[str] = ..., root: _Optional[str] = ..., pool: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., max_model_len: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., created: _Optional[int] = ..., owned_by: _Optional[str] = ..., parent: _Optional[str] = ...) -> None: ...
