@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from services.errors import InvalidRequest
+
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutput:
@@ -275,3 +277,19 @@ class Engine(ABC):
     async def rope_scaling(self) -> dict[str, object] | None:
         """The rotary embedding the loaded model runs, for diagnostics (None: not known)."""
         return None
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        """Load a tenant's LoRA adapter so requests with `adapter` can run (issue 14).
+
+        The caller has validated its files (services/pools/adapter_files.py) first: an engine
+        may accept a broken adapter and fail later, for every request. Adding one already
+        added is a no-op. A request whose adapter was not added is refused, never passed on.
+        Raises `InvalidRequest` when this engine serves no adapters (the default) and
+        `InvalidAdapter` when the engine refuses the files."""
+        raise InvalidRequest(
+            "this model serves no LoRA adapters", param="model", code="adapters_not_supported"
+        )
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        """Unload `adapter` and free its memory; a no-op when it is not loaded. Requests still
+        running with it are the caller's to drain first."""

