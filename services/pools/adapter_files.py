@@ -13,8 +13,11 @@ What is checked, each with a message that says what to fix (`InvalidAdapter`, a 
   regular files; pickled weights (`adapter_model.bin` / `.pt`) are refused outright, since
   loading a pickle runs code in the engine;
 - the config: JSON, `peft_type: LORA`, an integer `r` (and any `rank_pattern` rank) within
-  the pool's `max_lora_rank`, target modules that are modules of the base model, none of
-  the PEFT features vLLM does not implement (DoRA, bias, modules_to_save);
+  the pool's `max_lora_rank`, `lora_alpha`, target modules that are modules of the base
+  model (a regular-expression `target_modules` is compiled, never run, and pattern keys
+  must be plain module names: a crafted pattern could backtrack for ever here or in the
+  engine), none of the PEFT features vLLM does not implement (DoRA, bias,
+  modules_to_save, inits that change the base weights, ...);
 - the weights: a valid safetensors file within the size cap, only `lora_A` / `lora_B`
   weights of linear modules of the base model's layers, each in pairs, with the shapes the
   base weight and the module's rank imply (`lora_A` (r, in), `lora_B` (out, r)), a float
@@ -36,10 +39,8 @@ import math
 import mmap
 import re
 import stat
-import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +48,19 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from services.errors import InvalidAdapter
+from services.pools.base_weights import DECODER_LAYER, BaseModules, base_modules, read_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt")
 MAX_CONFIG_BYTES = 1024 * 1024
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 _PEFT_PREFIX = "base_model.model."
+_MAX_PATTERN_CHARS = 1024
+# rank_pattern / alpha_pattern keys: module names only. PEFT and vLLM run them as regular
+# expressions on every module name; any other character could make one backtrack for ever.
+_PATTERN_KEY = re.compile(r"^[A-Za-z0-9_.]{1,256}$")
+_CHUNK = 1 << 24  # values checked at a time: bounded memory for any tensor size
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
-# A decoder layer's module (`model.layers.3.self_attn.qkv_proj`; also under a prefix such as
-# `language_model.`); a vision tower's `encoder.layers.N` is not one.
-_LAYER = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.")
 # Floats by safetensors dtype: (unsigned view, exponent mask). A value is NaN or Inf
 # exactly when all its exponent bits are set, so finiteness is checked on the raw bits
 # without torch (the gateway does not load it) and without a float copy.
@@ -76,7 +79,11 @@ _UNSUPPORTED: dict[str, str] = {
     "use_qalora": "QALoRA (use_qalora) is not supported",
     "layer_replication": "layer_replication is not supported",
     "alora_invocation_tokens": "Activated LoRA (alora_invocation_tokens) is not supported",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
 }
+# Inits that only set the starting weights (the saved adapter is a plain LoRA); the others
+# (PiSSA, OLoRA, LoftQ, ...) change the base weights, which the served base does not have.
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +98,6 @@ class AdapterFiles:
     size_bytes: int  # adapter_model.safetensors
     dtype: str  # safetensors dtype of its weights, e.g. BF16
     base_checked: bool  # target modules and shapes were checked against the base weights
-
-
-@dataclass(frozen=True, slots=True)
-class BaseModules:
-    """The base model's linear layers: module path -> (out, in) of its 2-D weight."""
-
-    shapes: Mapping[str, tuple[int, int]]
-
-    @property
-    def names(self) -> frozenset[str]:
-        return frozenset(path.rsplit(".", 1)[-1] for path in self.shapes)
 
 
 def _fail(message: str) -> InvalidAdapter:
@@ -129,7 +125,7 @@ def check_adapter_folder(
     for module, (a, b) in sorted(modules.items()):
         _check_pair(module, a, b, rank_of(module, rank, ranks_by_pattern), base)
     _check_finite(weights_file, header, data_start)
-    layers = {int(m.group(1)) for module in modules if (m := _LAYER.search(f"{module}."))}
+    layers = {int(m.group(1)) for module in modules if (m := DECODER_LAYER.search(f"{module}."))}
     return AdapterFiles(
         rank=max([rank, *ranks_by_pattern.values()]),
         alpha=alpha,
@@ -185,6 +181,12 @@ def _read_config(file: Path) -> dict[str, Any]:
     for field, message in _UNSUPPORTED.items():
         if config.get(field):
             raise _fail(f"{ADAPTER_CONFIG}: {message}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+        raise _fail(
+            f"{ADAPTER_CONFIG}: init_lora_weights {init!r} modifies the base model's weights, which "
+            "are not served; convert it to a plain LoRA adapter first"
+        )
     if config.get("bias", "none") != "none":
         raise _fail(f"{ADAPTER_CONFIG}: bias {config.get('bias')!r} is not supported; train with bias='none'")
     if config.get("modules_to_save"):
@@ -199,21 +201,32 @@ def _ranks(config: Mapping[str, Any], max_rank: int) -> tuple[int, float, dict[s
     rank = config.get("r")
     if type(rank) is not int or rank < 1:
         raise _fail(f"{ADAPTER_CONFIG} needs the LoRA rank 'r' as a positive integer, got {rank!r}")
-    alpha = config.get("lora_alpha", 8)
-    if type(alpha) not in (int, float) or not math.isfinite(alpha) or alpha <= 0:
-        raise _fail(f"{ADAPTER_CONFIG}: lora_alpha must be a positive number, got {alpha!r}")
-    pattern = config.get("rank_pattern") or {}
-    if not isinstance(pattern, dict) or not all(
-        isinstance(key, str) and type(value) is int and value >= 1 for key, value in pattern.items()
+    alpha = config.get("lora_alpha")  # required by vLLM
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, int | float)
+        or not math.isfinite(alpha)
+        or alpha <= 0
     ):
-        raise _fail(f"{ADAPTER_CONFIG}: rank_pattern must map module names to positive integers")
-    largest = max([rank, *pattern.values()])
+        raise _fail(f"{ADAPTER_CONFIG} needs lora_alpha as a positive number, got {alpha!r}")
+    for field, kinds in (("rank_pattern", (int,)), ("alpha_pattern", (int, float))):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(key, str) and _PATTERN_KEY.match(key) and type(value) in kinds and value > 0
+            for key, value in pattern.items()
+        ):
+            raise _fail(
+                f"{ADAPTER_CONFIG}: {field} must map module names (letters, digits, '_' and '.') "
+                "to positive numbers"
+            )
+    ranks: dict[str, int] = config.get("rank_pattern") or {}
+    largest = max([rank, *ranks.values()])
     if largest > max_rank:
         raise _fail(
             f"the adapter's rank {largest} is above this model's max_lora_rank {max_rank}; "
             "train it with a smaller r"
         )
-    return rank, float(alpha), pattern
+    return rank, float(alpha), ranks
 
 
 def rank_of(module: str, rank: int, pattern: Mapping[str, int]) -> int:
@@ -227,12 +240,14 @@ def rank_of(module: str, rank: int, pattern: Mapping[str, int]) -> int:
 
 def _check_target_modules(targets: Any, base: BaseModules | None) -> None:
     if isinstance(targets, str):
+        # PEFT's regular-expression form. It is compiled, not run: a pattern can be written to
+        # backtrack for ever, and the tensors' names decide which modules are adapted anyway.
+        if len(targets) > _MAX_PATTERN_CHARS:
+            raise _fail(f"{ADAPTER_CONFIG}: target_modules is over {_MAX_PATTERN_CHARS} characters")
         try:
-            matcher = re.compile(targets)
+            re.compile(targets)
         except re.error as exc:
             raise _fail(f"{ADAPTER_CONFIG}: target_modules is not a valid regular expression: {exc}") from exc
-        if base is not None and not any(matcher.fullmatch(module) for module in base.shapes):
-            raise _fail(f"{ADAPTER_CONFIG}: target_modules {targets!r} matches no module of the base model")
         return
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise _fail(f"{ADAPTER_CONFIG} needs target_modules: a list of module names or a regular expression")
@@ -259,7 +274,10 @@ def _adapter_header(file: Path, size: int) -> tuple[dict[str, dict[str, Any]], i
             pass
     except (SafetensorError, OSError, ValueError) as exc:
         raise _fail(f"{ADAPTER_WEIGHTS} is not a valid safetensors file: {exc}") from exc
-    tensors, data_start = _header(file)
+    try:
+        tensors, data_start = read_header(file)
+    except ValueError as exc:
+        raise _fail(f"{ADAPTER_WEIGHTS} is not a valid safetensors file: {exc}") from exc
     if not tensors:
         raise _fail(f"{ADAPTER_WEIGHTS} holds no tensors")
     for name, entry in tensors.items():
@@ -272,28 +290,6 @@ def _adapter_header(file: Path, size: int) -> tuple[dict[str, dict[str, Any]], i
         if end - begin != math.prod(entry["shape"]) * _ITEMSIZE[dtype] or data_start + end > size:
             raise _fail(f"{ADAPTER_WEIGHTS}: tensor {name}'s data does not match its shape")
     return tensors, data_start
-
-
-def _header_length(file: Path) -> int:
-    with file.open("rb") as handle:
-        raw = handle.read(8)
-    if len(raw) != 8:
-        raise _fail(f"{file.name} is too short to be a safetensors file")
-    length: int = struct.unpack("<Q", raw)[0]
-    if length > _MAX_HEADER_BYTES:
-        raise _fail(f"{file.name}'s header is over {_MAX_HEADER_BYTES} bytes")
-    return length
-
-
-def _header(file: Path) -> tuple[dict[str, dict[str, Any]], int]:
-    """A safetensors file's tensor entries and where its data starts (the format: a
-    little-endian u64 header length, the JSON header, then the data)."""
-    length = _header_length(file)
-    with file.open("rb") as handle:
-        handle.seek(8)
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return dict(header), 8 + length
 
 
 def _pair_tensors(header: Mapping[str, Any]) -> dict[str, tuple[list[int], list[int]]]:
@@ -319,7 +315,7 @@ def _pair_tensors(header: Mapping[str, Any]) -> dict[str, tuple[list[int], list[
 
 def _check_pair(module: str, a: list[int], b: list[int], rank: int, base: BaseModules | None) -> None:
     if base is None:
-        if not _LAYER.search(f"{module}."):
+        if not DECODER_LAYER.search(f"{module}."):
             raise _fail(f"{ADAPTER_WEIGHTS}: module {module} is not inside one of the model's layers")
     elif module not in base.shapes:
         raise _fail(f"{ADAPTER_WEIGHTS}: module {module} is not a linear module of the base model")
@@ -344,38 +340,16 @@ def _check_finite(file: Path, header: Mapping[str, Mapping[str, Any]], data_star
 def _finite(view: mmap.mmap, entry: Mapping[str, Any], data_start: int) -> bool:
     begin, end = entry["data_offsets"]
     unsigned, mask = _FLOATS[entry["dtype"]]
-    # A view into the mmap, not a copy; it must be gone before the mmap closes.
-    bits = np.frombuffer(
-        view, dtype=unsigned, count=(end - begin) // np.dtype(unsigned).itemsize, offset=data_start + begin
-    )
-    return not bool(np.any((bits & mask) == mask))
-
-
-def base_modules(model_path: str) -> BaseModules | None:
-    """The linear modules of the base model at `model_path` from its safetensors headers;
-    None when its weights are not a local folder (a hub id)."""
-    folder = Path(model_path)
-    if not folder.is_dir():
-        return None
-    return _base_modules(str(folder.resolve()))
-
-
-@lru_cache(maxsize=16)  # a served model's files do not change while it is served
-def _base_modules(folder: str) -> BaseModules | None:
-    root = Path(folder)
-    index = root / "model.safetensors.index.json"
-    files: Iterable[Path]
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({root / name for name in weight_map.values()})
-    else:
-        files = sorted(root.glob("*.safetensors"))
-    shapes: dict[str, tuple[int, int]] = {}
-    for file in files:
-        for name, entry in _header(file)[0].items():
-            if name.endswith(".weight") and len(entry["shape"]) == 2 and _LAYER.search(name):
-                shapes[name[: -len(".weight")]] = (entry["shape"][0], entry["shape"][1])
-    return BaseModules(shapes) if shapes else None
+    itemsize = np.dtype(unsigned).itemsize
+    for start in range(0, (end - begin) // itemsize, _CHUNK):
+        count = min(_CHUNK, (end - begin) // itemsize - start)
+        # A view into the mmap, not a copy; it must be gone before the mmap closes.
+        bits = np.frombuffer(view, dtype=unsigned, count=count, offset=data_start + begin + start * itemsize)
+        bad = bool(np.any((bits & mask) == mask))
+        del bits
+        if bad:
+            return False
+    return True
 
 
 __all__ = [
