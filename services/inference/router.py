@@ -6,6 +6,7 @@ Ray and Serve errors are translated into `services.errors` here and nowhere else
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -15,7 +16,13 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from services.catalog.models import Catalog, PoolConfig
 from services.errors import GenerationFailed, ModelNotFound, PhiserveError, ServiceUnavailable
 from services.inference.ports import PoolHandle
+from services.pools.adapter_cache import adapter_key
 from services.pools.engine import GenerationChunk, GenerationRequest, GenerationResult
+
+# Handles with a multiplexed model id, per (pool, adapter key, streaming): `options()` copies
+# the handle's options on every call, so the busy adapters' handles are kept. Bounded: keys
+# come from tenants' registrations.
+MAX_ADAPTER_HANDLES = 1024
 
 
 class PoolRouter:
@@ -33,6 +40,7 @@ class PoolRouter:
             for name in pool.names:
                 self._by_name[name] = pool
         self._stream_handles = {name: h.options(stream=True) for name, h in handles.items()}
+        self._adapter_handles: OrderedDict[tuple[str, str, bool], PoolHandle] = OrderedDict()
 
     def resolve(self, model: str) -> PoolConfig:
         pool = self._by_name.get(model)
@@ -44,7 +52,7 @@ class PoolRouter:
         return pool
 
     async def generate(self, pool: PoolConfig, request: GenerationRequest) -> GenerationResult:
-        response = self._handles[pool.name].generate.remote(request)
+        response = self._handle(pool, request, stream=False).generate.remote(request)
         await self._await_assignment(pool, response)
         try:
             result: GenerationResult = await response
@@ -59,7 +67,7 @@ class PoolRouter:
     async def stream(
         self, pool: PoolConfig, request: GenerationRequest
     ) -> AsyncGenerator[GenerationChunk, None]:
-        response = self._stream_handles[pool.name].generate_stream.remote(request)
+        response = self._handle(pool, request, stream=True).generate_stream.remote(request)
         await self._await_assignment(pool, response)
         try:
             async for chunk in response:
@@ -71,6 +79,23 @@ class PoolRouter:
             raise
         except BaseException as exc:  # noqa: BLE001 - the one translation point; cancellation passes as is
             raise _translate(exc, pool) from None
+
+    def _handle(self, pool: PoolConfig, request: GenerationRequest, *, stream: bool) -> PoolHandle:
+        """The pool's handle; for an adapter, one whose calls carry its multiplexing key, so
+        Serve's router (and phiserve's prefix router) prefers replicas that hold the adapter
+        (services/pools/adapter_cache.py)."""
+        base = self._stream_handles[pool.name] if stream else self._handles[pool.name]
+        if request.adapter is None:
+            return base
+        cache_key = (pool.name, adapter_key(request.adapter), stream)
+        handle = self._adapter_handles.get(cache_key)
+        if handle is None:
+            handle = self._adapter_handles[cache_key] = base.options(multiplexed_model_id=cache_key[1])
+            if len(self._adapter_handles) > MAX_ADAPTER_HANDLES:
+                self._adapter_handles.popitem(last=False)
+        else:
+            self._adapter_handles.move_to_end(cache_key)
+        return handle
 
     async def ready(self, pool: PoolConfig) -> bool:
         return await self.ready_handle(self._handles[pool.name])

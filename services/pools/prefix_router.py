@@ -42,7 +42,13 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 from services.pools.engine import GenerationRequest, Prompt
 from services.pools.metrics import PoolRoutingMetrics, Route
@@ -238,12 +244,18 @@ def _replica_key(replica_id: ReplicaID) -> str:
     return replica_id.unique_id
 
 
-class PrefixAffinityRouter(RequestRouter):
+class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
     """Serve calls `initialize_state(**request_router_kwargs)` once, then `choose_replicas`
     per routing attempt and `on_request_routed` once the chosen replica accepted.
 
     No FIFO mixin: the base class hands a chosen replica to exactly the request it was chosen
-    for (FIFO would give request A's affine replica to whichever request waits longest)."""
+    for (FIFO would give request A's affine replica to whichever request waits longest).
+
+    Serve's `MultiplexMixin` for tenants' LoRA adapters (issue 14): a request with a
+    multiplexed model id (services/pools/adapter_cache.py) goes first to the replicas that
+    hold its adapter, then to those holding the fewest adapters, then to the rest, as with
+    Serve's default router; prefix affinity chooses within the first of those groups that has
+    a replica. Loading an adapter costs more than missing a prefix."""
 
     def initialize_state(  # type: ignore[override]  # Serve passes request_router_kwargs by name
         self,
@@ -278,16 +290,22 @@ class PrefixAffinityRouter(RequestRouter):
             # ready(), diagnostics(): no prompt to place; the least loaded takes it.
             return [candidate_replicas] if candidate_replicas else []
         assert pending_request is not None
+        groups = [candidate_replicas]
+        model_id = pending_request.metadata.multiplexed_model_id
+        if model_id:
+            groups = [g for g in self.rank_replicas_via_multiplex(candidate_replicas, model_id) if g]
+        first = groups[0]
         key = prompt_key(request, block_bytes=self._block_bytes)
-        by_id = {r.replica_id: r for r in candidate_replicas}
+        by_id = {r.replica_id: r for r in first}
         _, holders = self._index.longest(key.blocks, by_id)
-        loads = await self._queue_lengths(candidate_replicas)
+        loads = await self._queue_lengths(first)
         choice = choose(
             list(by_id), loads, holders, key.seed, max_imbalance=self._max_imbalance, key=_replica_key
         )
         self._remember(pending_request, key.blocks, holders)
         chosen = by_id[choice.replica]
-        return [[chosen], [r for r in candidate_replicas if r is not chosen]]
+        rest = [r for r in first if r is not chosen]
+        return [[chosen], *([rest] if rest else []), *groups[1:]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         request_id = pending_request.metadata.internal_request_id

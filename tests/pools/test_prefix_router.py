@@ -194,6 +194,7 @@ class FakeReplica:
     max_ongoing_requests: int = 64
     queue_len: int = 0
     probes: list[float] = field(default_factory=list)
+    multiplexed_model_ids: set[str] = field(default_factory=set)  # the adapters it holds
 
     async def get_queue_len(self, *, deadline_s: float) -> int:
         self.probes.append(deadline_s)
@@ -236,14 +237,19 @@ async def probed(replicas: list[FakeReplica], timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
-def pending(request: GenerationRequest | None) -> PendingRequest:
-    metadata = RequestMetadata(request_id="r", internal_request_id=uuid.uuid4().hex, call_method="generate")
+def pending(request: GenerationRequest | None, *, model_id: str = "") -> PendingRequest:
+    metadata = RequestMetadata(
+        request_id="r",
+        internal_request_id=uuid.uuid4().hex,
+        call_method="generate",
+        multiplexed_model_id=model_id,
+    )
     return PendingRequest(args=[request] if request is not None else [], kwargs={}, metadata=metadata)
 
 
-async def route(router: PrefixAffinityRouter, request: GenerationRequest) -> ReplicaID:
+async def route(router: PrefixAffinityRouter, request: GenerationRequest, *, model_id: str = "") -> ReplicaID:
     """One routing as Serve does it: rank 0 taken when it has room, then the routed callback."""
-    pr = pending(request)
+    pr = pending(request, model_id=model_id)
     ranks = await router.choose_replicas(router._replicas_list, pr)  # Serve's own argument
     chosen = next(r for rank in ranks for r in rank if r.queue_len < r.max_ongoing_requests)  # type: ignore[attr-defined]
     router.on_request_routed(pr, chosen.replica_id, result=None)
@@ -382,3 +388,61 @@ def test_build_pool_routes_only_prefix_affinity_pools_with_it() -> None:
     assert config.request_router_config.request_router_kwargs == {"max_imbalance": 3, "pool": "text"}
     default = build_pool(text, catalog, Settings())._bound_deployment._deployment_config
     assert default.request_router_config.is_default_request_router()
+
+
+# --- tenants' adapters: Serve's multiplexing first, prefix affinity among the holders ------
+
+ADAPTER = "ft:phi-3.5-mini:tenant-a:support@v1"
+
+
+async def test_an_adapter_goes_to_its_holder_over_the_prefix_home() -> None:
+    """The prefix lives on one replica, the adapter on another: the adapter's holder wins (a
+    load costs more than a prefix miss), and the prefix's home is the next rank."""
+    reps = [replica(i) for i in range(3)]
+    router, _ = await make_router(reps)
+    home = await route(router, chat("t", SYSTEM, "q"))
+    holder = next(r for r in reps if r.replica_id != home)
+    holder.multiplexed_model_ids = {ADAPTER}
+    router.update_replicas(reps)  # type: ignore[arg-type]  # what Serve does when a replica reports
+    ranks = await router.choose_replicas(
+        router._replicas_list, pending(chat("t", SYSTEM, "q2"), model_id=ADAPTER)
+    )
+    assert [r.replica_id for r in ranks[0]] == [holder.replica_id]
+    assert home in {r.replica_id for rank in ranks[1:] for r in rank}
+    assert await route(router, chat("t", SYSTEM, "q3"), model_id=ADAPTER) == holder.replica_id
+    # Without the adapter the prefix's home keeps it.
+    assert await route(router, chat("t", SYSTEM, "q4")) == home
+
+
+async def test_among_the_adapters_holders_a_prefix_keeps_its_home() -> None:
+    reps = [replica(i) for i in range(4)]
+    holders = reps[:2]
+    for r in holders:
+        r.multiplexed_model_ids = {ADAPTER}
+    router, metrics = await make_router(reps)
+    first = await route(router, chat("t", SYSTEM, "question 0"), model_id=ADAPTER)
+    assert first in {r.replica_id for r in holders}
+    for i in range(1, 6):
+        assert await route(router, chat("t", SYSTEM, f"question {i}"), model_id=ADAPTER) == first
+    assert [r for _, r in metrics.routes] == ["spread"] + ["affinity"] * 5
+    # A busy holder hands over to the other holder, never to a replica without the adapter.
+    busy = next(r for r in holders if r.replica_id == first)
+    set_load(router, busy, 10)
+    assert await route(router, chat("t", SYSTEM, "question 6"), model_id=ADAPTER) == next(
+        r.replica_id for r in holders if r is not busy
+    )
+
+
+async def test_an_adapter_no_replica_holds_goes_where_fewest_are_loaded() -> None:
+    reps = [replica(i) for i in range(3)]
+    reps[0].multiplexed_model_ids = {"a@1", "b@1"}
+    reps[1].multiplexed_model_ids = {"c@1"}
+    reps[2].multiplexed_model_ids = {"d@1", "e@1", "f@1"}
+    router, _ = await make_router(reps)
+    ranks = await router.choose_replicas(
+        router._replicas_list, pending(chat("t", SYSTEM, "q"), model_id=ADAPTER)
+    )
+    assert [r.replica_id for r in ranks[0]] == [reps[1].replica_id]
+    assert {r.replica_id for rank in ranks for r in rank} == {
+        r.replica_id for r in reps
+    }  # others still ranked
