@@ -111,6 +111,13 @@ def check_adapter_folder(
     folder, or a hub id whose files are not here: see the module docstring) and a pool whose
     `max_lora_rank` is `max_rank`; raise `InvalidAdapter` saying what is wrong. Blocking
     file IO: call it in a thread from async code."""
+    try:
+        return _check(path, base_model_path=base_model_path, max_rank=max_rank, max_bytes=max_bytes)
+    except OSError as exc:  # unreadable, a name too long, ...: the files' fault, a 400
+        raise _fail(f"the adapter's files cannot be read: {exc.strerror or exc}") from exc
+
+
+def _check(path: Path, *, base_model_path: str, max_rank: int, max_bytes: int) -> AdapterFiles:
     config_file, weights_file = _layout(path)
     config = _read_config(config_file)
     rank, alpha, ranks_by_pattern = _ranks(config, max_rank)

@@ -49,6 +49,12 @@ class AdapterSources:
 
     def check_inside(self, folder: Path) -> Path:
         """`folder`'s real path, when it and its adapter files are inside the store or a root."""
+        try:
+            return self._check_inside(folder)
+        except OSError as exc:  # e.g. a name too long: the client's input, not our fault
+            raise _refused(f"the source cannot be read as a path: {exc.strerror}") from exc
+
+    def _check_inside(self, folder: Path) -> Path:
         real = Path(os.path.realpath(folder))
         if not self._inside(real):
             raise _refused(

@@ -121,6 +121,36 @@ async def test_admin_errors_are_typed_4xx(gw: InProcessGateway) -> None:
     assert moe.status_code == 400 and moe.json()["error"]["code"] == "model_not_lora"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"name": "a", "base_model": "phi-3.5-mini"},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": None},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": 7},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": ["support"]},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": ""},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": "x" * 4097},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": "support", "rank": 0},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": "support", "rank": 8.5},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": "support", "path": "/etc"},
+        {"name": "a", "base_model": ["phi-3.5-mini"], "source": "support"},
+        {"name": "a" * 64, "base_model": "phi-3.5-mini", "source": "support"},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": "x" * 4000},  # ENAMETOOLONG was a 500
+        {"name": "a", "base_model": "phi-3.5-mini", "source": "/".join(["d"] * 2000)},
+        {"name": "a", "base_model": "", "source": "support"},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": "support/adapter_config.json"},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": "file:///"},
+        {"name": "a", "base_model": "phi-3.5-mini", "source": "file://%00/x"},
+    ],
+)
+async def test_malformed_registrations_are_400s(gw: InProcessGateway, body: dict[str, Any]) -> None:
+    answer = await gw.client.post(REGISTER, json=body, headers=gw.admin)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+    assert await gw.core.adapters.list("acme") == []
+
+
 async def test_a_tenant_key_cannot_use_the_admin_routes(gw: InProcessGateway) -> None:
     for answer in (
         await gw.client.post(

@@ -258,3 +258,7 @@ def test_the_tiny_adapters_pass(tiny_adapters: dict[str, Path], base: str) -> No
         files = check_adapter_folder(folder, base_model_path=base, max_rank=MAX_RANK)
         assert (files.rank, files.layers, files.base_checked) == (8, 2, True)
         assert files.target_modules == ("down_proj", "gate_up_proj", "o_proj", "qkv_proj")
+
+
+def test_a_path_the_os_refuses_is_a_400_not_a_500(tmp_path: Path, base: str) -> None:
+    assert "cannot be read: File name too long" in refused(tmp_path / ("x" * 300), base)
