@@ -7,8 +7,9 @@ symlink resolved, so neither `..` nor a link inside a root can reach a file outs
 roots; the folder's two adapter files are held to the same rule (a link to /etc/shadow
 named adapter_config.json is refused before it is read).
 
-A pool replica calls `check_inside` again before loading a stored path: a folder swapped
-for a link after registration does not lead the engine out of the roots either.
+`check_inside` holds a stored path to the same rule; a loader that calls it before loading
+keeps a folder swapped for a link after registration from leading the engine out of the
+roots (the pool replica re-validates the files' contents, services/pools/adapter_cache.py).
 """
 
 from __future__ import annotations
