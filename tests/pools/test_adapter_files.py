@@ -262,3 +262,39 @@ def test_the_tiny_adapters_pass(tiny_adapters: dict[str, Path], base: str) -> No
 
 def test_a_path_the_os_refuses_is_a_400_not_a_500(tmp_path: Path, base: str) -> None:
     assert "cannot be read: File name too long" in refused(tmp_path / ("x" * 300), base)
+
+
+def test_a_sharded_base_model_is_read_through_its_index(tmp_path: Path) -> None:
+    # As the real Phi-3.5-mini is stored (two shards and model.safetensors.index.json); the
+    # headers alone are read, so shards holding a header and no data are enough here.
+    base = tmp_path / "base"
+    base.mkdir()
+    weight_map = {}
+    for shard, layers in (
+        ("model-00001-of-00002.safetensors", [0]),
+        ("model-00002-of-00002.safetensors", [1]),
+    ):
+        header = {
+            f"model.layers.{layer}.{module}.weight": {
+                "dtype": "BF16",
+                "shape": list(shape),
+                "data_offsets": [0, 0],
+            }
+            for layer in layers
+            for module, shape in TINY_MINI_SHAPES.items()
+        }
+        weight_map.update(dict.fromkeys(header, shard))
+        raw = json.dumps(header).encode()
+        (base / shard).write_bytes(len(raw).to_bytes(8, "little") + raw)
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    files = check_adapter_folder(write_adapter(tmp_path / "a"), base_model_path=str(base), max_rank=MAX_RANK)
+    assert (files.base_checked, files.layers) == (True, 2)
+    modules = base_modules(str(base))
+    assert modules is not None and modules.shapes["model.layers.1.mlp.down_proj"] == (128, 256)
+    shapes = lora_tensors()
+    shapes["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"] = torch.zeros(
+        8, 128, dtype=torch.bfloat16
+    )
+    assert "must be [8, 256] and [128, 8]" in refused(
+        write_adapter(tmp_path / "b", tensors=shapes), str(base)
+    )
