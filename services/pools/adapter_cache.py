@@ -138,9 +138,6 @@ class AdapterSlots:
                 self._failed()
                 # The request names the adapter by its model id: that is the field at fault.
                 raise InvalidAdapter(exc.message, param="model") from None
-            except BaseException:
-                self._failed()
-                raise
             entry = self._entries[key] = _Entry(adapter)
             self.loads += 1
             self._metrics.loaded(self._pool)

@@ -57,6 +57,8 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+        from services.pools.vllm_lora_fix import LORA_FIX_EXTENSION
+
         args = AsyncEngineArgs(
             model=self._model_path,
             # The pool's name: vLLM labels its metrics with it (model_name), and they describe
@@ -76,6 +78,9 @@ class VLLMEngine(Engine):
                 backend="xgrammar", disable_any_whitespace=True
             ),
             **self._pool.engine.to_engine_kwargs(),
+            # With LoRA: the fix that keeps a base request off other tenants' adapters in
+            # vLLM 0.32's CPU kernels, loaded into the process that runs the model.
+            worker_extension_cls=LORA_FIX_EXTENSION if self._pool.engine.enable_lora else "",
         )
         # vLLM's engine metrics (vllm:num_requests_running, kv_cache_usage_perc, ...) go
         # out through Ray's metrics agent like the gateway's: one scrape port per node.
@@ -270,8 +275,9 @@ class VLLMEngine(Engine):
             raise ServiceUnavailable("the model engine is not running; retry shortly") from exc
         except Exception as exc:  # noqa: BLE001 - the core re-raises whatever the loader met
             logger.warning("pool %s: vLLM refused adapter %s: %s", self._pool.name, adapter.model_id, exc)
+            # vLLM's reason names server paths: logged, not sent to the client.
             raise InvalidAdapter(
-                f"the model engine could not load the adapter: {_first_line(exc)}", param="model"
+                "the model engine could not load the adapter's files", param="model"
             ) from None
         if not added:
             raise InvalidAdapter("the model engine could not load the adapter", param="model")
@@ -326,10 +332,6 @@ class VLLMEngine(Engine):
 
 def _lora_name(key: str) -> str:
     return "lora-" + hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _finished_with_error(request: GenerationRequest, *, generated: bool) -> PhiserveError:
