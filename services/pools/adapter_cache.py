@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -33,8 +32,6 @@ from typing import Protocol
 
 from services.errors import InvalidAdapter, InvalidRequest
 from services.pools.engine import AdapterRef, Engine
-
-logger = logging.getLogger(__name__)
 
 AdapterCheck = Callable[..., object]  # adapter_files.check_adapter_folder's signature
 
@@ -58,7 +55,7 @@ def adapters_not_served(pool: str) -> InvalidRequest:
 
 
 def adapter_key(adapter: AdapterRef) -> str:
-    """The adapter's Serve multiplexing key (and the engine's name for it)."""
+    """The adapter's Serve multiplexing key; the engine names the adapter by its digest."""
     return f"{adapter.model_id}@{adapter.version}"
 
 
