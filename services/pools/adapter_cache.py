@@ -136,10 +136,12 @@ class AdapterSlots:
                 # The request names the adapter by its model id: that is the field at fault.
                 raise InvalidAdapter(exc.message, param="model") from None
             entry = self._entries[key] = _Entry(adapter)
-            self.loads += 1
-            self._metrics.loaded(self._pool)
             self._metrics.resident(self._pool, len(self._entries))
         entry.users += 1
+        # A load is a miss of the replica's cache (so loads - evictions = adapters cached),
+        # also when a request still running with an evicted copy lets the engine's be reused.
+        self.loads += 1
+        self._metrics.loaded(self._pool)
         return CachedAdapter(self, key)
 
     @contextlib.contextmanager

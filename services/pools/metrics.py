@@ -72,7 +72,10 @@ class AdapterMetrics:
         tags = ("pool",)
         try:
             for event, description in (
-                ("loads", "LoRA adapters loaded into a pool replica's engine (first use)."),
+                (
+                    "loads",
+                    "LoRA adapters loaded into a pool replica's cache (a miss: first use or after eviction).",
+                ),
                 ("load_failures", "LoRA adapters refused when loading (invalid files): a 400 each."),
                 ("evictions", "LoRA adapters evicted from a pool replica, least recently used first."),
             ):
