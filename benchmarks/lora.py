@@ -10,19 +10,21 @@ gateway: what is measured is the engine and the replica, not the handle hop, whi
 same for base and adapter requests. The 8 tiny adapters (services/local/tiny_adapters.py) are
 rank 8 on all four Phi-3 modules.
 
-Throughput: `--requests` (64) completions of `--max-tokens` (32) tokens (ignore_eos), varied
+Throughput: `--requests` (32) completions of `--max-tokens` (32) tokens (ignore_eos), varied
 prompts, `--concurrency` (16) at a time; the base phase sends no adapter, the adapter phase
-sends request n with adapter n mod 8. Phases alternate base, adapters, base, adapters
-(`--rounds` 2 each) so the machine's drift hits both; each adapter phase starts with all 8
-loaded (one warm-up request each, not counted), so it measures mixing adapters in the engine's
-steps (`--max-loras` per step, 2 in the local profile), not loading them. `--max-cpu-loras`
-(8) is what the replica keeps: below 8 the rotation also reloads adapters (thrashing).
+sends request n with adapter n mod 8. `--rounds` (4) rounds, in ABBA order (base then adapters,
+then adapters then base, ...): the machine's speed drifts by tens of percent from minute to
+minute here, and ABBA cancels a steady drift; each round's ratio is printed to show the
+spread. Each adapter phase starts with all 8 loaded (one request each, not counted), so it
+measures mixing adapters in the engine's steps (`--max-loras` per step, 2 in the local
+profile), not loading them. `--max-cpu-loras` (8) is what the replica keeps: below 8 the
+rotation also reloads adapters (thrashing).
 
 Cold vs warm: for each of the 8 adapters, under a version never loaded (a new registration:
 a new multiplexing key), one streamed request of 1 token (the cold one: validation of the
 files, vLLM's add_lora, then prefill), then the same request again (warm). Ratio of medians.
 
-    .venv/bin/python benchmarks/lora.py [--requests 64] [--concurrency 16] [--rounds 2]
+    .venv/bin/python benchmarks/lora.py [--requests 32] [--concurrency 16] [--rounds 4]
         [--max-loras 2] [--max-cpu-loras 8]
 
 Ends with RESULT lora multi_adapter_tps_ratio=X cold_ttft_ratio=Y
@@ -64,10 +66,10 @@ WORDS = [
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=64, help="requests per throughput phase")
+    p.add_argument("--requests", type=int, default=32, help="requests per throughput phase")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2, help="base and adapter phases, alternating")
+    p.add_argument("--rounds", type=int, default=4, help="rounds of a base and an adapter phase (ABBA)")
     p.add_argument("--max-loras", type=int, default=2, help="adapters one engine step may mix")
     p.add_argument("--max-cpu-loras", type=int, default=8, help="adapters the replica keeps")
     return p.parse_args()
@@ -133,12 +135,16 @@ async def run(replica: Any, folders: dict[str, Path], args: argparse.Namespace) 
     base_tps: list[float] = []
     lora_tps: list[float] = []
     for r in range(args.rounds):
-        base_tps.append(await throughput(replica, None, args))
-        for i, adapter in enumerate(warm_set):  # all 8 loaded before the phase (LRU refresh)
-            await replica.generate(request(20_000 + r * 10 + i, adapter, max_tokens=1))
-        lora_tps.append(await throughput(replica, warm_set, args))
+        for phase in ("base", "lora") if r % 2 == 0 else ("lora", "base"):
+            if phase == "base":
+                base_tps.append(await throughput(replica, None, args))
+                continue
+            for i, adapter in enumerate(warm_set):  # all 8 loaded before the phase (LRU refresh)
+                await replica.generate(request(20_000 + r * 10 + i, adapter, max_tokens=1))
+            lora_tps.append(await throughput(replica, warm_set, args))
         print(
-            f"round {r + 1}: base {base_tps[-1]:7.1f} tok/s   8 adapters {lora_tps[-1]:7.1f} tok/s",
+            f"round {r + 1}: base {base_tps[-1]:7.1f} tok/s   8 adapters {lora_tps[-1]:7.1f} tok/s   "
+            f"ratio {lora_tps[-1] / base_tps[-1]:.3f}",
             flush=True,
         )
     cold: list[float] = []
