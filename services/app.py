@@ -10,6 +10,7 @@ from ray.serve import Application
 from services.batch.deployment import BatchWorker
 from services.catalog.models import Catalog, PoolConfig
 from services.ingress import GatewayIngress
+from services.pools.adapter_sources import ReplicaAdapterCheck
 from services.pools.deployment import PoolReplica
 from services.pools.prefix_router import PrefixAffinityRouter
 from services.settings import Settings
@@ -74,7 +75,14 @@ def build_pool(pool: PoolConfig, catalog: Catalog, settings: Settings) -> Applic
             "request_router_kwargs": {"max_imbalance": pool.routing.max_imbalance, "pool": pool.name},
         }
     model_path = pool.resolve_model_path(settings.model_dir.resolve())
-    return serve.deployment(**options)(PoolReplica).bind(pool.for_replica(), model_path)
+    # The replica checks an adapter's folder again before loading it: files on a shared
+    # volume may have changed since registration (services/pools/adapter_sources.py).
+    adapter_check = ReplicaAdapterCheck(
+        settings.adapter_store_dir, settings.adapter_roots, max_bytes=settings.max_adapter_bytes
+    )
+    return serve.deployment(**options)(PoolReplica).bind(
+        pool.for_replica(), model_path, adapter_check=adapter_check
+    )
 
 
 def edge_actor_options(settings: Settings) -> dict[str, Any]:

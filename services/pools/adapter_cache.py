@@ -5,8 +5,9 @@ services/pools/deployment.py): Serve keeps an LRU of `adapters_per_replica` entr
 replica and tells the routers which replica holds which key, so a request for an adapter
 goes to a replica that has it. This module is what the multiplexer loads and evicts:
 
-* `adapter_key(adapter)`: the multiplexing key, the adapter's model id plus its version, so
-  an adapter registered again under the same name is a new key and never served stale;
+* `adapter_key(adapter)`: the multiplexing key, a digest of the adapter's model id and its
+  version, so an adapter registered again under the same name is a new key and never served
+  stale, and Serve's own metric labels never name a tenant;
 * `AdapterSlots.load`: validate the folder (services/pools/adapter_files.py, on a thread),
   then `Engine.add_adapter`; a failing adapter raises `InvalidAdapter` (400) and the engine
   never sees it (vLLM accepts wrong shapes and NaNs, and a NaN adapter poisoned the engine
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ from typing import Protocol
 
 from services.errors import InvalidAdapter, InvalidRequest
 from services.pools.engine import AdapterRef, Engine
+
+logger = logging.getLogger(__name__)
 
 AdapterCheck = Callable[..., object]  # adapter_files.check_adapter_folder's signature
 
@@ -55,8 +60,10 @@ def adapters_not_served(pool: str) -> InvalidRequest:
 
 
 def adapter_key(adapter: AdapterRef) -> str:
-    """The adapter's Serve multiplexing key; the engine names the adapter by its digest."""
-    return f"{adapter.model_id}@{adapter.version}"
+    """The adapter's Serve multiplexing key, one per registered version; the engine names the
+    adapter by its digest. A digest itself: Serve labels a metric of its own
+    (serve_registered_multiplexed_model_id) with these keys, which must not name tenants."""
+    return hashlib.sha256(f"{adapter.model_id}@{adapter.version}".encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -133,6 +140,7 @@ class AdapterSlots:
                 await self._engine.add_adapter(adapter)
             except InvalidAdapter as exc:
                 self._failed()
+                logger.warning("adapter %s refused: %s", adapter.model_id, exc.message)
                 # The request names the adapter by its model id: that is the field at fault.
                 raise InvalidAdapter(exc.message, param="model") from None
             entry = self._entries[key] = _Entry(adapter)

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from services.errors import InvalidRequest
-from services.pools.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from services.errors import InvalidAdapter, InvalidRequest
+from services.pools.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, check_adapter_folder
 
 
 def _refused(message: str) -> InvalidRequest:
@@ -70,6 +70,27 @@ class AdapterSources:
 
     def _inside(self, real: Path) -> bool:
         return any(real == root or real.is_relative_to(root) for root in self._roots)
+
+
+class ReplicaAdapterCheck:
+    """What a pool replica runs before any engine sees an adapter: the stored folder is still
+    inside the store or a root (not swapped for a link since registration), and its files
+    pass `check_adapter_folder` under the deployment's size cap. Picklable: Serve ships it to
+    the replica as a constructor argument."""
+
+    def __init__(self, store_dir: Path, roots: Sequence[Path], *, max_bytes: int) -> None:
+        self._store_dir = store_dir
+        self._roots = list(roots)
+        self._max_bytes = max_bytes
+
+    def __call__(self, path: Path, *, base_model_path: str, max_rank: int) -> AdapterFiles:
+        try:
+            real = AdapterSources(self._store_dir, self._roots).check_inside(path)
+        except InvalidRequest as exc:
+            raise InvalidAdapter(exc.message, param="model") from None
+        return check_adapter_folder(
+            real, base_model_path=base_model_path, max_rank=max_rank, max_bytes=self._max_bytes
+        )
 
 
 def _file_uri_path(source: str) -> PurePosixPath:

@@ -54,6 +54,7 @@ class VLLMEngine(Engine):
         # the catalog tooling never pay its ~10 s import.
         from vllm import AsyncEngineArgs
         from vllm.config import StructuredOutputsConfig
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
@@ -78,9 +79,12 @@ class VLLMEngine(Engine):
                 backend="xgrammar", disable_any_whitespace=True
             ),
             **self._pool.engine.to_engine_kwargs(),
-            # With LoRA: the fix that keeps a base request off other tenants' adapters in
-            # vLLM 0.32's CPU kernels, loaded into the process that runs the model.
-            worker_extension_cls=LORA_FIX_EXTENSION if self._pool.engine.enable_lora else "",
+            # With LoRA on the CPU: the fix that keeps a base request off other tenants'
+            # adapters in vLLM 0.32's torch-native kernels (the GPU kernels skip slot -1),
+            # loaded into the process that runs the model.
+            worker_extension_cls=LORA_FIX_EXTENSION
+            if self._pool.engine.enable_lora and current_platform.is_cpu()
+            else "",
         )
         # vLLM's engine metrics (vllm:num_requests_running, kv_cache_usage_perc, ...) go
         # out through Ray's metrics agent like the gateway's: one scrape port per node.

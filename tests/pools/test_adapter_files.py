@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from services.errors import InvalidAdapter, InvalidRequest
 from services.pools.adapter_files import base_modules, check_adapter_folder
+from services.pools.adapter_sources import ReplicaAdapterCheck
 from tests.lora_files import TINY_MINI_SHAPES, lora_tensors, peft_config, write_adapter
 
 MAX_RANK = 16
@@ -298,3 +300,26 @@ def test_a_sharded_base_model_is_read_through_its_index(tmp_path: Path) -> None:
     assert "must be [8, 256] and [128, 8]" in refused(
         write_adapter(tmp_path / "b", tensors=shapes), str(base)
     )
+
+
+def test_the_replica_refuses_a_registered_folder_swapped_for_a_link_out(tmp_path: Path, base: str) -> None:
+    """Registered inside the store, then replaced on the shared volume by a link to a folder
+    outside it: the replica's check (what runs before any engine sees the files) refuses it,
+    as a 400 on the request's model, even though the files it would reach are valid."""
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    store.mkdir()
+    write_adapter(outside / "evil")
+    write_adapter(store / "mine")
+    check = ReplicaAdapterCheck(store, [], max_bytes=1024**3)
+    assert check(store / "mine", base_model_path=base, max_rank=16).rank == 8
+    shutil.rmtree(store / "mine")
+    (store / "mine").symlink_to(outside / "evil")
+    with pytest.raises(InvalidAdapter) as refused_load:
+        check(store / "mine", base_model_path=base, max_rank=16)
+    assert refused_load.value.param == "model" and "outside the adapter store" in refused_load.value.message
+
+
+def test_the_replica_holds_adapters_to_the_deployments_size_cap(tmp_path: Path, base: str) -> None:
+    write_adapter(tmp_path / "a")
+    with pytest.raises(InvalidAdapter):
+        ReplicaAdapterCheck(tmp_path, [], max_bytes=1024)(tmp_path / "a", base_model_path=base, max_rank=16)

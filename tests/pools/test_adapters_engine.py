@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from services.catalog.loader import load_catalog
 from services.catalog.models import PoolConfig
 from services.errors import InvalidAdapter, InvalidRequest
+from services.pools.adapter_cache import adapter_key
 from services.pools.deployment import PoolReplica
 from services.pools.engine import AdapterRef, GenerationChunk, GenerationRequest, SamplingOptions
 from services.pools.vllm_engine import VLLMEngine
@@ -213,7 +214,7 @@ async def test_a_stream_closed_early_lets_its_adapter_go(
     await stream.aclose()
     for i in (1, 2, 3, 4):  # four others fill the replica's 4 slots
         assert await _text(replica, _adapter(tiny_adapters, i)) == reference[f"mini-{i}"]
-    key = "ft:phi-3.5-mini:tenant-a:mini-6@v1"
+    key = adapter_key(_adapter(tiny_adapters, 6))
     assert key not in replica.adapter_stats()["loaded"]  # type: ignore[operator]
     assert len(await replica._engine._engine.list_loras()) <= 4  # type: ignore[attr-defined]
 
