@@ -7,12 +7,10 @@ foreign id or a plain name costs no Redis read at all (checked with MONITOR).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from services.catalog.loader import load_catalog
 from services.errors import ModelNotFound
@@ -23,8 +21,7 @@ from services.pools.engine import AdapterRef
 from services.redis_store import RedisStore, keys
 from services.tenancy.adapters import AdapterRecord, AdapterRegistry, adapter_model_id, new_record
 from tests.conftest import UNIT_DB, LocalRedis
-
-END = "end-of-resolution"
+from tests.redis_store.monitor import commands_during
 
 
 class Clock:
@@ -60,22 +57,7 @@ async def _commands_during(
     redis_server: LocalRedis, state: RedisStore, action: Callable[[], Awaitable[Any]]
 ) -> list[str]:
     """Every command Redis ran on the unit database while `action` ran (MONITOR)."""
-    watcher = aioredis.Redis.from_url(
-        f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}", decode_responses=True
-    )
-    try:
-        async with watcher.monitor() as monitor:
-            await action()
-            await state.redis.echo(END)
-            seen: list[str] = []
-            while True:
-                command = (await asyncio.wait_for(monitor.next_command(), 5))["command"]
-                if END in command:
-                    return seen
-                if command.split()[0].upper() not in ("PING", "CLIENT", "SELECT", "HELLO"):
-                    seen.append(command)
-    finally:
-        await watcher.aclose()
+    return await commands_during(f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}", state.redis, action)
 
 
 async def test_a_tenants_own_adapter_resolves_to_its_base_pool_and_record(state: RedisStore) -> None:

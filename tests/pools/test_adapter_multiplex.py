@@ -34,26 +34,13 @@ from services.inference.router import PoolRouter
 from services.pools.adapter_cache import adapter_key
 from services.pools.engine import AdapterRef, GenerationRequest, SamplingOptions
 from tests.conftest import Cluster, wait_until
+from tests.pools.serve_front import front_class
 
 APP = "adapter-multiplex-test"
 POOL = "mux"
 PROMPT = "def main():\n    values = [1, 2, 3]\n    return"
 MAX_TOKENS = 8
 TIMEOUT_S = 180.0
-
-
-def _front_class() -> type:
-    """The application's ingress, holding the pool as the gateway does (Serve refuses a custom
-    request router on an ingress under HAProxy). In a function: cloudpickle ships it by value."""
-
-    class AdapterMultiplexFront:
-        def __init__(self, pool: Any) -> None:
-            self._pool = pool
-
-        async def __call__(self) -> str:
-            return "front"
-
-    return AdapterMultiplexFront
 
 
 @dataclass
@@ -90,7 +77,7 @@ def mux_pool(cluster: Cluster, tiny_adapters: dict[str, Path]) -> Iterator[MuxPo
         }
     )
     assert pool.engine.adapters_per_replica == 2
-    front = serve.deployment(name="front", ray_actor_options={"num_cpus": 0})(_front_class())
+    front = serve.deployment(name="front", ray_actor_options={"num_cpus": 0})(front_class())
     app = front.bind(build_pool(pool, cluster.catalog, cluster.settings))
     serve.run(app, name=APP, route_prefix=None, blocking=False)
     try:

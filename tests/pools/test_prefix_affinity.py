@@ -24,6 +24,7 @@ from services.pools.engine import ChatMessage, GenerationRequest, GenerationResu
 from services.pools.prefix_router import prompt_key, rendezvous_score
 from services.pools.prompts import PromptRenderer
 from tests.conftest import Cluster, wait_until
+from tests.pools.serve_front import front_class
 
 APP = "prefix-affinity-test"
 POOL = "affinity"
@@ -47,21 +48,6 @@ class AffinityPool:
         return router  # type: ignore[no-any-return]
 
 
-def _front_class() -> type:
-    """The application's ingress, holding the pool as phiserve's gateway does. Under HAProxy,
-    Serve refuses a custom request router on an ingress deployment (HAProxy would bypass it),
-    and a pool is never one. Defined in a function so cloudpickle ships it by value."""
-
-    class PrefixAffinityFront:
-        def __init__(self, pool: Any) -> None:
-            self._pool = pool
-
-        async def __call__(self) -> str:
-            return "front"
-
-    return PrefixAffinityFront
-
-
 def _running_replicas() -> int:
     status = serve.status().applications[APP].deployments[f"pool-{POOL}"]
     return int(status.replica_states.get("RUNNING", 0)) if status.status == "HEALTHY" else -1
@@ -83,7 +69,7 @@ def affinity_pool(cluster: Cluster) -> Iterator[AffinityPool]:
             "deployment": deployment,
         }
     )
-    front = serve.deployment(name="front", ray_actor_options={"num_cpus": 0})(_front_class())
+    front = serve.deployment(name="front", ray_actor_options={"num_cpus": 0})(front_class())
     app = front.bind(build_pool(pool, cluster.catalog, cluster.settings))
     serve.run(app, name=APP, route_prefix=None, blocking=False)
     try:

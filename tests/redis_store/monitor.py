@@ -7,11 +7,13 @@ command are keys is Redis's own answer (COMMAND GETKEYS), not a list kept here.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -88,3 +90,27 @@ async def _keys_of(client: aioredis.Redis, args: list[bytes]) -> list[str]:
     except ResponseError as exc:
         raise AssertionError(f"Redis cannot name the keys of {args!r}: {exc}") from exc
     return [key.decode() if isinstance(key, bytes) else str(key) for key in keys]
+
+
+_HOUSEKEEPING = ("PING", "CLIENT", "SELECT", "HELLO")
+_COMMANDS_END = "commands-during-end"
+
+
+async def commands_during(url: str, redis: aioredis.Redis, action: Callable[[], Awaitable[Any]]) -> list[str]:
+    """Every command (as MONITOR prints it) Redis ran on `url`'s database while `action` ran,
+    connection housekeeping left out. `redis` is the client under test: a marker it sends after
+    `action` ends the recording."""
+    watcher = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        async with watcher.monitor() as monitor:
+            await action()
+            await redis.echo(_COMMANDS_END)
+            seen: list[str] = []
+            while True:
+                command = (await asyncio.wait_for(monitor.next_command(), 5))["command"]
+                if _COMMANDS_END in command:
+                    return seen
+                if command.split()[0].upper() not in _HOUSEKEEPING:
+                    seen.append(command)
+    finally:
+        await watcher.aclose()

@@ -5,10 +5,7 @@ Checked with Redis MONITOR on the real server: every key B's query touches is on
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-import redis.asyncio as aioredis
 
 from services.errors import InvalidRequest
 from services.inference.usage_report import usage_report
@@ -18,9 +15,9 @@ from services.tenancy.admission import Admission, Usage
 from services.tenancy.models import Tenant
 from services.tenancy.usage import UsageLedger
 from tests.conftest import UNIT_DB
+from tests.redis_store.monitor import commands_during
 
 NOW = 1_800_000_000.0  # 2027-01-15 08:00 UTC
-END = "end-of-usage-query"
 
 
 async def _use(admission: Admission, tenant_id: str, model: str, prompt: int, completion: int) -> str:
@@ -31,23 +28,9 @@ async def _use(admission: Admission, tenant_id: str, model: str, prompt: int, co
 
 async def _keys_read_during(redis_server: LocalRedis, state: RedisStore, query) -> list[str]:  # type: ignore[no-untyped-def]
     """The keys of every command Redis ran while `query` ran (MONITOR)."""
-    watcher = aioredis.Redis.from_url(
-        f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}", decode_responses=True
-    )
-    try:
-        async with watcher.monitor() as monitor:
-            await query()
-            await state.redis.echo(END)
-            seen: list[str] = []
-            while True:
-                command = (await asyncio.wait_for(monitor.next_command(), 5))["command"]
-                if END in command:
-                    return seen
-                parts = command.split()
-                if parts and parts[0].upper() not in ("PING", "CLIENT", "SELECT", "HELLO"):
-                    seen.append(parts[1] if len(parts) > 1 else "")
-    finally:
-        await watcher.aclose()
+    url = f"redis://127.0.0.1:{redis_server.port}/{UNIT_DB}"
+    commands = [command.split() for command in await commands_during(url, state.redis, query)]
+    return [parts[1] if len(parts) > 1 else "" for parts in commands if parts]
 
 
 async def test_a_tenant_reads_only_its_own_usage_keys(redis_server: LocalRedis, state: RedisStore) -> None:
