@@ -262,6 +262,8 @@ class PoolConfig(_Strict):
             )
         if self.modality is Modality.vision and not self.max_images_per_request:
             raise ValueError("a vision pool needs max_images_per_request >= 1")
+        if self.modality is Modality.vision and self.engine.enable_lora:  # else: vLLM fails at start
+            raise ValueError("enable_lora must be off on a vision pool: vLLM 0.32's Phi3VForCausalLM has no LoRA")
         return self
 
     @property

@@ -91,3 +91,41 @@ def test_bad_yaml_is_a_catalog_error(tmp_path) -> None:  # type: ignore[no-untyp
     path.write_text("platform: cpu\npools: [\n")
     with pytest.raises(CatalogError, match="not valid YAML"):
         load_catalog(str(path))
+
+
+def test_lora_settings_are_checked_where_they_would_fail_later() -> None:
+    """LoRA settings that vLLM would refuse at start, or that break adapters on one of a
+    model's two pools, are refused at catalog load, naming the pool and the fix."""
+    raw = _local_raw()
+    long = next(pool for pool in raw["pools"] if pool["name"] == "text-long")
+    long["engine"] = {**long["engine"], "max_lora_rank": 64}
+    with pytest.raises(CatalogError, match="other LoRA settings"):
+        parse_catalog(raw)
+
+    raw = _local_raw()
+    text = raw["pools"][0]
+    text["engine"] = {**text["engine"], "max_cpu_loras": 1}
+    with pytest.raises(CatalogError, match=r"max_cpu_loras \(1\) is below max_loras \(2\)"):
+        parse_catalog(raw)
+
+    raw = _local_raw()
+    vision = next(pool for pool in raw["pools"] if pool["name"] == "vision")
+    vision["engine"] = {**vision["engine"], "enable_lora": True}
+    with pytest.raises(CatalogError, match=r"pools\[vision\].*no LoRA"):
+        parse_catalog(raw)
+
+
+def test_lora_settings_reach_vllm_only_with_lora_on() -> None:
+    catalog = load_catalog("local")
+    pools = {pool.name: pool for pool in catalog.pools}
+    text = pools["text"].engine.to_engine_kwargs()
+    assert (text["enable_lora"], text["max_loras"], text["max_cpu_loras"], text["max_lora_rank"]) == (
+        True,
+        2,
+        4,
+        16,
+    )
+    assert pools["text"].engine.adapters_per_replica == 4
+    moe = pools["moe"].engine.to_engine_kwargs()
+    assert not {"enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank"} & set(moe)
+    assert pools["moe"].engine.adapters_per_replica == 0
