@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import CACHE_DIR, Cluster
+from tests.helpers import new_tenant as create_tenant
 
 CHAT = "/v1/chat/completions"
 BASE = "phi-3.5-mini"
@@ -22,13 +23,7 @@ ADAPTER_STORE = CACHE_DIR / "adapters"  # the cluster's settings.adapter_store_d
 
 
 def new_tenant(admin: httpx.Client, **fields: object) -> tuple[str, str]:
-    """Create a tenant and a key through the admin API; return (tenant id, key)."""
-    tenant_id = f"l-{uuid.uuid4().hex[:10]}"
-    created = admin.post("/admin/tenants", json={"id": tenant_id, **fields})
-    assert created.status_code == 201, created.text
-    key = admin.post(f"/admin/tenants/{tenant_id}/keys", json={"name": "adapters"})
-    assert key.status_code == 201, key.text
-    return tenant_id, key.json()["key"]
+    return create_tenant(admin, prefix="l", **fields)
 
 
 def client(cluster: Cluster, key: str) -> httpx.Client:

@@ -6,7 +6,10 @@ import asyncio
 import base64
 import io
 import threading
+import uuid
 from typing import Any
+
+import httpx
 
 
 def png_data_url(width: int = 320, height: int = 240) -> str:
@@ -94,3 +97,13 @@ def real_gate(
         metrics,
         queue_timeout_s=queue_timeout_s,
     )
+
+
+def new_tenant(admin: httpx.Client, *, prefix: str = "t", **fields: object) -> tuple[str, str]:
+    """Create a tenant and a key through the REST admin API; return (tenant id, key)."""
+    tenant_id = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    created = admin.post("/admin/tenants", json={"id": tenant_id, **fields})
+    assert created.status_code == 201, created.text
+    key = admin.post(f"/admin/tenants/{tenant_id}/keys", json={"name": f"{prefix}-test"})
+    assert key.status_code == 201, key.text
+    return tenant_id, key.json()["key"]

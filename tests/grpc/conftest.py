@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -13,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.grpc.client import Client
 from services.grpc.servicer import SERVICE_NAME
 from tests.conftest import DEMO_KEY, Cluster, wait_until
+from tests.helpers import new_tenant as create_tenant
 
 
 def grpc_target(cluster: Cluster) -> str:
@@ -39,13 +39,7 @@ def grpc_client(grpc_channel: grpc.Channel) -> Client:
 
 
 def new_tenant(admin: httpx.Client, **fields: object) -> tuple[str, str]:
-    """Create a tenant (through the REST admin API) and a key; return (tenant id, key)."""
-    tenant_id = f"g-{uuid.uuid4().hex[:10]}"
-    created = admin.post("/admin/tenants", json={"id": tenant_id, **fields})
-    assert created.status_code == 201, created.text
-    key = admin.post(f"/admin/tenants/{tenant_id}/keys", json={"name": "grpc-test"})
-    assert key.status_code == 201, key.text
-    return tenant_id, key.json()["key"]
+    return create_tenant(admin, prefix="g", **fields)
 
 
 def usage_of(admin: httpx.Client, tenant_id: str) -> dict[str, int]:
