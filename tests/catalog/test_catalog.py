@@ -129,3 +129,23 @@ def test_lora_settings_reach_vllm_only_with_lora_on() -> None:
     moe = pools["moe"].engine.to_engine_kwargs()
     assert not {"enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank"} & set(moe)
     assert pools["moe"].engine.adapters_per_replica == 0
+
+
+def test_tensor_parallel_pools_name_their_executor_and_reserve_its_gpus() -> None:
+    """A TP=2 replica that reserves 2 GPUs while vLLM's Ray executor asks Ray for 2 more would
+    wait for ever: the h100 MoE pool runs its TP workers as processes on the replica's GPUs,
+    and a catalog that leaves the executor to vLLM, or reserves other GPUs, is refused."""
+    moe = next(pool for pool in load_catalog("h100").pools if pool.name == "moe")
+    kwargs = moe.engine.to_engine_kwargs()
+    assert (kwargs["tensor_parallel_size"], kwargs["distributed_executor_backend"]) == (2, "mp")
+    assert moe.deployment.ray_actor_options["num_gpus"] == moe.engine.tensor_parallel_size
+
+    raw = yaml.safe_load((PROFILES_DIR / "h100.yaml").read_text())
+    raw_moe = next(pool for pool in raw["pools"] if pool["name"] == "moe")
+    without = copy.deepcopy(raw)
+    del next(p for p in without["pools"] if p["name"] == "moe")["engine"]["distributed_executor_backend"]
+    with pytest.raises(CatalogError, match=r"pools\[moe\].*needs distributed_executor_backend: mp"):
+        parse_catalog(without)
+    raw_moe["deployment"]["ray_actor_options"] = {**raw_moe["deployment"]["ray_actor_options"], "num_gpus": 1}
+    with pytest.raises(CatalogError, match=r"num_gpus \(1\) must equal tensor_parallel_size \(2\)"):
+        parse_catalog(raw)

@@ -124,6 +124,8 @@ def test_rendered_catalog_places_each_pool_on_its_own_worker_group(
         limits = ray_container(group)["resources"]["limits"]
         gpus = int(limits.get("nvidia.com/gpu", 0))
         assert gpus == int(options.get("num_gpus", 0)), f"{pool.name}: worker GPUs != replica GPUs"
+        if pool.engine.tensor_parallel_size > 1:  # the TP workers run on the replica's GPUs (mp)
+            assert gpus == pool.engine.tensor_parallel_size, f"{pool.name}: worker GPUs != TP size"
         assert quantity(limits["cpu"]) >= float(options.get("num_cpus", 1)), pool.name
         dep = pool.deployment
         most = dep.autoscaling.max_replicas if dep.autoscaling else (dep.num_replicas or 1)
