@@ -22,9 +22,10 @@ not cached: an adapter registered while the cluster runs is served on the next r
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from cachetools import TTLCache
 
 from services.catalog.models import PoolConfig
 from services.errors import ModelNotFound
@@ -57,11 +58,10 @@ class ModelResolver:
         """`adapters` None: no adapters at all (every `ft:` id is an unknown model)."""
         self._router = router
         self._adapters = adapters
-        self._ttl_s = ttl_s
-        self._max_records = max_records
-        self._clock = clock
-        # (tenant id, adapter name) -> (expiry on `clock`, record)
-        self._records: OrderedDict[tuple[str, str], tuple[float, AdapterRecord]] = OrderedDict()
+        # (tenant id, adapter name) -> record, for ttl_s on `clock`, least recently used out first
+        self._records: TTLCache[tuple[str, str], AdapterRecord] = TTLCache(
+            maxsize=max_records, ttl=ttl_s, timer=clock
+        )
 
     async def resolve(self, model: str, *, tenant_id: str | None) -> ResolvedModel:
         """`tenant_id`: the caller's; None (no tenant known) finds plain names only."""
@@ -93,17 +93,13 @@ class ModelResolver:
 
     async def _record(self, tenant_id: str, name: str) -> AdapterRecord | None:
         key = (tenant_id, name)
-        now = self._clock()
         cached = self._records.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None:
+            return cached
         assert self._adapters is not None
         record = await self._adapters.get(tenant_id, name)
-        if record is None:
+        if record is None:  # not cached: a registration shows at once
             self._records.pop(key, None)
             return None
-        self._records[key] = (now + self._ttl_s, record)
-        self._records.move_to_end(key)
-        while len(self._records) > self._max_records:
-            self._records.popitem(last=False)
+        self._records[key] = record
         return record

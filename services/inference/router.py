@@ -6,10 +6,10 @@ Ray and Serve errors are translated into `services.errors` here and nowhere else
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
+from cachetools import LRUCache
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -40,7 +40,7 @@ class PoolRouter:
             for name in pool.names:
                 self._by_name[name] = pool
         self._stream_handles = {name: h.options(stream=True) for name, h in handles.items()}
-        self._adapter_handles: OrderedDict[tuple[str, str, bool], PoolHandle] = OrderedDict()
+        self._adapter_handles: LRUCache[tuple[str, str, bool], PoolHandle] = LRUCache(MAX_ADAPTER_HANDLES)
 
     def resolve(self, model: str) -> PoolConfig:
         pool = self._by_name.get(model)
@@ -91,10 +91,6 @@ class PoolRouter:
         handle = self._adapter_handles.get(cache_key)
         if handle is None:
             handle = self._adapter_handles[cache_key] = base.options(multiplexed_model_id=cache_key[1])
-            if len(self._adapter_handles) > MAX_ADAPTER_HANDLES:
-                self._adapter_handles.popitem(last=False)
-        else:
-            self._adapter_handles.move_to_end(cache_key)
         return handle
 
     async def ready(self, pool: PoolConfig) -> bool:
