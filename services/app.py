@@ -9,6 +9,7 @@ from ray.serve import Application
 
 from services.batch.deployment import BatchWorker
 from services.catalog.models import Catalog, PoolConfig
+from services.catalog.placement import pool_resource
 from services.ingress import GatewayIngress
 from services.pools.adapter_sources import ReplicaAdapterCheck
 from services.pools.deployment import PoolReplica
@@ -36,8 +37,11 @@ def pool_deployment_name(pool: PoolConfig) -> str:
     return f"pool-{pool.name}"
 
 
-def _actor_options(pool: PoolConfig, catalog: Catalog) -> dict[str, Any]:
+def _actor_options(pool: PoolConfig, catalog: Catalog, settings: Settings) -> dict[str, Any]:
     options = dict(pool.deployment.ray_actor_options)
+    if settings.pool_placement == "pool_nodes":
+        # Only the pool's own nodes advertise this resource (services/catalog/placement.py).
+        options["resources"] = {**(options.get("resources") or {}), pool_resource(pool.name): 1}
     runtime_env = dict(options.get("runtime_env") or {})
     env = dict(CPU_ENGINE_ENV) if catalog.platform.value == "cpu" else {}
     env.update(runtime_env.get("env_vars") or {})
@@ -55,7 +59,7 @@ def build_pool(pool: PoolConfig, catalog: Catalog, settings: Settings) -> Applic
         "health_check_period_s": dep.health_check_period_s,
         "health_check_timeout_s": dep.health_check_timeout_s,
         "graceful_shutdown_timeout_s": dep.graceful_shutdown_timeout_s,
-        "ray_actor_options": _actor_options(pool, catalog),
+        "ray_actor_options": _actor_options(pool, catalog, settings),
         "logging_config": LOGGING,
     }
     if dep.autoscaling is not None:

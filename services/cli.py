@@ -25,12 +25,14 @@ from pydantic import SecretStr
 
 from services.catalog.loader import CatalogError, load_catalog
 from services.catalog.models import Catalog
+from services.catalog.placement import gateway_node_resources, gateway_replica_resources, pool_node_resources
 from services.local.ray_cluster import (
     AUTH_ENV,
     cluster_folder,
     gcs_address,
     has_raylet,
     start_local_ray,
+    start_node,
     stop_cluster,
 )
 from services.local.redis_server import LocalRedis
@@ -123,6 +125,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
 
     from services.app import APP_NAME, build_app
 
+    if args.nodes < 1:
+        raise SystemExit("phiserve: --nodes must be 1 or more")
     catalog = load_catalog(settings.profile)
     ensure_tiny_models(settings, catalog)
     if settings.is_local:
@@ -132,11 +136,17 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
             redis.start()
             _log(f"started a private Redis (AOF on) at {redis.url}, data in {redis.directory}")
     address = settings.ray_address
+    proxy_location = None  # Serve's default: a proxy on every node that runs replicas
     if address is None:
-        address = start_local_ray(settings)
-        os.environ.update(AUTH_ENV)
+        if args.nodes > 1:
+            settings, proxy_location = local_nodes_settings(settings), "HeadOnly"
+            address = start_local_nodes(settings, catalog, args.nodes)
+        else:
+            address = start_local_ray(settings)
+    elif args.nodes > 1:
+        raise SystemExit("phiserve: --nodes starts local Ray nodes; unset PHISERVE_RAY_ADDRESS")
     ray.init(address=address, log_to_driver=False)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(proxy_location=proxy_location, http_options={"host": settings.host, "port": settings.port})
     _log(f"deploying {len(catalog.enabled_pools)} pool(s) from profile {settings.profile!r}")
     serve.run(build_app(settings, catalog), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{settings.host}:{settings.port}"
@@ -151,6 +161,28 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
         except KeyboardInterrupt:
             ray.shutdown()  # leave the cluster before stopping it (no reconnect attempts)
             cmd_down(settings, args)
+
+
+def local_nodes_settings(settings: Settings) -> Settings:
+    """`up --nodes N`: placed by node resources, the way the chart places on Kubernetes."""
+    return settings.model_copy(
+        update={"gateway_resources": gateway_replica_resources(), "pool_placement": "pool_nodes"}
+    )
+
+
+def start_local_nodes(settings: Settings, catalog: Catalog, nodes: int) -> str:
+    """A head for the gateway and batch-worker replicas (and Serve's controller and proxy:
+    one machine has one port to listen on), and `nodes - 1` pool nodes, each able to host
+    every replica of every pool; returns the GCS address."""
+    address = start_local_ray(settings, resources=gateway_node_resources())
+    for index in range(1, nodes):
+        start_node(settings, address, pool_node_name(index), pool_node_resources(catalog.enabled_pools))
+        _log(f"started Ray node {pool_node_name(index)} for the pools")
+    return address
+
+
+def pool_node_name(index: int) -> str:
+    return f"pool-{index}"
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> None:
@@ -206,7 +238,6 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
             raise SystemExit(f"phiserve: no local cluster in {folder} (run `phiserve up`)")
         if not has_raylet(folder):
             raise SystemExit("phiserve: the local cluster is half-stopped (no raylet); run `phiserve down`")
-        os.environ.update(AUTH_ENV)
     # ray.init blocks on a cluster that is half-stopped or unreachable: give it a deadline
     # (a daemon thread; the process exits with the message if it never returns).
     connected = threading.Event()
@@ -254,6 +285,14 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the cluster and deploy")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops it")
+    up.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="local Ray nodes: 1 (default) runs everything on one; N > 1 puts the gateway on "
+        "the head and the pools on N - 1 further nodes of this machine, placed by node "
+        "resources as the chart places them (docs/deploy.md)",
+    )
     sub.add_parser("down", help="stop the local cluster and Redis (or Serve on PHISERVE_RAY_ADDRESS)")
     sub.add_parser("status", help="pools, replicas, queue depth and batch progress")
     tiny = sub.add_parser("build-tiny-models", help="build the offline tiny models")
@@ -267,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
         if v is not None
     }
     settings = Settings(**overrides)
+    if settings.ray_address is None:
+        # The local cluster's drivers use its token; Ray reads the mode once, at import.
+        os.environ.update(AUTH_ENV)
     handlers = {
         "up": cmd_up,
         "down": cmd_down,

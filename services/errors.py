@@ -13,8 +13,9 @@
      ├── ClientClosedRequest            the client left before the answer (499, never sent)
      ├── RateLimited                    a tenant limit refused the request (429, Retry-After)
      ├── Overloaded                     waited too long in the fair queue (429, Retry-After)
-     ├── ServiceUnavailable             no live replica / engine dead (503, Retry-After)
-     │    └── TenancyUnavailable        Redis (tenant state, queue) did not answer
+     ├── ServiceUnavailable             a replica died on the request / engine dead (503, Retry-After)
+     │    ├── TenancyUnavailable        Redis (tenant state, queue) did not answer
+     │    └── NoLiveReplica             no replica took the request in time: nothing ran
      └── GenerationFailed               the engine failed on a valid request (500)
 
 Errors raised in a pool replica cross the Ray handle to the gateway, so each one
@@ -146,6 +147,13 @@ class TenancyUnavailable(ServiceUnavailable):
     default_code = "tenancy_unavailable"
 
 
+class NoLiveReplica(ServiceUnavailable):
+    """No replica of the pool took the request in time (none is running: it is starting, or
+    its node is gone). Nothing ran, so a batch item waits for one without spending a try."""
+
+    default_code = "no_live_replica"
+
+
 class GenerationFailed(PhiserveError):
     default_code = "generation_failed"
 
@@ -158,6 +166,7 @@ __all__ = [
     "InvalidAdapter",
     "InvalidRequest",
     "ModelNotFound",
+    "NoLiveReplica",
     "Overloaded",
     "PermissionDenied",
     "PhiserveError",

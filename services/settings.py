@@ -45,6 +45,13 @@ class Settings(BaseSettings):
         "need no CPU). The Helm chart sets one that only worker groups advertise, so these "
         "tenant-facing replicas never run on the Ray head (GCS, Serve controller). Empty: any node.",
     )
+    pool_placement: Literal["any_node", "pool_nodes"] = Field(
+        "any_node",
+        description="`pool_nodes`: every pool replica requires one unit of the Ray resource "
+        "`phiserve_pool_<name>`, which only that pool's nodes advertise (the chart's worker "
+        "groups, the pool nodes of `phiserve up --nodes N`); services/catalog/placement.py. "
+        "`any_node`: a replica runs wherever its CPUs and GPUs fit.",
+    )
     max_request_body_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1024,

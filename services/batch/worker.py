@@ -31,6 +31,7 @@ from services.batch.service import BatchService, output_line
 from services.errors import (
     GenerationFailed,
     InvalidRequest,
+    NoLiveReplica,
     Overloaded,
     PermissionDenied,
     PhiserveError,
@@ -52,8 +53,9 @@ GONE, VALIDATING = object(), object()  # `_stop_reason` answers besides a tenant
 
 # Counted against max_attempts: the engine or a replica failed.
 RETRYABLE = (ServiceUnavailable, GenerationFailed)
-# Not counted: the pool is busy or the tenant is at its limits; a batch waits its turn.
-WAITS = (Overloaded, RateLimited)
+# Not counted: the pool is busy, has no replica (starting, or its node is gone: issue 15), or
+# the tenant is at its limits; nothing ran, and a batch waits its turn.
+WAITS = (Overloaded, RateLimited, NoLiveReplica)
 # A wait that cannot end: the request alone is larger than the tenant's tokens per minute.
 NEVER_FITS = {"request_exceeds_tpm"}
 VALIDATING_POLL_S = 0.2

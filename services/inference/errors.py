@@ -21,6 +21,7 @@ from services.errors import (
     InvalidAdapter,
     InvalidRequest,
     ModelNotFound,
+    NoLiveReplica,
     Overloaded,
     PermissionDenied,
     PhiserveError,
@@ -69,6 +70,7 @@ ERROR_TABLE: dict[type[PhiserveError], ErrorRow] = {
     Overloaded: ErrorRow(429, "rate_limit_error", "RESOURCE_EXHAUSTED"),
     ServiceUnavailable: ErrorRow(503, "service_unavailable_error", "UNAVAILABLE"),
     TenancyUnavailable: ErrorRow(503, "service_unavailable_error", "UNAVAILABLE"),
+    NoLiveReplica: ErrorRow(503, "service_unavailable_error", "UNAVAILABLE"),
     GenerationFailed: ErrorRow(500, "server_error", "INTERNAL"),
     PhiserveError: ErrorRow(500, "server_error", "INTERNAL"),
 }

@@ -14,7 +14,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from services.catalog.models import Catalog, PoolConfig
-from services.errors import GenerationFailed, ModelNotFound, PhiserveError, ServiceUnavailable
+from services.errors import GenerationFailed, ModelNotFound, NoLiveReplica, PhiserveError, ServiceUnavailable
 from services.inference.ports import PoolHandle
 from services.pools.adapter_cache import adapter_key
 from services.pools.engine import GenerationChunk, GenerationRequest, GenerationResult
@@ -132,10 +132,8 @@ class PoolRouter:
             raise _no_live_replica(pool)
 
 
-def _no_live_replica(pool: PoolConfig) -> ServiceUnavailable:
-    return ServiceUnavailable(
-        f"no replica of pool '{pool.name}' is available; retry shortly", code="no_live_replica"
-    )
+def _no_live_replica(pool: PoolConfig) -> NoLiveReplica:
+    return NoLiveReplica(f"no replica of pool '{pool.name}' is available; retry shortly")
 
 
 def _translate(exc: BaseException, pool: PoolConfig) -> BaseException:
@@ -147,7 +145,9 @@ def _translate(exc: BaseException, pool: PoolConfig) -> BaseException:
         return exc
     if isinstance(exc, BackPressureError):
         return ServiceUnavailable(f"pool '{pool.name}' is overloaded; retry shortly", code="overloaded")
-    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
+    if isinstance(exc, DeploymentUnavailableError):
+        return _no_live_replica(pool)
+    if isinstance(exc, RayActorError):  # the replica (or its node) died with the request on it
         return ServiceUnavailable(
             f"pool '{pool.name}' lost its replica; retry shortly", code="no_live_replica"
         )

@@ -16,9 +16,11 @@ SIGKILL after a short grace), without connecting to Ray (issue 9, item 10):
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,9 @@ from services.ray_env import ray_process_env
 from services.settings import Settings
 
 MARKER = "PHISERVE_LOCAL_CLUSTER"
+# Which node of that cluster a process belongs to: `head`, or the name given to `start_node`.
+NODE_MARKER = "PHISERVE_LOCAL_NODE"
+HEAD_NODE = "head"
 # Ray enables token authentication on a new local cluster (token in ~/.ray/auth_token), but a
 # driver given an explicit address only uses it when told: the head and every driver of it
 # (`up`, `status`) run with this.
@@ -58,9 +63,10 @@ def gcs_address(folder: Path) -> str | None:
     return path.read_text().strip() or None
 
 
-def start_local_ray(settings: Settings) -> str:
+def start_local_ray(settings: Settings, *, resources: dict[str, float] | None = None) -> str:
     """Start the head (or find the one already running); return its GCS address. The caller
-    connects with AUTH_ENV in its environment."""
+    connects with AUTH_ENV in its environment. `resources`: the custom Ray resources the
+    head advertises (services/catalog/placement.py)."""
     folder = cluster_folder(settings)
     running = gcs_address(folder)
     if running is not None:
@@ -78,17 +84,12 @@ def start_local_ray(settings: Settings) -> str:
     ]
     if settings.ray_num_cpus:
         cmd.append(f"--num-cpus={settings.ray_num_cpus}")
-    # Read by every Ray process at import: it must be in the environment of `ray start`.
-    env = {
-        **os.environ,
-        **ray_process_env(
-            settings.proxy_mode, folder, throughput_optimized=settings.serve_throughput_optimized
-        ),
-        **AUTH_ENV,
-        MARKER: str(folder),
-    }
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
     for _ in range(START_ATTEMPTS):
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)  # tried again
+        result = subprocess.run(
+            cmd, env=_node_env(settings, folder, HEAD_NODE), capture_output=True, text=True, check=False
+        )  # tried again
         address = gcs_address(folder)
         if result.returncode == 0 and address is not None:
             return address
@@ -96,6 +97,54 @@ def start_local_ray(settings: Settings) -> str:
         # machine can miss it) leaves its GCS running: stop it before the next attempt.
         stop_cluster(folder)
     raise SystemExit(f"phiserve: `ray start` failed:\n{result.stdout}{result.stderr}")
+
+
+def start_node(settings: Settings, address: str, node: str, resources: dict[str, float]) -> None:
+    """Join a second Ray node (`ray start --address`) to the local head, on this machine,
+    advertising `resources`; a node of that name already running is left as it is. Its
+    processes carry both markers, so `down` stops them with the cluster and `node_pids`
+    finds this node's alone. Ports of its own: the head's agent and metrics ports are taken."""
+    folder = cluster_folder(settings)
+    if node_pids(folder, node):
+        return
+    cmd = [
+        ray_binary(),
+        "start",
+        f"--address={address}",
+        "--disable-usage-stats",
+        f"--resources={json.dumps(resources)}",
+        f"--metrics-export-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+    ]
+    if settings.ray_num_cpus:
+        cmd.append(f"--num-cpus={settings.ray_num_cpus}")
+    for _ in range(START_ATTEMPTS):
+        result = subprocess.run(
+            cmd, env=_node_env(settings, folder, node), capture_output=True, text=True, check=False
+        )  # tried again
+        if result.returncode == 0:
+            return
+        stop_node(folder, node)
+    raise SystemExit(f"phiserve: `ray start` of node {node} failed:\n{result.stdout}{result.stderr}")
+
+
+def _node_env(settings: Settings, folder: Path, node: str) -> dict[str, str]:
+    # Read by every Ray process at import: it must be in the environment of `ray start`.
+    return {
+        **os.environ,
+        **ray_process_env(
+            settings.proxy_mode, folder, throughput_optimized=settings.serve_throughput_optimized
+        ),
+        **AUTH_ENV,
+        MARKER: str(folder),
+        NODE_MARKER: node,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def has_raylet(folder: Path) -> bool:
@@ -109,16 +158,33 @@ def has_raylet(folder: Path) -> bool:
     return False
 
 
-def cluster_pids(folder: Path) -> list[int]:
-    """This user's processes that carry the cluster's marker (never this process)."""
-    needle = f"{MARKER}={folder}".encode()
+def node_pids(folder: Path, node: str) -> list[int]:
+    """The processes of one node of the cluster: its raylet, agents, workers, replicas and
+    what they started (vLLM's engine cores)."""
+    return cluster_pids(folder, node=node)
+
+
+def stop_node(folder: Path, node: str, sig: signal.Signals = signal.SIGKILL) -> int:
+    """Signal every process of one node (SIGKILL: the node dies as a machine would); returns
+    how many there were."""
+    pids = node_pids(folder, node)
+    _signal(pids, sig)
+    return len(pids)
+
+
+def cluster_pids(folder: Path, *, node: str | None = None) -> list[int]:
+    """This user's processes that carry the cluster's marker (never this process); with
+    `node`, only that node's."""
+    needles = {f"{MARKER}={folder}".encode()}
+    if node is not None:
+        needles.add(f"{NODE_MARKER}={node}".encode())
     uid, me = os.getuid(), os.getpid()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
-            if entry.stat().st_uid == uid and needle in (entry / "environ").read_bytes().split(b"\0"):
+            if entry.stat().st_uid == uid and needles <= set((entry / "environ").read_bytes().split(b"\0")):
                 pids.append(int(entry.name))
         except OSError:  # gone meanwhile, or not readable
             continue

@@ -22,6 +22,7 @@ from services.errors import (
     InvalidAdapter,
     InvalidRequest,
     ModelNotFound,
+    NoLiveReplica,
     Overloaded,
     PermissionDenied,
     PhiserveError,
@@ -59,6 +60,7 @@ EXPECTED: dict[type[PhiserveError], tuple[int, str, grpc.StatusCode]] = {
     Overloaded: (429, "rate_limit_error", Code.RESOURCE_EXHAUSTED),
     ServiceUnavailable: (503, "service_unavailable_error", Code.UNAVAILABLE),
     TenancyUnavailable: (503, "service_unavailable_error", Code.UNAVAILABLE),
+    NoLiveReplica: (503, "service_unavailable_error", Code.UNAVAILABLE),
     GenerationFailed: (500, "server_error", Code.INTERNAL),
 }
 CLIENT_ERRORS = (

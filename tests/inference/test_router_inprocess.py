@@ -17,6 +17,7 @@ from services.errors import (
     GenerationFailed,
     InvalidRequest,
     ModelNotFound,
+    NoLiveReplica,
     PhiserveError,
     ServiceUnavailable,
 )
@@ -78,17 +79,21 @@ async def test_generate_and_stream_cross_the_hop() -> None:
     assert pools.handles["text"].calls == ["generate", "generate_stream"]
 
 
+# Whether nothing ran (NoLiveReplica: a batch item waits without spending a try) matters
+# to the batch worker; the client sees the same 503 either way.
 SERVE_ERRORS = [
-    ("assignment", BackPressureError(num_queued_requests=1, max_queued_requests=1), "overloaded"),
-    ("assignment", DeploymentUnavailableError(DeploymentID(name="pool-text")), "no_live_replica"),
-    ("call", RayActorError(), "no_live_replica"),
+    ("assignment", BackPressureError(num_queued_requests=1, max_queued_requests=1), "overloaded", False),
+    ("assignment", DeploymentUnavailableError(DeploymentID(name="pool-text")), "no_live_replica", True),
+    ("call", RayActorError(), "no_live_replica", False),
 ]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-@pytest.mark.parametrize(("where", "error", "code"), SERVE_ERRORS, ids=lambda v: type(v).__name__)
+@pytest.mark.parametrize(
+    ("where", "error", "code", "nothing_ran"), SERVE_ERRORS, ids=lambda v: type(v).__name__
+)
 async def test_serve_errors_become_service_unavailable(
-    where: str, error: BaseException, code: str, stream: bool
+    where: str, error: BaseException, code: str, nothing_ran: bool, stream: bool
 ) -> None:
     router, pools = await _router()
     handle = pools.handles["text"]
@@ -100,6 +105,7 @@ async def test_serve_errors_become_service_unavailable(
         else:
             await router.generate(text, _request())
     assert caught.value.code == code
+    assert isinstance(caught.value, NoLiveReplica) is nothing_ran
     status, _, headers = error_payload(caught.value)
     assert (status, headers["Retry-After"]) == (503, "5")
     assert not pools.engines["text"].requests
@@ -112,7 +118,7 @@ async def test_a_pool_without_a_replica_is_503_after_the_assign_timeout() -> Non
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable) as caught:
         await router.generate(vision, _request())
-    assert caught.value.code == "no_live_replica"
+    assert caught.value.code == "no_live_replica" and isinstance(caught.value, NoLiveReplica)
     assert ASSIGN_TIMEOUT_S <= time.monotonic() - started < ASSIGN_TIMEOUT_S + 2
     assert await router.ready(vision) is False
     assert await router.ready(router.resolve("phi-3.5-mini")) is True
