@@ -47,6 +47,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if REAL_PARTS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
+    # The two-node cluster's tests (tests/multinode) first: their cluster is stopped before
+    # the session cluster starts, so the two never share the machine.
+    items.sort(key=lambda item: 0 if item.get_closest_marker("multinode") else 1)
 
 
 def free_port() -> int:
