@@ -11,8 +11,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from services.catalog.loader import load_catalog
-from services.catalog.models import Catalog
+from services.catalog.loader import load_catalog, parse_catalog
 from services.settings import Settings
 from services.tenancy.models import TenantsFile
 from tests.deploy.tooling import (
@@ -29,11 +28,8 @@ from tests.deploy.tooling import (
     env_of,
     find,
     one,
-    pool_resource,
-    quantity,
     ray_container,
     ray_groups,
-    ray_resources,
     rendered_catalog,
     run,
     serve_config,
@@ -105,60 +101,41 @@ def test_serve_config_builds_the_phiserve_app(docs: list[dict[str, Any]]) -> Non
     ServeDeploySchema.model_validate(config)
 
 
-def test_rendered_catalog_places_each_pool_on_its_own_worker_group(
-    docs: list[dict[str, Any]],
-) -> None:
-    catalog = rendered_catalog(docs)
-    rayservice = one(docs, "RayService")
-    workers = {name: group for name, group in ray_groups(rayservice) if name != "head"}
-    enabled = catalog.enabled_pools
-    assert enabled and set(workers) == {f"pool-{p.name}" for p in enabled}
-    for pool in enabled:
-        group = workers[f"pool-{pool.name}"]
-        resource = pool_resource(pool.name)
-        advertised = ray_resources(group)
-        gateway = serve_config(rayservice)["applications"][0]["args"]["gateway_resources"]
-        assert advertised == {resource: 1, **dict.fromkeys(gateway, 1)}  # the pool's, room for gateways
-        options = pool.deployment.ray_actor_options
-        assert options["resources"][resource] == 1
-        limits = ray_container(group)["resources"]["limits"]
-        gpus = int(limits.get("nvidia.com/gpu", 0))
-        assert gpus == int(options.get("num_gpus", 0)), f"{pool.name}: worker GPUs != replica GPUs"
-        if pool.engine.tensor_parallel_size > 1:  # the TP workers run on the replica's GPUs (mp)
-            assert gpus == pool.engine.tensor_parallel_size, f"{pool.name}: worker GPUs != TP size"
-        assert quantity(limits["cpu"]) >= float(options.get("num_cpus", 1)), pool.name
-        dep = pool.deployment
-        most = dep.autoscaling.max_replicas if dep.autoscaling else (dep.num_replicas or 1)
-        assert group["maxReplicas"] >= most, f"{pool.name}: maxReplicas below the pool's replicas"
-        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+def test_rendered_catalog_is_the_values_catalog_as_written(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The chart adds nothing to a pool's entry: placement is phiserve's own
+    (settings.pool_placement, test_helm_topology.py), not a resource the chart injects."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    entries = [
+        {**pool["catalog"], "name": name, "enabled": pool["enabled"]}
+        for name, pool in values["pools"].items()
+    ]
+    written = parse_catalog(
+        {"platform": values["catalog"]["platform"], "pools": entries}, source="values.yaml"
+    )
+    catalog = rendered_catalog(rendered["default"])
+    assert catalog.platform == written.platform
+    assert {p.name: p for p in catalog.pools} == {p.name: p for p in written.pools}
 
 
 def test_h100_values_render_the_h100_profile(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["h100"]
-
-    def normalized(catalog: Catalog) -> dict[str, Any]:
-        pools = {}
-        for pool in catalog.pools:
-            data = pool.model_dump()
-            data["deployment"]["ray_actor_options"].pop("resources", None)
-            pools[pool.name] = data
-        return {"platform": catalog.platform, "pools": pools}
-
-    assert normalized(rendered_catalog(docs)) == normalized(load_catalog("h100"))
+    # The chart renders the catalog entries as written (placement is phiserve's: the topology
+    # test), in the order Helm ranges over the pools' names.
+    rendered_h100, profile = rendered_catalog(docs), load_catalog("h100")
+    assert rendered_h100.platform == profile.platform
+    assert {p.name: p for p in rendered_h100.pools} == {p.name: p for p in profile.pools}
     rayservice = one(docs, "RayService")
     assert rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
-    gpus = {}
+    # How many GPUs each group holds is checked against the pools in test_helm_topology.py.
     for name, group in ray_groups(rayservice):
         spec = group["template"]["spec"]
-        limits = ray_container(group)["resources"]["limits"]
+        resources = ray_container(group)["resources"]
         if name == "head":
-            assert "nvidia.com/gpu" not in limits
+            assert "nvidia.com/gpu" not in resources["limits"]
             continue
-        gpus[name] = int(limits["nvidia.com/gpu"])
-        assert ray_container(group)["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
+        assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], name
         assert spec["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
-    assert gpus == {"pool-text": 1, "pool-text-long": 1, "pool-vision": 1, "pool-moe": 2}
 
 
 def test_ray_pods_export_metrics_and_are_locked_down(docs: list[dict[str, Any]]) -> None:
@@ -295,29 +272,3 @@ def test_redis_maxmemory_is_configurable_and_validated(helm: str) -> None:
         [*base, "--set", "redis.maxmemory=lots"], capture_output=True, text=True, check=False
     )
     assert refused.returncode != 0 and "maxmemory" in refused.stderr
-
-
-def test_gateway_and_batch_replicas_never_run_on_the_ray_head(docs: list[dict[str, Any]]) -> None:
-    """The head runs the GCS and the Serve controller: a tenant's load on a gateway (or batch
-    worker) replica there can take the whole cluster down (issue 9, item 4). These replicas
-    need no CPU, so only a custom resource that worker groups alone advertise keeps them off
-    the head. Checked on the deployments phiserve itself builds from the rendered args."""
-    from services.app import build_app
-
-    rayservice = one(docs, "RayService")
-    args = serve_config(rayservice)["applications"][0]["args"]
-    settings = Settings(
-        **args, admin_key=SecretStr(TEST_ADMIN_KEY), cache_salt_secret=SecretStr(TEST_CACHE_SALT_SECRET)
-    )
-    gateway = build_app(settings, rendered_catalog(docs))._bound_deployment
-    worker = gateway.init_kwargs["batch_worker"]._bound_deployment
-    groups = dict(ray_groups(rayservice))
-    head = groups.pop("head")
-    assert head["rayStartParams"]["num-cpus"] == "0"
-    for deployment in (gateway, worker):
-        needs = deployment.ray_actor_options.get("resources") or {}
-        assert needs, f"{deployment.name}: no custom resource required, so the head can host it"
-        assert not set(needs) & set(ray_resources(head)), deployment.name
-        for resource, amount in needs.items():
-            capacity = sum(ray_resources(g).get(resource, 0) * g["replicas"] for g in groups.values())
-            assert capacity >= amount * (deployment.num_replicas or 1), (deployment.name, resource)

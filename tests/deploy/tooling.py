@@ -187,10 +187,6 @@ def rendered_catalog(docs: list[dict[str, Any]]) -> Catalog:
     return parse_catalog(yaml.safe_load(configmap["data"]["catalog.yaml"]), source="rendered catalog")
 
 
-def pool_resource(pool: str) -> str:
-    return f"phiserve_pool_{pool.replace('-', '_')}"
-
-
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "Inf", "NaN"}
 
 

@@ -75,7 +75,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-redis-url" (include "phiserve.fullname" .)) .Values.redis.external.existingSecret }}
 {{- end }}
 
-{{/* Ray custom resource that pins a pool's replicas to its own worker group. */}}
+{{/*
+Ray custom resource a pool's worker group advertises: phiserve pins the pool's replicas to it
+(settings.pool_placement: pool_nodes). The name must equal services/catalog/placement.py
+pool_resource(), which the deploy tests check through the deployments phiserve builds.
+*/}}
 {{- define "phiserve.poolResource" -}}
 phiserve_pool_{{ . | replace "-" "_" }}
 {{- end }}
@@ -273,7 +277,11 @@ volumes:
   {{- end }}
 {{- end }}
 
-{{/* The model catalog YAML (services/catalog/models.py Catalog) rendered from values. */}}
+{{/*
+The model catalog YAML (services/catalog/models.py Catalog) rendered from values, entries as
+written: placement is not the catalog's business (phiserve adds each pool's Ray resource to its
+replicas itself when settings.pool_placement is pool_nodes, issue 15).
+*/}}
 {{- define "phiserve.catalog" -}}
 {{- $pools := list }}
 {{- $enabled := 0 }}
@@ -286,10 +294,6 @@ volumes:
 {{- if and $deployment.autoscaling (not (hasKey $deployment "num_replicas")) }}
 {{- $_ := set $deployment "num_replicas" nil }}
 {{- end }}
-{{- $options := deepCopy $deployment.ray_actor_options }}
-{{- $resources := merge (deepCopy (default dict $options.resources)) (dict (include "phiserve.poolResource" $name) 1) }}
-{{- $_ := set $options "resources" $resources }}
-{{- $_ := set $deployment "ray_actor_options" $options }}
 {{- $_ := set $entry "deployment" $deployment }}
 {{- $pools = append $pools $entry }}
 {{- if $pool.enabled }}{{ $enabled = add1 $enabled }}{{ end }}
