@@ -20,7 +20,7 @@ import pytest
 from openai import OpenAI
 
 from services.grpc.client import Client as GrpcClient
-from services.grpc.client import user
+from services.grpc.client import PhiserveRpcError, user
 from services.local.ray_cluster import HEAD_NODE
 from tests.batch.test_batch_e2e import assert_exactly_once, batch_file, wait_final
 from tests.conftest import wait_until
@@ -87,14 +87,17 @@ def test_gateway_on_the_head_and_the_pool_on_its_own_node(
 class Traffic:
     """Unary requests and streams started before the node dies, each recording its end."""
 
-    def __init__(self, client: httpx.Client, *, unary: int, streams: int) -> None:
-        self._client = client
+    def __init__(self, client: httpx.Client, grpc_client: GrpcClient, *, unary: int, streams: int) -> None:
+        self._client, self._grpc = client, grpc_client
         self.unary: list[tuple[int, dict[str, Any], str | None, float]] = []
         self.streams: list[tuple[int, list[str], float]] = []
+        self.grpc_stream_errors: list[PhiserveRpcError] = []
         self.errors: list[BaseException] = []
-        self.streaming = threading.Barrier(streams + 1)  # every stream has its first chunk
+        # Every stream (REST and one gRPC) has its first chunks, and the test.
+        self.streaming = threading.Barrier(streams + 2)
         self._threads = [threading.Thread(target=self._one_unary) for _ in range(unary)]
         self._threads += [threading.Thread(target=self._one_stream) for _ in range(streams)]
+        self._threads.append(threading.Thread(target=self._one_grpc_stream))
         for thread in self._threads:
             thread.start()
 
@@ -128,6 +131,19 @@ class Traffic:
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.errors.append(exc)
 
+    def _one_grpc_stream(self) -> None:
+        chunks = 0
+        try:
+            for _ in self._grpc.chat_stream(MODEL, [user("hello there")], **LONG):
+                chunks += 1
+                if chunks == 2:
+                    self.streaming.wait(timeout=ANSWER_BOUND_S)
+            self.errors.append(AssertionError(f"the gRPC stream ended whole after {chunks} chunks"))
+        except PhiserveRpcError as exc:
+            self.grpc_stream_errors.append(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.errors.append(exc)
+
     def join(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
@@ -154,7 +170,8 @@ def _start_batch(openai: OpenAI) -> str:
 def test_pool_node_lost_mid_traffic_then_back(two_nodes: TwoNodes, client: httpx.Client, key: str) -> None:
     openai = OpenAI(base_url=f"{two_nodes.url}/v1", api_key=key, max_retries=0, timeout=60)
     batch_id = _start_batch(openai)
-    traffic = Traffic(client, unary=3, streams=2)
+    channel = grpc.insecure_channel(f"127.0.0.1:{two_nodes.settings.grpc_port}")
+    traffic = Traffic(client, GrpcClient(api_key=key, channel=channel, timeout_s=120), unary=3, streams=2)
     traffic.streaming.wait(timeout=ANSWER_BOUND_S)  # both streams are generating
 
     assert two_nodes.kill_pool_node() > 0
@@ -172,6 +189,11 @@ def test_pool_node_lost_mid_traffic_then_back(two_nodes: TwoNodes, client: httpx
         assert status == 200 and events[-1] == "[DONE]", events[-3:]
         assert json.loads(events[0])["choices"], events[0]  # they were generating
         assert json.loads(events[-2])["error"]["code"] == "no_live_replica", events[-2]
+    # The gRPC stream ends with UNAVAILABLE and phiserve's code and retry delay.
+    [grpc_error] = traffic.grpc_stream_errors
+    assert (grpc_error.code, grpc_error.error_code) == (grpc.StatusCode.UNAVAILABLE, "no_live_replica")
+    assert grpc_error.retry_after_s and grpc_error.retry_after_s > 0
+    channel.close()
 
     # While the node is down: new requests are refused quickly, /ready says so, the batch waits.
     down = client.post("/v1/chat/completions", json=_chat())
