@@ -127,6 +127,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
 
     if args.nodes < 1:
         raise SystemExit("phiserve: --nodes must be 1 or more")
+    if args.nodes > 1 and settings.ray_address is not None:
+        raise SystemExit("phiserve: --nodes starts local Ray nodes; unset PHISERVE_RAY_ADDRESS")
     catalog = load_catalog(settings.profile)
     ensure_tiny_models(settings, catalog)
     if settings.is_local:
@@ -143,8 +145,6 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
             address = start_local_nodes(settings, catalog, args.nodes)
         else:
             address = start_local_ray(settings)
-    elif args.nodes > 1:
-        raise SystemExit("phiserve: --nodes starts local Ray nodes; unset PHISERVE_RAY_ADDRESS")
     ray.init(address=address, log_to_driver=False)
     serve.start(proxy_location=proxy_location, http_options={"host": settings.host, "port": settings.port})
     _log(f"deploying {len(catalog.enabled_pools)} pool(s) from profile {settings.profile!r}")

@@ -11,9 +11,11 @@ import sys
 import threading
 
 import httpx
+import pytest
 import ray
 from openai import OpenAI
 
+from services.cli import main
 from services.status import ClusterStatus, cluster_status
 from tests.batch.test_batch_e2e import FINAL, batch_file
 from tests.conftest import AUTH, REPO, Cluster, wait_until
@@ -107,3 +109,24 @@ def test_status_shows_pools_replicas_queue_depth_and_batch_progress(
     assert "queue: " in out and " in flight, " in out
     assert f"gateway: replicas {cluster.settings.gateway_replicas} running" in out
     assert batch.id in out or openai_client.batches.retrieve(batch.id).status in FINAL
+
+
+@pytest.mark.parametrize(
+    ("argv", "ray_address", "message"),
+    [
+        (["up", "--nodes", "0"], None, "--nodes must be 1 or more"),
+        (["up", "--nodes", "2"], "10.0.0.1:6379", "unset PHISERVE_RAY_ADDRESS"),
+    ],
+)
+def test_up_refuses_nodes_it_cannot_start(
+    argv: list[str], ray_address: str | None, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused before anything starts (no Redis, no Ray, no model build)."""
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # main() sets it for a local cluster
+    if ray_address is None:
+        monkeypatch.delenv("PHISERVE_RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("PHISERVE_RAY_ADDRESS", ray_address)
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert message in str(refused.value)
