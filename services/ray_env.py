@@ -13,6 +13,7 @@ Proxy modes (measured in docs/benchmarks.md):
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -46,6 +47,14 @@ HAPROXY_LAUNCHER = "haproxy-loopback"
 # request whose client left after 1 s ran to its end (35 s), and a client that left while
 # queued kept its fair-queue ticket. With one server connection per client connection,
 # HAProxy's `abortonclose` closes it and the replica cancels the request (issue 9, item 3).
+#
+# And it points HAProxy's own answers for 502, 503 and 504 at phiserve's file. HAProxy sends
+# them when a gateway replica dies with a client's connection on it (the next request on that
+# keep-alive connection) or when no replica is up. Serve's file is a text/plain
+# "500 Internal Server Error"; phiserve answers what the gateway answers for a pool without a
+# replica: 503, Retry-After and an OpenAI error body, so clients retry (issue 15).
+GATEWAY_GONE_FILE = "gateway-unavailable.http"
+GATEWAY_GONE_RETRY_AFTER_S = 1
 _LAUNCHER = r"""#!/bin/sh
 # Written by phiserve (services/ray_env.py): HAProxy's stats and metrics on 127.0.0.1 only.
 set -eu
@@ -59,6 +68,7 @@ if [ -n "$config" ]; then
   to_loopback='s/^([[:space:]]*)bind[[:space:]]+[^[:space:]]*:([0-9]+)/\1bind 127.0.0.1:\2/'
   sed -i -E "$sections $to_loopback" "$config"
   sed -i -E 's/^([[:space:]]*)http-reuse[[:space:]]+always$/\1http-reuse never/' "$config"
+  sed -i -E 's#^([[:space:]]*errorfile[[:space:]]+50[234])[[:space:]].*$#\1 __GONE__#' "$config"
   binds=$(sed -n -E "$sections p" "$config" | grep -E '^[[:space:]]*bind[[:space:]]' || true)
   if printf '%s\n' "$binds" | grep -E 'bind' | grep -qv 'bind 127\.0\.0\.1:'; then
     echo "phiserve: HAProxy's stats/metrics listeners are not on 127.0.0.1 in $config" >&2
@@ -86,9 +96,31 @@ def _real_haproxy() -> str:
     return found
 
 
+def gateway_unavailable_response() -> bytes:
+    """HAProxy's errorfile: a whole HTTP response."""
+    error = {
+        "message": "no gateway replica could answer this request; retry shortly",
+        "type": "service_unavailable_error",
+        "param": None,
+        "code": "gateway_unavailable",
+    }
+    body = json.dumps({"error": error}).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Retry-After: {GATEWAY_GONE_RETRY_AFTER_S}\r\n"
+        "Cache-Control: no-cache\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "\r\n"
+    )
+    return head.encode() + body
+
+
 def write_haproxy_launcher(state_dir: Path) -> Path:
+    gone = state_dir / GATEWAY_GONE_FILE
+    gone.write_bytes(gateway_unavailable_response())
     launcher = state_dir / HAPROXY_LAUNCHER
-    launcher.write_text(_LAUNCHER.replace("__HAPROXY__", _real_haproxy()))
+    launcher.write_text(_LAUNCHER.replace("__HAPROXY__", _real_haproxy()).replace("__GONE__", str(gone)))
     launcher.chmod(0o755)
     return launcher
 

@@ -10,7 +10,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from services.ray_env import ray_process_env
+import httpx
+
+from services.ray_env import GATEWAY_GONE_FILE, GATEWAY_GONE_RETRY_AFTER_S, HAPROXY_LAUNCHER, ray_process_env
 from tests.conftest import _HAPROXY_DIR, Cluster, free_port, wait_until
 
 # What Ray Serve's HAProxy manager does on each node (serve/_private/haproxy.py): render the
@@ -103,6 +105,10 @@ def test_the_test_clusters_haproxy_listens_on_loopback_only(cluster: Cluster) ->
         assert binds and all(b.startswith("127.0.0.1:") for b in binds), (section, binds)
     # Shared server connections hide a client's disconnect from the replica (ray_env.py).
     assert "http-reuse never" in text and "http-reuse always" not in text
+    # HAProxy's own 502/503/504 are phiserve's 503 (test above), not Serve's text/plain 500.
+    errorfiles = [line.split() for line in text.splitlines() if line.split()[:1] == ["errorfile"]]
+    assert {code for _, code, _ in errorfiles} == {"502", "503", "504"}
+    assert all(path == str(_HAPROXY_DIR / GATEWAY_GONE_FILE) for _, _, path in errorfiles), errorfiles
     for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         port = int(os.environ[name])
         assert _listening(port) == {LOOPBACK}, f"{name} {port} listens on {_listening(port)}"
@@ -119,3 +125,37 @@ def test_throughput_optimized_mode_is_opt_in(tmp_path: Path) -> None:
     proxied = ray_process_env("default", tmp_path, throughput_optimized=True)
     assert proxied["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert proxied["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+
+
+def test_haproxy_answers_for_a_gone_gateway_replica_with_an_openai_503() -> None:
+    """HAProxy's own 502/503/504 (a gateway replica died with the client's connection on it,
+    or none is up) reached clients as Serve's text/plain "500 Internal Server Error" (issue 15:
+    seen in tests/multinode when a gateway replica was killed). Served by the real binary
+    through the launcher, from a config with Serve's errorfile lines."""
+    state_dir = Path(tempfile.mkdtemp(prefix="hpg", dir="/tmp"))
+    ray_process_env("haproxy", state_dir)  # writes the launcher and phiserve's error file
+    front, dead = free_port(), free_port()
+    config = state_dir / "gateway.cfg"
+    serve_errorfile = state_dir / "serve-500.http"  # Serve's, as haproxy_templates.py writes it
+    serve_errorfile.write_bytes(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+    errorfiles = "".join(f"    errorfile {code} {serve_errorfile}\n" for code in (502, 503, 504))
+    config.write_text(
+        "global\n    maxconn 64\n"
+        "defaults\n    mode http\n    timeout connect 1s\n    timeout client 5s\n    timeout server 5s\n"
+        f"    retries 0\n{errorfiles}"
+        f"frontend http_frontend\n    bind 127.0.0.1:{front}\n    default_backend gateway\n"
+        f"backend gateway\n    server replica 127.0.0.1:{dead}\n"  # nothing listens there
+    )
+    proc = subprocess.Popen([str(state_dir / HAPROXY_LAUNCHER), "-db", "-f", str(config)])
+    try:
+        wait_until(lambda: _listening(front), timeout_s=30, interval_s=0.1, what="HAProxy's frontend")
+        answer = httpx.post(f"http://127.0.0.1:{front}/v1/chat/completions", json={"model": "m"}, timeout=10)
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == str(GATEWAY_GONE_RETRY_AFTER_S)
+        assert answer.json()["error"]["type"] == "service_unavailable_error"
+        assert answer.json()["error"]["code"] == "gateway_unavailable"
+        assert str(serve_errorfile) not in config.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(state_dir, ignore_errors=True)
