@@ -173,22 +173,37 @@ def stop_node(folder: Path, node: str, sig: signal.Signals = signal.SIGKILL) -> 
 
 
 def cluster_pids(folder: Path, *, node: str | None = None) -> list[int]:
-    """This user's processes that carry the cluster's marker (never this process); with
-    `node`, only that node's."""
+    """This user's processes that carry the cluster's marker, and their descendants (never
+    this process); with `node`, only that node's. Descendants because a process that sets its
+    title over its environment (Ray's agents, vLLM's engine core) no longer shows the marker
+    in /proc/<pid>/environ: a killed node's agents outlived its raylet by minutes."""
     needles = {f"{MARKER}={folder}".encode()}
     if node is not None:
         needles.add(f"{NODE_MARKER}={node}".encode())
     uid, me = os.getuid(), os.getpid()
-    pids = []
+    marked: set[int] = set()
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
+        pid = int(entry.name)
         try:
-            if entry.stat().st_uid == uid and needles <= set((entry / "environ").read_bytes().split(b"\0")):
-                pids.append(int(entry.name))
-        except OSError:  # gone meanwhile, or not readable
+            if entry.stat().st_uid != uid:
+                continue
+            # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(pid)
+            if needles <= set((entry / "environ").read_bytes().split(b"\0")):
+                marked.add(pid)
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not readable
             continue
-    return pids
+    found, todo = set(marked), list(marked)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
 
 
 def stop_cluster(folder: Path, *, grace_s: float = STOP_GRACE_S) -> int:

@@ -25,7 +25,14 @@ import yaml
 from services.catalog.loader import load_catalog
 from services.catalog.placement import pool_node_resources
 from services.cli import pool_node_name
-from services.local.ray_cluster import cluster_folder, gcs_address, node_pids, start_node, stop_node
+from services.local.ray_cluster import (
+    cluster_folder,
+    cluster_pids,
+    gcs_address,
+    node_pids,
+    start_node,
+    stop_node,
+)
 from services.local.redis_server import LocalRedis
 from services.settings import Settings
 from tests.conftest import ADMIN_KEY, CACHE_DIR, CACHE_SALT_SECRET, REPO, free_port, wait_until
@@ -59,8 +66,13 @@ class TwoNodes:
         return found
 
     def kill_pool_node(self) -> int:
-        """SIGKILL the pool node's raylet and every process it started, as a machine that dies."""
-        return stop_node(self.folder, POOL_NODE, signal.SIGKILL)
+        """SIGKILL the pool node's raylet and every process it started, as a machine that
+        dies; returns once none is left (its agents and engine cores included)."""
+        killed = stop_node(self.folder, POOL_NODE, signal.SIGKILL)
+        wait_until(
+            lambda: not node_pids(self.folder, POOL_NODE), timeout_s=30, interval_s=0.1, what="pool node gone"
+        )
+        return killed
 
     def start_pool_node(self) -> None:
         """The node comes back: `ray start --address` again with the same resources."""
@@ -155,3 +167,8 @@ def two_nodes(tiny_models: dict[str, Path]) -> Iterator[TwoNodes]:
         down = _phiserve(env, "down", timeout_s=120)
         redis.stop()
         assert down.returncode == 0, down.stderr[-2000:]
+        # Nothing of this cluster may outlive it into the session cluster's tests.
+        folder = cluster_folder(settings)
+        wait_until(
+            lambda: not cluster_pids(folder), timeout_s=30, interval_s=0.2, what="two-node cluster gone"
+        )
