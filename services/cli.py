@@ -176,9 +176,14 @@ def start_local_nodes(settings: Settings, catalog: Catalog, nodes: int) -> str:
     every replica of every pool; returns the GCS address."""
     address = start_local_ray(settings, resources=gateway_node_resources())
     for index in range(1, nodes):
-        start_node(settings, address, pool_node_name(index), pool_node_resources(catalog.enabled_pools))
+        start_pool_node(settings, catalog, address, index)
         _log(f"started Ray node {pool_node_name(index)} for the pools")
     return address
+
+
+def start_pool_node(settings: Settings, catalog: Catalog, address: str, index: int) -> None:
+    """Pool node `index` (again, after it died): room for every replica of every pool."""
+    start_node(settings, address, pool_node_name(index), pool_node_resources(catalog.enabled_pools))
 
 
 def pool_node_name(index: int) -> str:

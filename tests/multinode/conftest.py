@@ -23,21 +23,20 @@ import pytest
 import yaml
 
 from services.catalog.loader import load_catalog
-from services.catalog.placement import pool_node_resources
-from services.cli import pool_node_name
+from services.cli import pool_node_name, start_pool_node
 from services.local.ray_cluster import (
     cluster_folder,
     cluster_pids,
     gcs_address,
     node_pids,
-    start_node,
     stop_node,
 )
 from services.local.redis_server import LocalRedis
 from services.settings import Settings
 from tests.conftest import ADMIN_KEY, CACHE_DIR, CACHE_SALT_SECRET, REPO, free_port, wait_until
 
-POOL_NODE = pool_node_name(1)
+POOL_NODE_INDEX = 1
+POOL_NODE = pool_node_name(POOL_NODE_INDEX)
 UP_TIMEOUT_S = 900.0
 RECOVERY_TIMEOUT_S = 300.0
 
@@ -75,15 +74,10 @@ class TwoNodes:
         return killed
 
     def start_pool_node(self) -> None:
-        """The node comes back: `ray start --address` again with the same resources."""
+        """The node comes back: `ray start --address` again, as `phiserve up` started it."""
         catalog = load_catalog(self.settings.profile)
         with mock.patch.dict(os.environ, self.env, clear=True):
-            start_node(
-                self.settings,
-                gcs_address(self.folder) or "",
-                POOL_NODE,
-                pool_node_resources(catalog.enabled_pools),
-            )
+            start_pool_node(self.settings, catalog, gcs_address(self.folder) or "", POOL_NODE_INDEX)
 
     def ready(self) -> bool:
         return httpx.get(f"{self.url}/ready", timeout=10).status_code == 200
